@@ -1,0 +1,70 @@
+"""Typed settings, read from the environment (and an optional ``.env`` file).
+
+Connection settings use the conventional names ``KAFKA_BOOTSTRAP_SERVERS``
+and ``REDIS_URL`` so ``eval "$(ia up)"`` and external infrastructure work the
+same way; everything else is prefixed ``IA_``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Topics:
+    """Topic names derived from one configurable prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.telemetry = f"{prefix}.telemetry"
+        self.decisions = f"{prefix}.decisions"
+        self.outcomes = f"{prefix}.outcomes"
+        self.feedback = f"{prefix}.feedback"
+        self.dlq = f"{prefix}.telemetry.dlq"
+
+    def all(self) -> list[str]:
+        return [self.telemetry, self.decisions, self.outcomes, self.feedback, self.dlq]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IA_", env_file=".env", extra="ignore")
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "IA_KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "IA_REDIS_URL")
+    )
+    topic_prefix: str = "ia"
+    topic_partitions: int = Field(default=4, ge=1)
+    app_id: str = "ia-pipeline"
+    # Short sessions make rebalances (and tansu's join delay) fast; production
+    # Kafka users may raise it.
+    session_timeout_s: float = Field(default=6.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=500, ge=1)
+    batch_within_s: float = Field(default=0.02, gt=0)
+    policy_file: Path | None = None
+    metrics_port: int = Field(default=0, ge=0, description="0 disables the metrics endpoint")
+    run_dir: Path = Path(".ia")
+    redis_prefix: str = "ia"
+    action_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_retries: int = Field(default=3, ge=0)
+    simulator_url: str | None = None
+    log_level: str = "warn"
+
+    @cached_property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def require_endpoints(self) -> tuple[str, str]:
+        if not self.kafka_bootstrap_servers or not self.redis_url:
+            raise SystemExit(
+                "KAFKA_BOOTSTRAP_SERVERS and REDIS_URL must be set. "
+                'Start the embedded broker and Redis with: eval "$(ia up)"'
+            )
+        return self.kafka_bootstrap_servers, self.redis_url

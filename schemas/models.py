@@ -1,0 +1,219 @@
+"""Pydantic models of the topic contracts.
+
+The Avro schemas in ``schemas/avro/*.avsc`` are the source of truth for field
+names, types, defaults and nullability; ``tests/test_schemas.py`` checks that
+these models agree with them.  Every model is immutable-by-convention and
+validates on construction, so a bad record fails at the edge with a clear
+error instead of deep inside the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from enum import Enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Bounds for untrusted input: telemetry comes from anywhere, so every string
+# and collection is capped to keep one hostile record from hurting a worker.
+MAX_NAME_LEN = 256
+MAX_LABELS = 64
+MAX_LABEL_KEY_LEN = 128
+MAX_LABEL_VALUE_LEN = 1024
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=True)
+
+
+class EventKind(str, Enum):
+    metric = "metric"
+    event = "event"
+
+
+class TelemetryEvent(_Contract):
+    """One observation from a producer (topic ``ia.telemetry``).
+
+    ``kind="metric"`` carries a numeric sample; ``kind="event"`` marks a
+    discrete change such as a deploy (``metric="deploy"``) or config change.
+    """
+
+    event_id: str | None = Field(default=None, max_length=MAX_NAME_LEN)
+    entity: Name
+    metric: Name
+    value: float = 0.0
+    ts: int = Field(ge=0, description="event time, milliseconds since the Unix epoch")
+    labels: dict[str, str] = Field(default_factory=dict)
+    kind: EventKind = EventKind.metric
+
+    @field_validator("entity", "metric")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number (NaN and infinity are rejected)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _bounded_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels")
+        for key, val in v.items():
+            if not key or len(key) > MAX_LABEL_KEY_LEN:
+                raise ValueError(f"label keys must be 1..{MAX_LABEL_KEY_LEN} characters")
+            if len(val) > MAX_LABEL_VALUE_LEN:
+                raise ValueError(f"label values must be at most {MAX_LABEL_VALUE_LEN} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _derive_event_id(self) -> TelemetryEvent:
+        if not self.event_id:
+            self.event_id = derive_event_id(self.entity, self.metric, self.ts, self.kind.value,
+                                            self.value)
+        return self
+
+
+def derive_event_id(entity: str, metric: str, ts: int, kind: str, value: float) -> str:
+    """A stable identity for events sent without one.
+
+    Two byte-identical observations get the same id, which is what we want:
+    they are duplicates and must produce one decision, not two.
+    """
+    raw = "\x1f".join((entity, metric, str(ts), kind, repr(float(value))))
+    return "ev-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def derive_decision_id(event_id: str, pipeline: str = "main") -> str:
+    """Deterministic from the input event, so reprocessing yields the same id."""
+    return "dc-" + hashlib.sha256(f"{pipeline}\x1f{event_id}".encode()).hexdigest()[:32]
+
+
+class ModelInfo(_Contract):
+    id: str
+    version: str
+
+
+class DriftState(str, Enum):
+    stable = "stable"
+    warning = "warning"
+    drift = "drift"
+
+
+class RuleTrace(_Contract):
+    """One step of policy evaluation: which rule or guard, and why."""
+
+    rule: str
+    matched: bool
+    reason: str
+
+
+class Action(_Contract):
+    type: Name
+    target: Name
+    params: dict[str, str] = Field(default_factory=dict)
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    needs_approval = "needs_approval"
+    shadow = "shadow"
+    blocked = "blocked"
+    none = "none"
+
+
+class Decision(_Contract):
+    """What the pipeline decided about one telemetry event (topic ``ia.decisions``)."""
+
+    decision_id: str
+    correlation_id: str
+    event_id: str
+    entity: str
+    metric: str
+    value: float
+    ts: int
+    decided_at: int
+    anomaly_score: Unit
+    confidence: Unit
+    features: dict[str, float] = Field(default_factory=dict)
+    model: ModelInfo
+    drift: DriftState = DriftState.stable
+    rule_trace: list[RuleTrace] = Field(default_factory=list)
+    action: Action | None = None
+    mode: Mode = Mode.none
+    policy_version: str = ""
+
+
+class OutcomeStatus(str, Enum):
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped_duplicate = "skipped_duplicate"
+    blocked = "blocked"
+    timeout = "timeout"
+
+
+class ActionOutcome(_Contract):
+    """The result of handling one action decision (topic ``ia.outcomes``)."""
+
+    decision_id: str
+    entity: str
+    action_type: str
+    target: str
+    status: OutcomeStatus
+    actuator: str
+    started_at: int
+    finished_at: int
+    duration_ms: float = Field(ge=0.0)
+    attempts: int = Field(default=0, ge=0)
+    detail: str = ""
+    error: str | None = None
+
+
+class FeedbackLabel(str, Enum):
+    true_positive = "true_positive"
+    false_positive = "false_positive"
+    useful = "useful"
+    harmful = "harmful"
+
+
+class Feedback(_Contract):
+    """A human or automated judgement of a decision (topic ``ia.feedback``)."""
+
+    decision_id: str
+    label: FeedbackLabel
+    by: Name
+    at: int = Field(ge=0)
+    entity: str | None = None
+    comment: str | None = Field(default=None, max_length=4096)
+
+
+class DeadLetter(_Contract):
+    """A record the pipeline could not accept (topic ``ia.telemetry.dlq``)."""
+
+    reason: str
+    error: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    failed_at: int
+    original_b64: str
+
+
+CONTRACTS: dict[str, type[BaseModel]] = {
+    "TelemetryEvent": TelemetryEvent,
+    "Decision": Decision,
+    "ActionOutcome": ActionOutcome,
+    "Feedback": Feedback,
+    "DeadLetter": DeadLetter,
+}
