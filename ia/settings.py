@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,10 @@ class Settings(BaseSettings):
     topic_prefix: str = "ia"
     topic_partitions: int = Field(default=4, ge=1)
     app_id: str = "ia-pipeline"
+    actuator_app_id: str = "ia-actuator"
+    # Wire format of every topic: json (default), avro (schemaless binary) or
+    # confluent (magic byte + schema id + Avro binary).
+    wire_format: Literal["json", "avro", "confluent"] = "json"
     # Short sessions make rebalances (and tansu's join delay) fast; production
     # Kafka users may raise it.
     session_timeout_s: float = Field(default=6.0, gt=0)

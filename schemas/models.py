@@ -28,7 +28,11 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Contract(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=True)
+    # allow_inf_nan=False: JSON cannot carry NaN/infinity (pydantic would write
+    # null and the record would then fail to decode), so reject them up front.
+    model_config = ConfigDict(
+        extra="forbid", frozen=False, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class EventKind(str, Enum):

@@ -1,0 +1,33 @@
+"""The actuator protocol: one object per action type.
+
+An actuator executes one :class:`~schemas.models.Action` for one decision and
+returns a short human-readable detail, or raises :class:`ActionFailed`.
+Timeouts, idempotency, locking and the outcome record are the executor's job,
+so an actuator stays a few lines long::
+
+    class Echo:
+        name = "echo"
+
+        async def execute(self, action, decision):
+            return f"echo {action.target}"
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from schemas.models import Action, Decision
+
+
+class ActionFailed(Exception):
+    """The action ran and did not succeed; ``attempts`` says how many tries it took."""
+
+    def __init__(self, message: str, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class Actuator(Protocol):
+    name: str
+
+    async def execute(self, action: Action, decision: Decision) -> str: ...

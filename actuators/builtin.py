@@ -1,0 +1,145 @@
+"""Built-in actuators: log, webhook, command and the demo simulator's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from actuators.base import ActionFailed
+from schemas.models import Action, Decision
+
+log = logging.getLogger("ia.actuators")
+
+
+class LogActuator:
+    """Records the action in the log and does nothing else (dry runs, tests)."""
+
+    name = "log"
+
+    async def execute(self, action: Action, decision: Decision) -> str:
+        log.info("action %s on %s for decision %s", action.type, action.target,
+                 decision.decision_id)
+        return f"logged {action.type} on {action.target}"
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, httpx.TransportError)
+
+
+class WebhookActuator:
+    """HTTP POST of the decision to ``params.url`` (or the default URL).
+
+    Sends an ``Idempotency-Key`` header (the decision id) so receivers can
+    deduplicate too.  Retries transport errors, 429 and 5xx with exponential
+    backoff; 4xx is final.
+    """
+
+    name = "webhook"
+
+    def __init__(self, default_url: str | None = None, retries: int = 3,
+                 timeout_s: float = 5.0, backoff_s: float = 0.2) -> None:
+        self.default_url = default_url
+        self.retries = retries
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self._client: httpx.AsyncClient | None = None
+
+    def url_for(self, action: Action) -> str:
+        url = action.params.get("url") or self.default_url
+        if not url:
+            raise ActionFailed(f"{self.name}: no url in action params and no default configured",
+                               attempts=0)
+        return url
+
+    def payload(self, action: Action, decision: Decision) -> dict:
+        return {"decision_id": decision.decision_id, "action": action.model_dump(mode="json"),
+                "entity": decision.entity, "metric": decision.metric,
+                "anomaly_score": decision.anomaly_score, "mode": decision.mode.value}
+
+    async def execute(self, action: Action, decision: Decision) -> str:
+        url = self.url_for(action)
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s)
+        attempts = 0
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.retries + 1),
+                wait=wait_exponential(multiplier=self.backoff_s, max=5.0),
+                retry=retry_if_exception(_retryable), reraise=False,
+            ):
+                with attempt:
+                    attempts += 1
+                    resp = await self._client.post(
+                        url, json=self.payload(action, decision),
+                        headers={"Idempotency-Key": decision.decision_id})
+                    resp.raise_for_status()
+        except RetryError as exc:
+            raise ActionFailed(f"POST {url} failed after {attempts} attempts: "
+                               f"{exc.last_attempt.exception()}", attempts) from exc
+        except httpx.HTTPError as exc:
+            raise ActionFailed(f"POST {url} failed: {exc}", attempts) from exc
+        return f"POST {url} -> {resp.status_code} after {attempts} attempt(s)"
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+class SimulatorActuator(WebhookActuator):
+    """The demo fleet's control plane: restart, rollback, scale_out a service."""
+
+    name = "simulator"
+
+    def url_for(self, action: Action) -> str:
+        if not self.default_url:
+            raise ActionFailed("simulator: IA_SIMULATOR_URL is not set", attempts=0)
+        return self.default_url.rstrip("/") + "/actions"
+
+
+class CommandActuator:
+    """Runs a named argv list from the policy, never through a shell.
+
+    The decision names the command (``params.command``); the argv comes only
+    from the policy's ``commands`` section.  No telemetry string is ever
+    interpolated: the process gets the decision id (a hex digest) in its
+    environment and nothing else from the event.
+    """
+
+    name = "command"
+
+    def __init__(self, commands: dict[str, list[str]], timeout_s: float = 10.0) -> None:
+        self.commands = commands
+        self.timeout_s = timeout_s
+
+    async def execute(self, action: Action, decision: Decision) -> str:
+        name = action.params.get("command", "")
+        argv = self.commands.get(name)
+        if not argv:
+            raise ActionFailed(f"command {name!r} is not declared in the policy", attempts=0)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "IA_DECISION_ID": decision.decision_id}
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), self.timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise ActionFailed(f"{argv[0]} timed out after {self.timeout_s:g}s") from None
+        tail = out.decode(errors="replace")[-500:].strip()
+        if proc.returncode != 0:
+            raise ActionFailed(f"{argv[0]} exited with {proc.returncode}: {tail}")
+        return f"{argv[0]} exited 0" + (f": {tail}" if tail else "")

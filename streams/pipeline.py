@@ -1,0 +1,141 @@
+"""The worker: telemetry -> decisions (and dead letters), plus the feedback agent.
+
+Agents only move records: decoding, enrichment, scoring and policy live in
+``schemas``, ``features`` and ``decisions``.  Each batch is acknowledged only
+after every record it produced is confirmed by the broker, so a crash
+replays the batch (at-least-once) and decision ids stay the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faust
+import redis.asyncio as aioredis
+
+from decisions.engine import DecisionEngine
+from decisions.guards import RedisClaimStore
+from features.store import RedisFeatureStore
+from ia import metrics
+from ia.settings import Settings
+from schemas.models import ActionOutcome, DeadLetter, Feedback
+from schemas.serde import DecodeError, decode, encode
+from schemas.validation import validate_record
+from streams.app import confirm, make_app, raw_topic, with_retry
+from decisions.policy_source import PolicySource
+
+log = logging.getLogger("ia.worker")
+
+
+def build_worker(settings: Settings) -> faust.App:
+    app = make_app(settings, settings.app_id)
+    topics = settings.topics
+    telemetry = raw_topic(app, topics.telemetry)
+    decisions_t = raw_topic(app, topics.decisions)
+    dlq_t = raw_topic(app, topics.dlq)
+    outcomes_t = raw_topic(app, topics.outcomes)
+    feedback_t = raw_topic(app, topics.feedback)
+    fmt = settings.wire_format
+    policy = PolicySource(settings.policy_file)
+    ctx: dict = {}
+
+    @app.on_startup.connect
+    async def _connect(app_: faust.App, **_: object) -> None:
+        _, redis_url = settings.require_endpoints()
+        client = aioredis.from_url(redis_url, decode_responses=False)
+        ctx["redis"] = client
+        ctx["store"] = RedisFeatureStore(client, settings.redis_prefix)
+        ctx["engine"] = DecisionEngine(policy.current, ctx["store"],
+                                       RedisClaimStore(client, settings.redis_prefix))
+        metrics.serve(settings.metrics_port)
+
+    async def publish_batch(events: list) -> None:
+        started = time.perf_counter()
+        valid, futures = [], []
+        for ev in events:
+            msg = ev.message
+            rec = validate_record(msg.value, fmt=fmt, topic=msg.topic, partition=msg.partition,
+                                  offset=msg.offset)
+            if isinstance(rec, DeadLetter):
+                metrics.DLQ_RECORDS.labels(rec.reason).inc()
+                futures.append(await dlq_t.send(key=msg.key, value=encode(rec, "json")))
+            else:
+                valid.append(rec)
+        metrics.STAGE_SECONDS.labels("validate").observe(time.perf_counter() - started)
+        t1 = time.perf_counter()
+        decided = await with_retry("decide", lambda: ctx["engine"].process(valid), app) \
+            if valid else []
+        metrics.STAGE_SECONDS.labels("decide").observe(time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        for d in decided:
+            futures.append(await decisions_t.send(key=d.entity.encode(), value=encode(d, fmt)))
+        await confirm(futures)
+        now = time.time()
+        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t2)
+        metrics.EVENTS_OUT.labels(topics.decisions).inc(len(decided))
+        for d in decided:
+            metrics.DECISIONS.labels(d.action.type if d.action else "none", d.mode.value).inc()
+            metrics.EVENT_TO_DECISION.observe(max(0.0, now - d.ts / 1000.0))
+
+    @app.agent(telemetry)
+    async def decide(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size,
+                                               within=settings.batch_within_s):
+            metrics.EVENTS_IN.labels(topics.telemetry).inc(len(events))
+            metrics.BATCH_SIZE.observe(len(events))
+            await publish_batch(events)
+
+    @app.agent(outcomes_t)
+    async def learn_from_outcomes(stream: faust.StreamT) -> None:
+        async for raw in stream:
+            try:
+                outcome = decode(raw, ActionOutcome, fmt)
+            except DecodeError as exc:
+                log.warning("ignoring undecodable outcome: %s", exc)
+                continue
+            await with_retry("feedback", lambda o=outcome: _apply_outcome(ctx, o), app)
+
+    @app.agent(feedback_t)
+    async def learn_from_feedback(stream: faust.StreamT) -> None:
+        async for raw in stream:
+            try:
+                fb = decode(raw, Feedback, fmt)
+            except DecodeError as exc:
+                log.warning("ignoring undecodable feedback: %s", exc)
+                continue
+            await with_retry("feedback", lambda f=fb: _apply_feedback(ctx, f), app)
+
+    app.ia_decide_agent = decide  # type: ignore[attr-defined]  # for test_context()
+    return app
+
+
+async def _apply_outcome(ctx: dict, outcome: ActionOutcome) -> None:
+    store: RedisFeatureStore = ctx["store"]
+    await store.set_context(outcome.entity, {
+        "last_action": f"{outcome.action_type}:{outcome.status.value}:{outcome.finished_at}"})
+    if outcome.status.value in ("failed", "timeout"):
+        await store.incr_context(outcome.entity, "failed")
+    metrics.FEEDBACK.labels("outcome").inc()
+
+
+async def _apply_feedback(ctx: dict, fb: Feedback) -> None:
+    store: RedisFeatureStore = ctx["store"]
+    entity = fb.entity
+    if not entity:
+        raw = await ctx["redis"].get(f"{store.prefix}:dec:{fb.decision_id}")
+        entity = raw.decode() if raw else None
+    if not entity:
+        log.warning("feedback for unknown decision %s ignored", fb.decision_id)
+        metrics.FEEDBACK.labels("unmatched").inc()
+        return
+    # Idempotent: one label per decision counts once, whatever redelivery does.
+    first = await ctx["redis"].set(f"{store.prefix}:fb:{fb.decision_id}", fb.label.value,
+                                   nx=True, ex=30 * 24 * 3600)
+    if not first:
+        return
+    good = fb.label.value in ("true_positive", "useful")
+    await store.incr_context(entity, "tp" if good else "fp")
+    metrics.FEEDBACK.labels(fb.label.value).inc()
+
+

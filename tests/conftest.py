@@ -1,0 +1,58 @@
+"""Shared fixtures.
+
+``infra`` gives every integration test a Kafka bootstrap string and a Redis
+URL. If ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL`` are both set, those
+(external) endpoints are used and nothing is started; otherwise one embedded
+tansu + valkey stack is started for the whole session and stopped at the end.
+Tests share that infrastructure, so name topics with ``topic_prefix`` and
+Redis keys with a unique prefix as well.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+
+from ia.embedded import EmbeddedStack
+
+
+@dataclass(frozen=True)
+class Infra:
+    kafka: str
+    redis_url: str
+    external: bool = False
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
+    kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    redis_url = os.environ.get("REDIS_URL")
+    if kafka and redis_url:
+        yield Infra(kafka=kafka, redis_url=redis_url, external=True)
+        return
+    stack = EmbeddedStack(tmp_path_factory.mktemp("ia-infra"))
+    stack.start()
+    try:
+        yield Infra(kafka=stack.kafka_bootstrap_servers, redis_url=stack.redis_url)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A prefix unique to this test, e.g. ``t1a2b3c4d``."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def redis_client(infra: Infra) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(infra.redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        client.close()
