@@ -61,6 +61,7 @@ class SpineDetector:
 
     def __init__(self, hst_weight: float = 0.25, seed: int = 42) -> None:
         self.hst_weight = hst_weight
+        self._learned = 0
         self.hst = anomaly.HalfSpaceTrees(
             n_trees=5, height=6, window_size=250, seed=seed,
             limits={"z": (0.0, 1.0), "roc": (0.0, 1.0)},
@@ -80,8 +81,13 @@ class SpineDetector:
         return self.blend(self.components(x))
 
     def blend(self, c: dict[str, float]) -> float:
+        if self._learned < self.hst.window_size:
+            # Half-space trees score 0 until their first reference window is
+            # full; blending then would cap every score below 1.
+            return c["score_zscore"]
         blended = (1.0 - self.hst_weight) * c["score_zscore"] + self.hst_weight * c["score_hst"]
         return min(1.0, max(0.0, blended))
 
     def learn_one(self, x: dict[str, float]) -> None:
+        self._learned += 1
         self.hst.learn_one(self._hst_input(x))

@@ -309,7 +309,7 @@ _DETACHED_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 def _die_with_parent(parent_pid: int) -> Any:
     def preexec() -> None:  # runs in the child between fork and exec
         if _libc is not None:
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent_pid:  # parent died before prctl took effect
             os._exit(1)
 
@@ -321,8 +321,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read().decode("ascii", "replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
     except OSError:
         return None
     fields = raw[raw.rfind(")") + 2 :].split()
@@ -548,7 +546,6 @@ def _wait_healthy(info: ServiceInfo, proc: subprocess.Popen[bytes], timeout: flo
         ):
             return
         time.sleep(0.05)
-    _stop_child(proc, 1.0)
     raise StartupError(
         _with_log(
             f"{info.name} did not become healthy on {info.address} within {timeout:.0f}s",
@@ -599,9 +596,10 @@ def _start_service(
             _wait_healthy(info, proc, timeout)
         except StartupError:
             # A port picked by free_port() can be taken before the server binds
-            # it; the server then exits at once, so try again with a new port.
+            # it; the server then exits by itself, so try again with a new port.
+            exited_by_itself = proc.poll() is not None
             _stop_child(proc, 1.0)
-            if proc.returncode is not None and attempt < attempts and _exited_early(info):
+            if exited_by_itself and attempt < attempts:
                 log.debug("%s exited on port %d; retrying with another port", name, chosen)
                 continue
             raise
@@ -613,10 +611,6 @@ def _start_service(
 
 # tansu logs through tracing with ANSI colours even when not on a TTY.
 _CHILD_ENV: dict[str, dict[str, str]] = {"broker": {"NO_COLOR": "1"}}
-
-
-def _exited_early(info: ServiceInfo) -> bool:
-    return time.time() - info.started_at < 5.0
 
 
 def _broker_argv(binary: str, port: int, run_dir: Path) -> list[str]:
@@ -919,6 +913,8 @@ def down(
     signalled. Returns descriptions of what was stopped (empty if nothing ran).
     """
     path = _resolve_run_dir(run_dir)
+    if not path.is_dir():
+        return []
     with _locked(path):
         info = _read_state(path)
         stopped = _stop_services(info, grace) if info is not None else []

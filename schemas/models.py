@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,6 +25,10 @@ MAX_LABEL_VALUE_LEN = 1024
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+# Avro ``long`` is 64-bit; an unbounded Python int would validate here and then
+# fail to encode (or be silently wrapped) downstream.
+Long = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+NonNegLong = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class _Contract(BaseModel):
@@ -35,7 +39,7 @@ class _Contract(BaseModel):
     )
 
 
-class EventKind(str, Enum):
+class EventKind(StrEnum):
     metric = "metric"
     event = "event"
 
@@ -51,7 +55,7 @@ class TelemetryEvent(_Contract):
     entity: Name
     metric: Name
     value: float = 0.0
-    ts: int = Field(ge=0, description="event time, milliseconds since the Unix epoch")
+    ts: NonNegLong = Field(description="event time, milliseconds since the Unix epoch")
     labels: dict[str, str] = Field(default_factory=dict)
     kind: EventKind = EventKind.metric
 
@@ -109,7 +113,7 @@ class ModelInfo(_Contract):
     version: str
 
 
-class DriftState(str, Enum):
+class DriftState(StrEnum):
     stable = "stable"
     warning = "warning"
     drift = "drift"
@@ -129,7 +133,7 @@ class Action(_Contract):
     params: dict[str, str] = Field(default_factory=dict)
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     auto = "auto"
     needs_approval = "needs_approval"
     shadow = "shadow"
@@ -146,8 +150,8 @@ class Decision(_Contract):
     entity: str
     metric: str
     value: float
-    ts: int
-    decided_at: int
+    ts: Long
+    decided_at: Long
     anomaly_score: Unit
     confidence: Unit
     features: dict[str, float] = Field(default_factory=dict)
@@ -159,7 +163,7 @@ class Decision(_Contract):
     policy_version: str = ""
 
 
-class OutcomeStatus(str, Enum):
+class OutcomeStatus(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     skipped_duplicate = "skipped_duplicate"
@@ -176,15 +180,15 @@ class ActionOutcome(_Contract):
     target: str
     status: OutcomeStatus
     actuator: str
-    started_at: int
-    finished_at: int
+    started_at: Long
+    finished_at: Long
     duration_ms: float = Field(ge=0.0)
-    attempts: int = Field(default=0, ge=0)
+    attempts: NonNegLong = 0
     detail: str = ""
     error: str | None = None
 
 
-class FeedbackLabel(str, Enum):
+class FeedbackLabel(StrEnum):
     true_positive = "true_positive"
     false_positive = "false_positive"
     useful = "useful"
@@ -197,7 +201,7 @@ class Feedback(_Contract):
     decision_id: str
     label: FeedbackLabel
     by: Name
-    at: int = Field(ge=0)
+    at: NonNegLong
     entity: str | None = None
     comment: str | None = Field(default=None, max_length=4096)
 
@@ -208,9 +212,9 @@ class DeadLetter(_Contract):
     reason: str
     error: str
     source_topic: str
-    source_partition: int
-    source_offset: int
-    failed_at: int
+    source_partition: Long
+    source_offset: Long
+    failed_at: Long
     original_b64: str
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Final, Literal, TypeVar, get_args
 
@@ -91,8 +91,8 @@ DECODE_REASONS: Final = frozenset(
 )
 
 
-class DecodeError(ValueError):
-    """Bytes that cannot be turned into a valid contract model."""
+class _ReasonError(ValueError):
+    """A ValueError with a stable machine-readable ``reason`` and a bounded message."""
 
     def __init__(self, reason: str, message: str) -> None:
         message = _clip(message)
@@ -100,20 +100,24 @@ class DecodeError(ValueError):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[_ReasonError], tuple[str, str]]:
+        # default pickling would call cls(str(self)); keep it working across processes
+        return type(self), (self.reason, self.message)
 
-class EncodeError(ValueError):
+
+class DecodeError(_ReasonError):
+    """Bytes that cannot be turned into a valid contract model (see ``DECODE_REASONS``)."""
+
+
+class EncodeError(_ReasonError):
     """A model that cannot be written in the requested format.
 
     Validated models always encode; this happens for models built with
     ``model_construct`` or mutated after validation (e.g. an int beyond Avro's
-    64-bit long, or a string with a lone surrogate).
+    64-bit long, or a string with a lone surrogate), or for a contract without
+    a configured Confluent schema id.  Reasons: ``json_encode``,
+    ``avro_encode``, ``no_schema_id``.
     """
-
-    def __init__(self, reason: str, message: str) -> None:
-        message = _clip(message)
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 def _clip(message: str) -> str:
@@ -132,7 +136,7 @@ def _schema_path(ref: str) -> Path:
     return HISTORY_DIR / f"{ref}.avsc"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> avro.schema.Schema:
     """Parse ``schemas/avro/<name>.avsc`` (or ``history/<name>.avsc`` for ``x.vN``), cached.
 
@@ -198,7 +202,7 @@ class SchemaIds:
         try:
             return self._by_ref[ref]
         except KeyError:
-            raise KeyError(f"no schema id configured for {ref!r}") from None
+            raise KeyError(f"no Confluent schema id configured for {ref!r}") from None
 
     def ref_for(self, schema_id: int) -> str | None:
         return self._by_id.get(schema_id)
@@ -279,12 +283,12 @@ class _RangeCheckedEncoder(avro.io.BinaryEncoder):
         self.write(bytes(out))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _datum_writer(name: str) -> avro.io.DatumWriter:
     return _ContractDatumWriter(load_schema(name))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _datum_reader(writer_ref: str, reader_name: str) -> avro.io.DatumReader:
     return _SpecDatumReader(load_schema(writer_ref), load_schema(reader_name))
 
@@ -313,8 +317,11 @@ class Codec:
         payload = _encode_avro(model, name)
         if fmt == "avro":
             return payload
-        header = bytes((MAGIC_BYTE,)) + self.schema_ids.id_for(name).to_bytes(4, "big")
-        return header + payload
+        try:
+            schema_id = self.schema_ids.id_for(name)
+        except KeyError as exc:
+            raise EncodeError("no_schema_id", str(exc)) from None
+        return bytes((MAGIC_BYTE,)) + schema_id.to_bytes(4, "big") + payload
 
     def decode(self, data: bytes, model_cls: type[M], fmt: Format = "json") -> M:
         """Parse and validate ``data``; raises only :class:`DecodeError` for bad input.
@@ -384,8 +391,7 @@ def _encode_avro(model: BaseModel, name: str) -> bytes:
     buf = io.BytesIO()
     try:
         _datum_writer(name).write(model.model_dump(mode="json"), _RangeCheckedEncoder(buf))
-    except (avro.errors.AvroException, PydanticSerializationError, UnicodeError,
-            OverflowError, TypeError, ValueError) as exc:
+    except Exception as exc:  # avro raises many types for data it cannot write
         raise EncodeError("avro_encode", f"{type(exc).__name__}: {exc}") from exc
     return buf.getvalue()
 
@@ -413,7 +419,8 @@ def _read_avro(payload: bytes, writer_ref: str, reader_name: str) -> object:
     try:
         record = _datum_reader(writer_ref, reader_name).read(avro.io.BinaryDecoder(buf))
     except UnicodeDecodeError as exc:
-        raise DecodeError("invalid_utf8", f"invalid UTF-8 in an Avro string: {exc.reason}") from None
+        message = f"invalid UTF-8 in an Avro string: {exc.reason}"
+        raise DecodeError("invalid_utf8", message) from None
     except Exception as exc:  # avro raises a zoo of types on malformed input
         raise DecodeError("avro_decode", f"{type(exc).__name__}: {exc}") from None
     trailing = len(payload) - buf.tell()

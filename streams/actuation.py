@@ -34,8 +34,7 @@ def build_actuator(settings: Settings) -> faust.App:
     fmt = settings.wire_format
     ctx: dict = {}
 
-    @app.on_startup.connect
-    async def _connect(app_: faust.App, **_: object) -> None:
+    def _connect() -> None:
         _, redis_url = settings.require_endpoints()
         client = aioredis.from_url(redis_url, decode_responses=False)
         policy: Policy = PolicySource(settings.policy_file).current()
@@ -46,6 +45,8 @@ def build_actuator(settings: Settings) -> faust.App:
                             retries=settings.webhook_retries, timeout_s=settings.action_timeout_s),
             prefix=settings.redis_prefix, timeout_s=settings.action_timeout_s)
         metrics.serve(settings.metrics_port)
+
+    _connect()
 
     async def handle(d: Decision) -> bytes | None:
         outcome = await ctx["executor"].handle(d)

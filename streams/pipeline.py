@@ -40,8 +40,7 @@ def build_worker(settings: Settings) -> faust.App:
     policy = PolicySource(settings.policy_file)
     ctx: dict = {}
 
-    @app.on_startup.connect
-    async def _connect(app_: faust.App, **_: object) -> None:
+    def _connect() -> None:
         _, redis_url = settings.require_endpoints()
         client = aioredis.from_url(redis_url, decode_responses=False)
         ctx["redis"] = client
@@ -49,6 +48,8 @@ def build_worker(settings: Settings) -> faust.App:
         ctx["engine"] = DecisionEngine(policy.current, ctx["store"],
                                        RedisClaimStore(client, settings.redis_prefix))
         metrics.serve(settings.metrics_port)
+
+    _connect()
 
     async def publish_batch(events: list) -> None:
         started = time.perf_counter()

@@ -1,0 +1,133 @@
+"""Test support: run `ia` processes, and a webhook sink that counts side effects."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class IaProcess:
+    """An `ia` subcommand in a child process that dies with the test run."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> IaProcess:
+        out = open(self.log, "ab")  # noqa: SIM115  # owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ia.cli", *self.args],
+            env={**os.environ, **self.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        out.close()
+        return self
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def alive(self) -> bool:
+        return bool(self.proc) and self.proc.poll() is None
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+
+
+class WebhookSink:
+    """A real HTTP endpoint that counts POSTs per Idempotency-Key."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.calls: Counter[str] = Counter()
+        self.bodies: list[dict] = []
+        self.status = status
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802  # http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.calls[self.headers.get("Idempotency-Key", "")] += 1
+                sink.bodies.append(json.loads(body or b"{}"))
+                self.send_response(sink.status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookSink:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
+        "REDIS_URL": infra.redis_url,
+        "IA_TOPIC_PREFIX": prefix,
+        "IA_REDIS_PREFIX": prefix,
+        "IA_POLICY_FILE": str(policy),
+        "IA_APP_ID": f"{prefix}-pipeline",
+        "IA_ACTUATOR_APP_ID": f"{prefix}-actuator",
+        "IA_LOG_LEVEL": "warn",
+        **extra,
+    }
+
+
+def series(
+    entity: str,
+    metric: str,
+    values: list[float],
+    start_ms: int = 1_700_000_000_000,
+    step_ms: int = 10_000,
+) -> list[dict]:
+    return [
+        {"entity": entity, "metric": metric, "value": v, "ts": start_ms + i * step_ms}
+        for i, v in enumerate(values)
+    ]
