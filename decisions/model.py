@@ -21,6 +21,7 @@ from typing import Protocol
 
 from river import anomaly
 
+from features.series import WARMUP_SAMPLES
 from schemas.models import ModelInfo
 
 
@@ -74,7 +75,10 @@ class SpineDetector:
                 "roc": _squash(x.get("rate_of_change", 0.0) / std, 4.0)}
 
     def components(self, x: dict[str, float]) -> dict[str, float]:
-        return {"score_zscore": zscore_score(x.get("zscore", 0.0)),
+        # A z-score from a handful of samples is mostly noise in the variance
+        # estimate; ramp its weight in over the warm-up.
+        ramp = min(1.0, x.get("n", WARMUP_SAMPLES) / WARMUP_SAMPLES)
+        return {"score_zscore": zscore_score(x.get("zscore", 0.0) * ramp),
                 "score_hst": float(self.hst.score_one(self._hst_input(x)))}
 
     def score_one(self, x: dict[str, float]) -> float:
