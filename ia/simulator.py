@@ -599,9 +599,10 @@ class _BadRequest(ValueError):
     pass
 
 
-def _str_field(obj: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    """A bounded non-empty string field, or None when absent."""
     v = obj.get(key)
-    if v is None and not required:
+    if v is None:
         return None
     if not isinstance(v, str) or not v or len(v) > 256:
         raise _BadRequest(f"'{key}' must be a non-empty string of at most 256 characters")
@@ -613,25 +614,29 @@ def parse_action(body: Any, idempotency_key: str | None) -> tuple[str, str, str]
 
     Everything in the body is untrusted: only known shapes pass, error
     messages never echo the input, and the decision id must look like an id.
+    The service is ``action.target`` (falling back to ``entity``).
     """
     if not isinstance(body, dict):
         raise _BadRequest("body must be a JSON object")
     action = body.get("action")
     if not isinstance(action, dict):
         raise _BadRequest("'action' must be an object")
-    if _str_field(action, "type") != "simulator":
+    if _opt_str(action, "type") != "simulator":
         raise _BadRequest("'action.type' must be 'simulator'")
     params = action.get("params")
-    if not isinstance(params, dict) or params.get("op") not in OPS:
+    op = params.get("op") if isinstance(params, dict) else None
+    if not isinstance(op, str) or op not in OPS:
         raise _BadRequest(f"'action.params.op' must be one of {', '.join(OPS)}")
-    target = _str_field(action, "target", required=False) or _str_field(body, "entity")
-    decision_id = _str_field(body, "decision_id", required=False) or idempotency_key
+    target = _opt_str(action, "target") or _opt_str(body, "entity")
+    if target is None:
+        raise _BadRequest("'action.target' is required")
+    decision_id = _opt_str(body, "decision_id") or idempotency_key
     if not decision_id or not _ID_RE.match(decision_id):
         raise _BadRequest("'decision_id' (or Idempotency-Key) must be an id: letters, digits, "
                           "'.', '_', ':' or '-'")
     if idempotency_key is not None and idempotency_key != decision_id:
         raise _BadRequest("Idempotency-Key does not match 'decision_id'")
-    return params["op"], target, decision_id  # type: ignore[return-value]
+    return op, target, decision_id
 
 
 class SimulatorServer:
