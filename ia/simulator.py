@@ -33,10 +33,11 @@ import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from aiohttp import web
+from confluent_kafka import Producer
 
 from schemas.models import EventKind, TelemetryEvent
 
@@ -94,7 +95,7 @@ BAD_DEPLOY_LATENCY_FACTOR = 1.10     # "modest": below the scale-out rule's thre
 SURGE_CPU_POINTS = 25.0
 SATURATION_LATENCY_FACTOR = 2.0
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
 _MAX_BODY = 64 * 1024
 
 
@@ -631,7 +632,7 @@ def parse_action(body: Any, idempotency_key: str | None) -> tuple[str, str, str]
     if target is None:
         raise _BadRequest("'action.target' is required")
     decision_id = _opt_str(body, "decision_id") or idempotency_key
-    if not decision_id or not _ID_RE.match(decision_id):
+    if not decision_id or not _ID_RE.fullmatch(decision_id):
         raise _BadRequest("'decision_id' (or Idempotency-Key) must be an id: letters, digits, "
                           "'.', '_', ':' or '-'")
     if idempotency_key is not None and idempotency_key != decision_id:
@@ -691,7 +692,7 @@ class SimulatorServer:
     async def _post_action(self, request: web.Request) -> web.Response:
         try:
             body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return _error(400, "body is not valid JSON")
         try:
             op, service, decision_id = parse_action(body, request.headers.get("Idempotency-Key"))
@@ -763,10 +764,10 @@ async def drive(fleet: Fleet, emit: Callable[[list[TelemetryEvent]], None], *,
         events = fleet.tick(fleet.start_ts_ms + i * interval_ms)
         emit(events)
         emitted += len(events)
-        if offset_s >= next_progress:
+        if offset_s >= next_progress or i == n_ticks:
             await _notify(on_progress, fleet, emitted)
-            next_progress += progress_every_s
-    await _notify(on_progress, fleet, emitted)
+            while next_progress <= offset_s:
+                next_progress += max(progress_every_s, sample_interval_s)
     return emitted
 
 
@@ -775,8 +776,6 @@ class _KafkaSink:
 
     def __init__(self, bootstrap_servers: str, topic: str,
                  config: Mapping[str, Any] | None = None) -> None:
-        from confluent_kafka import Producer
-
         self.topic = topic
         self.producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 5,
                                   "acks": "all", **(config or {})})
