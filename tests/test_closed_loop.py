@@ -208,3 +208,19 @@ def test_worker_metrics_endpoint(loop):
         assert "ia_stage_duration_seconds" in text and "ia_dlq_records_total" in text
     finally:
         extra.stop()
+
+
+def test_external_confluent_kafka_client_round_trip(loop):
+    """The README's client (plain confluent-kafka, no project imports) gets its decisions."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "examples" / "external_client.py"
+    assert "from ia" not in script.read_text() and "import ia" not in script.read_text()
+    env = {"PATH": "/usr/bin:/bin", "KAFKA_BOOTSTRAP_SERVERS": loop["infra"].kafka,
+           "IA_TOPIC_PREFIX": loop["prefix"]}
+    run = subprocess.run([sys.executable, str(script), "--entity", "it-ext-1"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr + run.stdout
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary == {"decisions": 60, "actions": 1}
