@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -84,8 +85,9 @@ class When(_Strict):
 
 
 class ActionSpec(_Strict):
-    type: str = Field(min_length=1)
-    target: str = "{entity}"
+    # Bounds of schemas.models.Action, so a loadable policy cannot fail at evaluation.
+    type: str = Field(min_length=1, max_length=256)
+    target: str = Field(default="{entity}", min_length=1)
     params: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("params", mode="before")
@@ -135,10 +137,14 @@ class PolicyResult:
     cooldown_s: float = 0.0
 
 
+_PLACEHOLDER = re.compile(r"\{(entity|metric)\}")
+
+
 def _render_target(template: str, entity: str, metric: str) -> str:
     # Plain substitution, never str.format: a template must not be able to
-    # reach attributes, and telemetry strings are only ever data.
-    return template.replace("{entity}", entity).replace("{metric}", metric)
+    # reach attributes, and telemetry strings are only ever data.  One pass,
+    # so an entity containing "{metric}" is not substituted again.
+    return _PLACEHOLDER.sub(lambda m: entity if m.group(1) == "entity" else metric, template)
 
 
 def _globs(patterns: list[str], value: str) -> bool:

@@ -65,7 +65,12 @@ DETECTION_TAIL_S = 1200.0
 METRICS = ("latency_p99_ms", "error_rate", "cpu_pct", "memory_pct")
 OPS = ("restart", "rollback", "scale_out")
 INCIDENT_TYPES = ("memory_leak", "bad_deploy", "latency_spike", "cpu_saturation")
-# The op that fixes each incident type; any other op is a no-op on it.
+# The op that fixes each incident type; any other op is a no-op on it.  Why a
+# restart ends a memory leak here although an OOM kill does not: the leak is
+# modelled as triggered by a runtime setting (an unbounded cache) that was
+# hot-fixed in the config store when the incident began; the kernel's OOM kill
+# restarts the same container with its old in-memory config, whereas the
+# control plane's restart is a rolling restart that re-reads configuration.
 REMEDIATION = {"memory_leak": "restart", "bad_deploy": "rollback",
                "latency_spike": "scale_out", "cpu_saturation": "scale_out"}
 REGIONS = ("eu-west-1", "us-east-1", "ap-southeast-1")
@@ -278,7 +283,10 @@ class Fleet:
     """The simulated services: metrics per tick, incidents, and their remediation.
 
     Pure and deterministic given the seed (and the sequence of ticks and
-    actions).  ``tick`` must be called with non-decreasing timestamps.
+    actions).  Simulated time only moves forward: ``tick`` and
+    ``apply_action`` both advance ``now_ms``, and a tick before it is refused.
+    Without an action an incident ends at its modelled manual recovery time
+    (the humans still work), with the fix showing up in telemetry as theirs.
     """
 
     def __init__(self, seed: int = DEFAULT_SEED, n_services: int = DEFAULT_N_SERVICES,

@@ -6,6 +6,7 @@ control API runs in-process.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from features.series import WARMUP_SAMPLES, SeriesState, observe
 from ia.simulator import (
     INCIDENT_TYPES,
+    MAGNITUDE,
     MANUAL_RECOVERY_S,
     METRICS,
     REMEDIATION,
@@ -82,7 +84,7 @@ def test_schedule_respects_warmup_types_and_one_incident_per_service(seed, n_ser
         by_service[inc.service].append(inc)
     for items in by_service.values():
         items.sort(key=lambda i: i.start_ts)
-        for a, b in zip(items, items[1:], strict=False):
+        for a, b in itertools.pairwise(items):
             assert a.manual_end_ts <= b.start_ts, "two incidents on one service at once"
 
 
@@ -128,10 +130,10 @@ def test_healthy_metrics_stay_in_realistic_ranges():
         err = values(events, svc, "error_rate")
         cpu = values(events, svc, "cpu_pct")
         mem = values(events, svc, "memory_pct")
-        assert 80 < min(lat) and max(lat) < 180
+        assert 80 < min(lat) <= max(lat) < 180
         assert min(err) >= 0.0 and max(err) < 0.02
-        assert 20 < min(cpu) and max(cpu) < 60
-        assert 40 < min(mem) and max(mem) < 70  # far below the restart guard rail (85)
+        assert 20 < min(cpu) <= max(cpu) < 60
+        assert 40 < min(mem) <= max(mem) < 70  # far below the restart guard rail (85)
         assert len(set(lat)) > len(lat) * 0.9  # noisy, not flat
 
 
@@ -327,9 +329,12 @@ def test_benign_deploys_happen_without_incident():
     fleet = Fleet(seed=7)
     events = [e for e in run(fleet, 6000) if e.metric == "deploy"]
     bad = {(i.service, i.start_ts) for i in fleet.incidents if i.type == "bad_deploy"}
-    benign = [e for e in events if (e.entity, e.ts) not in bad]
+    releases = [e for e in events if e.labels["change"] == "release"]
+    benign = [e for e in releases if (e.entity, e.ts) not in bad]
+    assert len(releases) == len(benign) + len(bad)
     assert len(benign) == 3 and fleet.counters.benign_deploys == 3
-    assert all(e.labels["change"] == "release" for e in benign)
+    # The humans roll the bad deploys back (no automation in this run).
+    assert len([e for e in events if e.labels["change"] == "rollback"]) == len(bad)
 
 
 # -- the detector's view ----------------------------------------------------------------
@@ -363,8 +368,6 @@ def test_normal_noise_rarely_exceeds_z5(seed):
                                               ("cpu_saturation", "latency_p99_ms")])
 @pytest.mark.parametrize("magnitude_end", ["low", "high"])
 def test_incident_onset_stands_out_within_a_few_samples(kind, metric, magnitude_end):
-    from ia.simulator import MAGNITUDE
-
     lo, hi = MAGNITUDE[kind]
     fleet = one_incident(kind, magnitude=lo if magnitude_end == "low" else hi)
     states: dict[tuple[str, str], SeriesState] = {}

@@ -1,0 +1,435 @@
+"""Features: event-time EWMA series state, point-in-time serving, feature stores.
+
+The series statistics are checked against an independent numpy reference of
+the documented recurrence (plain mean/variance of the prefix during warm-up,
+event-time exponential weighting after).  The Redis store is exercised on the
+real Redis from ``infra`` and must serve exactly what the memory store serves.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from features.enrich import CONTEXT_EVENTS, NEVER_S, context_features, enrich_batch
+from features.series import (
+    ABSOLUTE_STD_FLOOR,
+    DEFAULT_HALF_LIFE_S,
+    RELATIVE_STD_FLOOR,
+    WARMUP_SAMPLES,
+    SeriesState,
+    features_before,
+    fold,
+    observe,
+    rebaseline,
+    std_of,
+)
+from features.store import EntityRecord, MemoryFeatureStore, RedisFeatureStore
+from schemas.models import EventKind, TelemetryEvent
+
+T0 = 1_732_700_000_000
+
+
+def irregular_series(n: int, seed: int, level: float = 50.0,
+                     noise: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Values and strictly increasing ms timestamps with gaps of 0.1 s .. 30 min."""
+    rng = np.random.default_rng(seed)
+    values = level + rng.normal(0.0, noise, n)
+    gaps = rng.choice([100, 1_000, 5_000, 60_000, 300_000, 1_800_000], size=n)
+    gaps = gaps + rng.integers(1, 999, n)
+    ts = T0 + np.cumsum(gaps)
+    return values, ts.astype(np.int64)
+
+
+def reference_ewma(values: np.ndarray, ts: np.ndarray,
+                   half_life_s: float = DEFAULT_HALF_LIFE_S) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance after each sample, straight from the documented recurrence."""
+    n = len(values)
+    means, variances = np.empty(n), np.empty(n)
+    warm = min(n, WARMUP_SAMPLES)
+    for k in range(warm):  # warm-up: the plain (population) statistics of the prefix
+        means[k] = np.mean(values[: k + 1])
+        variances[k] = np.var(values[: k + 1])
+    dt_s = np.diff(ts) / 1000.0
+    alphas = np.maximum(1.0 - np.power(2.0, -dt_s / half_life_s), 1.0 / (10 * WARMUP_SAMPLES))
+    mean, var = means[warm - 1], variances[warm - 1]
+    for k in range(warm, n):
+        a = alphas[k - 1]
+        d = values[k] - mean
+        mean = mean + a * d
+        var = (1.0 - a) * (var + a * d * d)
+        means[k], variances[k] = mean, var
+    return means, variances
+
+
+def fold_all(values, ts, state: SeriesState | None = None) -> SeriesState:
+    s = state or SeriesState()
+    for v, t in zip(values, ts, strict=True):
+        _, s = observe(s, float(v), int(t))
+    return s
+
+
+# --- series statistics -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_ewma_matches_numpy_reference(seed: int) -> None:
+    values, ts = irregular_series(300, seed)
+    ref_mean, ref_var = reference_ewma(values, ts)
+    s = SeriesState()
+    for k, (v, t) in enumerate(zip(values, ts, strict=True)):
+        _, s = observe(s, float(v), int(t))
+        assert s.n == k + 1
+        assert s.mean == pytest.approx(ref_mean[k], rel=1e-9, abs=1e-9)
+        assert s.var == pytest.approx(ref_var[k], rel=1e-9, abs=1e-9)
+    assert s.late == 0
+    # the warm-up really is the plain running mean/variance
+    warm = fold_all(values[:WARMUP_SAMPLES], ts[:WARMUP_SAMPLES])
+    assert warm.mean == pytest.approx(float(np.mean(values[:WARMUP_SAMPLES])), rel=1e-12)
+    assert warm.var == pytest.approx(float(np.var(values[:WARMUP_SAMPLES])), rel=1e-9)
+
+
+def test_event_time_alpha_depends_on_gap_not_on_sample_count() -> None:
+    """After warm-up, one sample after a half-life moves the mean half way."""
+    s = fold_all([10.0] * WARMUP_SAMPLES, [T0 + i * 1000 for i in range(WARMUP_SAMPLES)])
+    one_half_life = s.last_ts + int(DEFAULT_HALF_LIFE_S * 1000)
+    after = fold(s, 20.0, one_half_life)
+    assert after.mean == pytest.approx(15.0)
+    # a tiny gap is floored at alpha = 1 / (10 * WARMUP_SAMPLES), not zero
+    quick = fold(s, 20.0, s.last_ts + 1)
+    assert quick.mean == pytest.approx(10.0 + 10.0 / (10 * WARMUP_SAMPLES))
+
+
+def test_std_floor() -> None:
+    flat = fold_all([200.0] * 30, [T0 + i * 1000 for i in range(30)])
+    assert flat.var == pytest.approx(0.0, abs=1e-12)
+    assert std_of(flat) == pytest.approx(200.0 * RELATIVE_STD_FLOOR)
+    assert std_of(SeriesState(n=5, mean=0.0, var=0.0)) == ABSOLUTE_STD_FLOOR
+    feats = features_before(flat, 204.0, flat.last_ts + 1000)
+    assert feats["zscore"] == pytest.approx(2.0)
+
+
+def test_served_features_are_point_in_time() -> None:
+    """Features served for event k depend only on events[:k]."""
+    values, ts = irregular_series(120, seed=7)
+    served = []
+    s = SeriesState()
+    for v, t in zip(values, ts, strict=True):
+        f, s = observe(s, float(v), int(t))
+        served.append(f)
+    for k in [0, 1, 2, 5, 19, 20, 21, 40, 77, 119]:
+        prefix = fold_all(values[:k], ts[:k])
+        expected = features_before(prefix, float(values[k]), int(ts[k]))
+        assert served[k] == expected
+        if k:
+            dt = (ts[k] - ts[k - 1]) / 1000.0
+            assert served[k]["seconds_since_last"] == pytest.approx(dt)
+            assert served[k]["rate_of_change"] == pytest.approx((values[k] - values[k - 1]) / dt)
+            assert served[k]["n"] == k
+            assert served[k]["zscore"] == pytest.approx(
+                (values[k] - prefix.mean) / std_of(prefix))
+    # the first sample has no baseline: neutral features
+    assert served[0]["zscore"] == 0.0 and served[0]["n"] == 0.0
+
+
+async def test_enrich_batch_is_point_in_time() -> None:
+    """The same holds through enrich_batch, across entities and batch boundaries."""
+    events = mixed_events(seed=11, n=90)
+    full = MemoryFeatureStore()
+    served = []
+    for batch in batches(events, seed=11):
+        served.extend(await enrich_batch(batch, full))
+    for k in [0, 3, 17, 40, 63, 89]:
+        prefix_store = MemoryFeatureStore()
+        if k:
+            await enrich_batch(events[:k], prefix_store)
+        (alone,) = await enrich_batch([events[k]], prefix_store)
+        assert alone == served[k], k
+
+
+def test_late_and_duplicate_events_are_not_folded() -> None:
+    values, ts = irregular_series(60, seed=5)
+    in_order = fold_all(values, ts)
+    rng = random.Random(5)
+    s, injected = SeriesState(), 0
+    for v, t in zip(values, ts, strict=True):
+        _, s = observe(s, float(v), int(t))
+        if s.n > 1 and rng.random() < 0.3:
+            # an exact duplicate, or an older sample arriving late with a wild value
+            late_ts = s.last_ts if rng.random() < 0.5 else s.last_ts - rng.randint(1, 10_000)
+            feats, s2 = observe(s, 1e6, late_ts)
+            assert s2.late == s.late + 1
+            assert replace(s2, late=s.late) == s  # nothing else moved
+            assert feats["value"] == 1e6
+            s, injected = s2, injected + 1
+    assert injected > 5
+    assert s == replace(in_order, late=injected)
+
+
+def test_replaying_a_sequence_is_idempotent() -> None:
+    values, ts = irregular_series(80, seed=9)
+    once = fold_all(values, ts)
+    twice = fold_all(values, ts, once)
+    assert twice == replace(once, late=len(values))
+    assert (twice.n, twice.mean, twice.var, twice.last_value, twice.last_ts) == (
+        once.n, once.mean, once.var, once.last_value, once.last_ts)
+
+
+def test_pack_unpack_round_trip() -> None:
+    rng = random.Random(3)
+    states = [SeriesState(), fold_all(*irregular_series(50, seed=3))]
+    states += [SeriesState(n=rng.randint(0, 2**40), mean=rng.uniform(-1e12, 1e12),
+                           var=rng.uniform(0, 1e20), last_value=rng.uniform(-1e9, 1e9),
+                           last_ts=rng.randint(-1, 2**62), late=rng.randint(0, 2**31))
+               for _ in range(50)]
+    for s in states:
+        blob = s.pack()
+        assert len(blob) == 48
+        assert SeriesState.unpack(blob) == s
+    with pytest.raises(struct.error):
+        SeriesState.unpack(b"\x00" * 47)
+
+
+def test_rebaseline_keeps_level_and_forgets_history() -> None:
+    values, ts = irregular_series(100, seed=4)
+    s = fold_all(values, ts)
+    _, s = observe(s, 500.0, int(ts[-1]) + 1000)  # the new level
+    r = rebaseline(s)
+    assert (r.n, r.mean, r.var) == (1, 500.0, 0.0)
+    assert (r.last_value, r.last_ts, r.late) == (s.last_value, s.last_ts, s.late)
+    # warm-up restarts: the next sample is averaged with the single remembered one
+    nxt = fold(r, 502.0, r.last_ts + 1000)
+    assert nxt.mean == pytest.approx(501.0)
+    assert nxt.var == pytest.approx(1.0)
+    # and a sample at the new level no longer stands out
+    assert abs(features_before(r, 501.0, r.last_ts + 1000)["zscore"]) < 1.0
+
+
+# --- stores and enrichment -----------------------------------------------------------------
+
+
+def ev(entity: str, metric: str, value: float, ts: int,
+       kind: EventKind = EventKind.metric) -> TelemetryEvent:
+    return TelemetryEvent(entity=entity, metric=metric, value=value, ts=ts, kind=kind)
+
+
+def mixed_events(seed: int, n: int) -> list[TelemetryEvent]:
+    """Metrics of three entities, deploys, a late sample and a duplicate."""
+    rng = random.Random(seed)
+    out, t = [], T0
+    for i in range(n):
+        t += rng.randint(500, 40_000)
+        entity = rng.choice(["svc-a", "svc-b", "db-1"])
+        if i % 23 == 5:
+            out.append(ev(entity, "deploy", 1.0, t, EventKind.event))
+        elif i % 31 == 9:
+            out.append(ev(entity, "restart", 1.0, t, EventKind.event))
+        else:
+            metric = rng.choice(["cpu", "latency"])
+            out.append(ev(entity, metric, rng.gauss(100 if metric == "latency" else 40, 5), t))
+    out.insert(n // 2, ev("svc-a", "cpu", 999.0, T0 + 1))  # very late
+    out.append(out[-3].model_copy())  # redelivered duplicate
+    return out
+
+
+def batches(events: list, seed: int) -> list[list]:
+    rng = random.Random(seed)
+    out, i = [], 0
+    while i < len(events):
+        size = rng.randint(1, 12)
+        out.append(events[i:i + size])
+        i += size
+    return out
+
+
+class CountingPipeline:
+    """Forwards to a real redis pipeline, counting executions and queued commands."""
+
+    def __init__(self, owner: CountingClient, pipe) -> None:
+        self._owner, self._pipe = owner, pipe
+
+    async def __aenter__(self) -> CountingPipeline:
+        await self._pipe.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self._pipe.__aexit__(*exc)
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipe, name)
+
+    async def execute(self, *args, **kwargs):
+        self._owner.executions += 1
+        self._owner.queued.append(len(self._pipe.command_stack))
+        return await self._pipe.execute(*args, **kwargs)
+
+
+class CountingClient:
+    """Forwards everything to a real redis.asyncio client; counts round trips."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.executions = 0
+        self.direct_calls = 0
+        self.queued: list[int] = []
+
+    def pipeline(self, *args, **kwargs) -> CountingPipeline:
+        return CountingPipeline(self, self._client.pipeline(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.direct_calls += 1
+            return attr(*args, **kwargs)
+
+        return call
+
+    def reset(self) -> None:
+        self.executions, self.direct_calls, self.queued = 0, 0, []
+
+
+@pytest.fixture
+async def aredis(infra):
+    client = aioredis.from_url(infra.redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def test_context_features_from_deploy_events() -> None:
+    rec = EntityRecord()
+    assert context_features(rec, T0)["seconds_since_deploy"] == NEVER_S
+    rec.put_context("event:deploy", str(T0))
+    feats = context_features(rec, T0 + 90_000)
+    assert feats["seconds_since_deploy"] == 90.0
+    # a deploy recorded in the future of this event is not visible to it
+    assert context_features(rec, T0 - 1)["seconds_since_deploy"] == NEVER_S
+    assert set(CONTEXT_EVENTS) >= {"deploy"}
+
+
+async def test_memory_store_deploy_context_and_late_deploy() -> None:
+    store = MemoryFeatureStore()
+    evs = [ev("svc-a", "cpu", 40.0, T0), ev("svc-a", "deploy", 1.0, T0 + 10_000, EventKind.event),
+           ev("svc-a", "cpu", 41.0, T0 + 70_000),
+           ev("svc-a", "deploy", 1.0, T0 + 5_000, EventKind.event),  # late: ignored
+           ev("svc-a", "cpu", 42.0, T0 + 130_000), ev("svc-b", "cpu", 42.0, T0 + 130_000)]
+    feats = await enrich_batch(evs[:3], store)
+    feats += await enrich_batch(evs[3:], store)
+    assert feats[0]["seconds_since_deploy"] == NEVER_S
+    assert feats[1]["seconds_since_deploy"] == 0.0
+    assert feats[2]["seconds_since_deploy"] == 60.0
+    assert feats[4]["seconds_since_deploy"] == 120.0
+    assert feats[5]["seconds_since_deploy"] == NEVER_S  # other entity
+    assert "zscore" not in feats[1]  # a discrete event has no series features
+    recs = await store.load(["svc-a"])
+    assert recs["svc-a"].context["event:deploy"] == str(T0 + 10_000)
+    assert recs["svc-a"].get_series("cpu").n == 3
+
+
+@pytest.mark.integration
+async def test_redis_and_memory_stores_serve_identical_features(aredis, topic_prefix) -> None:
+    events = mixed_events(seed=21, n=150)
+    mem = MemoryFeatureStore()
+    counting = CountingClient(aredis)
+    red = RedisFeatureStore(counting, prefix=topic_prefix)
+    mem_feats, red_feats = [], []
+    for batch in batches(events, seed=21):
+        mem_feats.extend(await enrich_batch(batch, mem))
+        counting.reset()
+        red_feats.extend(await enrich_batch(batch, red))
+        # one round trip to read the batch's entities, one to write them back
+        assert counting.executions == 2, counting.queued
+        assert counting.direct_calls == 0
+        assert counting.queued[0] == len({e.entity for e in batch})
+    assert red_feats == mem_feats
+    assert any(f.get("seconds_since_deploy", NEVER_S) < NEVER_S for f in red_feats)
+    assert any(f.get("seconds_since_restart", NEVER_S) < NEVER_S for f in red_feats)
+    entities = ["svc-a", "svc-b", "db-1"]
+    mem_recs, red_recs = await mem.load(entities), await red.load(entities)
+    for e in entities:
+        assert red_recs[e].series == mem_recs[e].series
+        assert red_recs[e].context == mem_recs[e].context
+    assert red_recs["svc-a"].get_series("cpu").late >= 1  # the late sample was counted
+
+    # a redelivered batch is scored but not folded twice, in both stores
+    replay = events[:30]
+    await enrich_batch(replay, mem)
+    await enrich_batch(replay, red)
+    mem_recs, red_recs = await mem.load(entities), await red.load(entities)
+    for e in entities:
+        assert red_recs[e].series == mem_recs[e].series
+
+
+@pytest.mark.integration
+async def test_redis_store_round_trips_and_ttl(aredis, topic_prefix) -> None:
+    counting = CountingClient(aredis)
+    store = RedisFeatureStore(counting, prefix=topic_prefix, ttl_s=1000)
+    entities = [f"e{i}" for i in range(7)]
+    recs = await store.load(entities + entities)
+    assert counting.executions == 1 and counting.queued == [7]
+    for i, e in enumerate(entities):
+        recs[e].put_series("cpu", fold(SeriesState(), float(i), T0))
+        recs[e].put_context("note", f"x{i}")
+    counting.reset()
+    await store.save(recs)
+    assert counting.executions == 1 and counting.direct_calls == 0
+    assert counting.queued == [14]  # HSET + EXPIRE per entity
+    assert all(not r.dirty_series and not r.dirty_context for r in recs.values())
+    counting.reset()
+    await store.save(recs)  # nothing dirty: no round trip at all
+    assert counting.executions == 0
+    for e in entities:
+        ttl = await aredis.ttl(store.key(e))
+        assert 990 <= ttl <= 1000
+    assert store.key("e0") == f"{topic_prefix}:f:v1:e0"
+    raw = await aredis.hgetall(store.key("e3"))
+    assert SeriesState.unpack(raw[b"m:cpu"]).mean == 3.0
+    assert raw[b"c:note"] == b"x3"
+
+
+async def check_context_counters(store, aredis=None) -> None:
+    await store.incr_context("svc-x", "fp")
+    await store.incr_context("svc-x", "fp", 2)
+    await store.incr_context("svc-x", "tp")
+    await store.set_context("svc-x", {"event:deploy": str(T0), "owner": "team-a"})
+    # an owner's batch writing series state does not clobber the counters
+    (f0,) = await enrich_batch([ev("svc-x", "cpu", 10.0, T0 + 30_000)], store)
+    await store.incr_context("svc-x", "failed", 4)
+    (f1,) = await enrich_batch([ev("svc-x", "cpu", 11.0, T0 + 60_000)], store)
+    assert f0["false_positives"] == 3.0 and f0["true_positives"] == 1.0
+    assert f0["seconds_since_deploy"] == 30.0
+    assert f1["actions_failed"] == 4.0 and f1["n"] == 1.0
+    rec = (await store.load(["svc-x"]))["svc-x"]
+    assert rec.context["owner"] == "team-a"
+    assert rec.context["fp"] == "3"
+    if aredis is not None:
+        assert 490 <= await aredis.ttl(store.key("svc-x")) <= 500
+        await store.incr_context("fresh", "fp")  # a brand-new key gets a TTL too
+        assert 490 <= await aredis.ttl(store.key("fresh")) <= 500
+        await store.set_context("fresh2", {"a": "b"})
+        assert 490 <= await aredis.ttl(store.key("fresh2")) <= 500
+
+
+async def test_incr_and_set_context_memory() -> None:
+    await check_context_counters(MemoryFeatureStore())
+
+
+@pytest.mark.integration
+async def test_incr_and_set_context_redis(aredis, topic_prefix) -> None:
+    await check_context_counters(RedisFeatureStore(aredis, prefix=topic_prefix, ttl_s=500),
+                                 aredis)
+
+
+def test_std_of_is_finite_for_packed_extremes() -> None:
+    s = SeriesState.unpack(SeriesState(n=3, mean=-1e300, var=-1.0).pack())
+    assert math.isfinite(std_of(s)) and std_of(s) > 0
