@@ -14,8 +14,11 @@ Guarantees, all backed by Redis so they hold across actuator processes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
+
+from redis.exceptions import LockError
 
 from actuators.base import ActionFailed, Actuator
 from schemas.models import ActionOutcome, Decision, Mode, OutcomeStatus
@@ -88,7 +91,6 @@ class ActionExecutor:
             return self._outcome(d, OutcomeStatus.failed, started, "actuator error",
                                  error=f"{type(exc).__name__}: {exc}"[:2000])
         finally:
-            try:
+            # The lock may have expired: then there is nothing left to release.
+            with contextlib.suppress(LockError):
                 await lock.release()
-            except Exception:  # lock expired: nothing left to release
-                pass

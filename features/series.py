@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass, replace
 
 # Event-time half-life of the EWMA baseline.  Ten minutes follows a minute-scale
@@ -66,6 +67,13 @@ def std_of(state: SeriesState) -> float:
     return max(math.sqrt(max(state.var, 0.0)), floor)
 
 
+def _saturate(x: float) -> float:
+    """Clamp an overflowed ratio (a finite sample far off the baseline's scale) to a
+    finite float: the Decision contract rejects inf, and one such sample would
+    otherwise fail every batch of its partition."""
+    return max(-sys.float_info.max, min(sys.float_info.max, x))
+
+
 def features_before(state: SeriesState, value: float, ts: int) -> dict[str, float]:
     """Features of ``value`` at ``ts`` against the baseline built from earlier data."""
     if state.n == 0:
@@ -78,8 +86,8 @@ def features_before(state: SeriesState, value: float, ts: int) -> dict[str, floa
         "n": float(state.n),
         "ewma_mean": state.mean,
         "ewma_std": std,
-        "zscore": (value - state.mean) / std,
-        "rate_of_change": (value - state.last_value) / dt_s,
+        "zscore": _saturate((value - state.mean) / std),
+        "rate_of_change": _saturate((value - state.last_value) / dt_s),
         "seconds_since_last": (ts - state.last_ts) / 1000.0,
     }
 
@@ -93,6 +101,10 @@ def fold(state: SeriesState, value: float, ts: int,
     # West's incremental EW variance; equals Welford's population variance
     # while a == 1/(n+1).
     var = (1.0 - a) * (state.var + a * delta * delta)
+    if not (math.isfinite(mean) and math.isfinite(var)):
+        # The sample overflows float statistics; folding it would leave an
+        # inf/NaN baseline for good, so the baseline stays as it was.
+        mean, var = state.mean, state.var
     return SeriesState(n=state.n + 1, mean=mean, var=var, last_value=value, last_ts=ts,
                        late=state.late)
 

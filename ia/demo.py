@@ -168,7 +168,6 @@ def summarise(sim: dict, decisions: list[dict], outcomes: list[dict]) -> dict:
         "mttr_with_automation_seconds": round(sim["mttr_with_automation_seconds"], 1),
         "mttr_without_automation_seconds": round(sim["mttr_without_automation_seconds"], 1),
         "decisions_by_mode": _count(d["mode"] for d in decisions),
-        "dlq_note": "the simulator produces only valid telemetry",
         "incidents": [{k: i[k] for k in ("id", "type", "service", "time_to_detect_s",
                                          "remediated_by", "duration_s",
                                          "duration_without_automation_s")}

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from decisions.engine import DecisionEngine
 from decisions.guards import RedisClaimStore
+from decisions.policy_source import PolicySource
 from features.store import RedisFeatureStore
 from ia import metrics
 from ia.settings import Settings
@@ -23,7 +24,6 @@ from schemas.models import ActionOutcome, DeadLetter, Feedback
 from schemas.serde import DecodeError, decode, encode
 from schemas.validation import validate_record
 from streams.app import confirm, make_app, raw_topic, with_retry
-from decisions.policy_source import PolicySource
 
 log = logging.getLogger("ia.worker")
 

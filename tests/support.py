@@ -83,7 +83,7 @@ class WebhookSink:
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802  # http.server's naming
+            def do_POST(self) -> None:  # http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 sink.calls[self.headers.get("Idempotency-Key", "")] += 1
                 sink.bodies.append(json.loads(body or b"{}"))
