@@ -171,8 +171,19 @@ class OutcomeStatus(StrEnum):
     timeout = "timeout"
 
 
+class OutcomePhase(StrEnum):
+    action = "action"
+    verification = "verification"
+    compensation = "compensation"
+
+
 class ActionOutcome(_Contract):
-    """The result of handling one action decision (topic ``ia.outcomes``)."""
+    """The result of handling one action decision (topic ``ia.outcomes``).
+
+    ``phase`` is ``action`` for the decision's own action (exactly one per
+    delivery); an action that declares a verification later gets a
+    ``verification`` outcome and, when that fails, a ``compensation`` outcome.
+    """
 
     decision_id: str
     entity: str
@@ -186,6 +197,9 @@ class ActionOutcome(_Contract):
     attempts: NonNegLong = 0
     detail: str = ""
     error: str | None = None
+    phase: OutcomePhase = OutcomePhase.action
+    approval_id: str | None = None
+    approved_by: str | None = None
 
 
 class FeedbackLabel(StrEnum):
@@ -206,6 +220,46 @@ class Feedback(_Contract):
     comment: str | None = Field(default=None, max_length=4096)
 
 
+class ApprovalStatus(StrEnum):
+    requested = "requested"
+    approved = "approved"
+    rejected = "rejected"
+    expired = "expired"
+
+
+class ExpiryPolicy(StrEnum):
+    reject = "reject"
+    approve = "approve"
+
+
+class ApprovalEvent(_Contract):
+    """One step of a human approval of a decision (topic ``ia.approvals``).
+
+    ``requested`` when a ``needs_approval`` decision reaches the actuator, then
+    exactly one of ``approved``, ``rejected`` or ``expired`` (with who, when
+    and why).  Events are derived from the stored approval, so a re-sent event
+    is byte-identical: consumers deduplicate by ``(approval_id, status)``.
+    """
+
+    approval_id: str
+    decision_id: str
+    status: ApprovalStatus
+    entity: str
+    metric: str
+    action: Action
+    anomaly_score: Unit
+    confidence: Unit
+    requested_at: Long
+    expires_at: Long
+    on_expiry: ExpiryPolicy = ExpiryPolicy.reject
+    rule: str = ""
+    policy_version: str = ""
+    by: str | None = Field(default=None, max_length=MAX_NAME_LEN)
+    via: str | None = Field(default=None, max_length=MAX_NAME_LEN)
+    at: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    reason: str | None = Field(default=None, max_length=4096)
+
+
 class DeadLetter(_Contract):
     """A record the pipeline could not accept (topic ``ia.telemetry.dlq``)."""
 
@@ -224,4 +278,5 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "ActionOutcome": ActionOutcome,
     "Feedback": Feedback,
     "DeadLetter": DeadLetter,
+    "ApprovalEvent": ApprovalEvent,
 }

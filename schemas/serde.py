@@ -35,7 +35,14 @@ import avro.schema
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from schemas.models import ActionOutcome, DeadLetter, Decision, Feedback, TelemetryEvent
+from schemas.models import (
+    ActionOutcome,
+    ApprovalEvent,
+    DeadLetter,
+    Decision,
+    Feedback,
+    TelemetryEvent,
+)
 
 Format = Literal["json", "avro", "confluent"]
 FORMATS: Final[tuple[str, ...]] = get_args(Format)
@@ -52,6 +59,7 @@ SCHEMA_NAMES: Final[dict[type[BaseModel], str]] = {
     ActionOutcome: "action_outcome",
     Feedback: "feedback",
     DeadLetter: "dead_letter",
+    ApprovalEvent: "approval_event",
 }
 
 #: Ids used for the Confluent format when none are configured.  Deployments with
@@ -62,6 +70,7 @@ DEFAULT_SCHEMA_IDS: Final[Mapping[str, int]] = {
     "action_outcome": 3,
     "feedback": 4,
     "dead_letter": 5,
+    "approval_event": 6,
 }
 
 MAGIC_BYTE: Final = 0
