@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from decisions.drift import DriftMonitor
-from decisions.guards import ClaimStore
+from decisions.guards import (
+    ClaimStore,
+    KillSwitch,
+    MemoryKillSwitch,
+    apply_guards,
+    observe_fleet,
+)
 from decisions.model import SpineDetector
 from decisions.policy import Policy, PolicyResult
 from features.enrich import enrich_events
@@ -23,7 +29,6 @@ from schemas.models import (
     DriftState,
     EventKind,
     Mode,
-    RuleTrace,
     TelemetryEvent,
     derive_decision_id,
 )
@@ -52,15 +57,19 @@ class EngineStats:
     drift_detections: int = 0
     cooldown_blocks: int = 0
     by_mode: dict[str, int] = field(default_factory=dict)
+    guards: dict[str, int] = field(default_factory=dict)  # interventions per guard
 
 
 class DecisionEngine:
     def __init__(self, policy: Callable[[], Policy], store: FeatureStore, claims: ClaimStore,
                  clock: Callable[[TelemetryEvent], int] | None = None,
-                 pipeline_id: str = "main") -> None:
+                 pipeline_id: str = "main",
+                 kill_switch: KillSwitch | MemoryKillSwitch | None = None) -> None:
         self.policy = policy
         self.store = store
+        # Guard state (decisions.guards.GuardStore); named for its first guard, the cooldown.
         self.claims = claims
+        self.kill_switch = kill_switch or MemoryKillSwitch()
         self.clock = clock or (lambda _ev: wall_clock_ms())
         self.pipeline_id = pipeline_id
         self.model = SpineDetector()
@@ -72,6 +81,7 @@ class DecisionEngine:
         records = await self.store.load(ev.entity for ev in events)
         feats = enrich_events(events, records)
         policy = self.policy()
+        await observe_fleet(self.claims, policy, events)  # type: ignore[arg-type]
         decisions = []
         for ev, f in zip(events, feats, strict=True):
             decisions.append(await self._decide(ev, f, records[ev.entity], policy))
@@ -100,7 +110,7 @@ class DecisionEngine:
                                  labels=ev.labels, features=f, score=score,
                                  confidence=confidence, drift=drift.value)
         decision_id = derive_decision_id(ev.event_id or "", self.pipeline_id)
-        mode = await self._guard(result, decision_id, ev.ts)
+        mode = await self._guard(result, decision_id, ev)
         self.stats.events += 1
         self.stats.by_mode[mode.value] = self.stats.by_mode.get(mode.value, 0) + 1
         return Decision(
@@ -113,16 +123,15 @@ class DecisionEngine:
             mode=mode, policy_version=policy.version,
         )
 
-    async def _guard(self, result: PolicyResult, decision_id: str, ts: int) -> Mode:
-        if result.action is None or result.mode is Mode.shadow or result.cooldown_s <= 0:
-            return result.mode
-        key = f"cooldown:{result.rule}:{result.action.type}:{result.action.target}"
-        holder = await self.claims.claim(key, decision_id, ts, ts + int(result.cooldown_s * 1000))
-        if holder == decision_id:
-            return result.mode
-        self.stats.cooldown_blocks += 1
-        result.trace.append(RuleTrace(
-            rule="guard:cooldown", matched=True,
-            reason=f"{result.action.target} in cooldown ({result.cooldown_s:g}s) "
-                   f"after decision {holder}"))
-        return Mode.blocked
+    async def _guard(self, result: PolicyResult, decision_id: str,
+                     ev: TelemetryEvent) -> Mode:
+        """All guards, in one place (decisions.guards.apply_guards)."""
+        verdict = await apply_guards(result, decision_id=decision_id, ts=ev.ts,
+                                     now=self.clock(ev), labels=ev.labels,
+                                     store=self.claims,  # type: ignore[arg-type]
+                                     kill_switch=self.kill_switch)
+        for g in verdict.interventions:
+            self.stats.guards[g] = self.stats.guards.get(g, 0) + 1
+        if "cooldown" in verdict.interventions:
+            self.stats.cooldown_blocks += 1
+        return verdict.mode

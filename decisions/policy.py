@@ -6,13 +6,26 @@ decision explains itself.  Loading validates the document against a schema
 and reports errors with the file and line::
 
     version: 1
+    defaults:                      # every rule inherits these unless it overrides them
+      cooldown_s: 300
+      circuit_breaker: {failures: 3, window_s: 600, open_s: 300}   # on by default
+    cost_cap: {max: 100, window_s: 86400}     # shared budget of rules with a `cost`
     rules:
       - name: restart-on-memory-leak
-        match: {entity: "svc-*", metric: memory_pct}
-        when: {min_score: 0.8, min_confidence: 0.5, direction: up}
+        match: {entity: "svc-*", metric: memory_pct, labels: {env: [prod, "stag*"]}}
+        when: {min_score: 0.8, confidence: {min: 0.3}, direction: up}
         action: {type: simulator, target: "{entity}", params: {op: restart}}
-        mode: auto
+        mode: auto                 # the most autonomy the rule may have
+        autonomy: {auto_above: 0.9, approval_above: 0.6, notify_above: 0.3}
         cooldown_s: 300
+        rate_limit: {max: 5, window_s: 3600}          # or {once_within: 600}
+        blast_radius: {group_label: service, max_concurrent: 2, max_fleet_pct: 25}
+        error_budget: {slo: 0.95, window_s: 3600, max_burn_rate: 2, min_actions: 5}
+        cost: 10
+
+The guards themselves (what each one does, and their shared state) live in
+:mod:`decisions.guards`; the policy only resolves which apply to a decision
+(:class:`RuleGuards`).
 
 >>> p = Policy.from_text('''
 ... version: 1
@@ -38,7 +51,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.models import Action, Mode, RuleTrace
 
@@ -67,7 +87,8 @@ class Range(_Strict):
 class Match(_Strict):
     entity: list[str] = Field(default_factory=lambda: ["*"])
     metric: list[str] = Field(default_factory=lambda: ["*"])
-    labels: dict[str, str] = Field(default_factory=dict)
+    # label -> glob, or a list of globs (any of them); a missing label is "".
+    labels: dict[str, list[str]] = Field(default_factory=dict)
     kind: Literal["metric", "event"] = "metric"
 
     @field_validator("entity", "metric", mode="before")
@@ -75,10 +96,20 @@ class Match(_Strict):
     def _one_or_many(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_globs(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
 
 class When(_Strict):
     min_score: float = Field(default=0.0, ge=0.0, le=1.0)
     min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Ranges (inclusive), for bands such as "a mild anomaly": {min: 0.5, max: 0.8}.
+    score: Range = Field(default_factory=Range)
+    confidence: Range = Field(default_factory=Range)
     direction: Literal["up", "down", "any"] = "any"
     drift: list[Literal["stable", "warning", "drift"]] | None = None
     features: dict[str, Range] = Field(default_factory=dict)
@@ -98,22 +129,141 @@ class ActionSpec(_Strict):
         return v
 
 
+# --- guards ---------------------------------------------------------------------------------
+# Their behaviour is documented in decisions/guards.py; these are only their settings.
+
+
+class RateLimit(_Strict):
+    """At most ``max`` actions per ``window_s`` (event time); ``once_within: W`` is max 1 per W."""
+
+    max: int = Field(default=1, ge=1)
+    window_s: float | None = Field(default=None, gt=0)
+    once_within: float | None = Field(default=None, gt=0)
+    per: Literal["rule", "target"] = "rule"
+
+    @model_validator(mode="after")
+    def _one_window(self) -> RateLimit:
+        if (self.window_s is None) == (self.once_within is None):
+            raise ValueError("give exactly one of window_s (with max) or once_within")
+        if self.once_within is not None and self.max != 1:
+            raise ValueError("once_within means max 1; use max with window_s instead")
+        return self
+
+    @property
+    def window_ms(self) -> int:
+        return int((self.once_within or self.window_s or 0) * 1000)
+
+
+class CircuitBreaker(_Strict):
+    """Per action type and target: opens after ``failures`` within ``window_s``."""
+
+    failures: int = Field(default=3, ge=1)
+    window_s: float = Field(default=600.0, gt=0)
+    open_s: float = Field(default=300.0, gt=0)
+    # A half-open probe that reports nothing within this long is replaced by the next.
+    probe_timeout_s: float = Field(default=120.0, gt=0)
+
+
+class BlastRadius(_Strict):
+    """In-flight actions per service group: an absolute cap and/or a share of the fleet."""
+
+    group_label: str | None = Field(default=None, min_length=1, max_length=128)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_fleet_pct: float | None = Field(default=None, gt=0, le=100)
+    fleet_size: int | None = Field(default=None, ge=1)
+    lease_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BlastRadius:
+        if self.max_concurrent is None and self.max_fleet_pct is None:
+            raise ValueError("give max_concurrent and/or max_fleet_pct")
+        return self
+
+
+class ErrorBudget(_Strict):
+    """Downgrade ``auto`` to ``needs_approval`` while automation burns its budget too fast."""
+
+    slo: float = Field(default=0.95, gt=0, lt=1)
+    window_s: float = Field(default=3600.0, gt=0)
+    max_burn_rate: float = Field(default=2.0, gt=0)
+    min_actions: int = Field(default=5, ge=1)
+    scope: Literal["global", "action_type", "rule"] = "global"
+
+
+class CostCap(_Strict):
+    max: float = Field(gt=0)
+    window_s: float = Field(default=86400.0, gt=0)
+
+
+class Autonomy(_Strict):
+    """The autonomy ladder: confidence decides how much the rule may do on its own.
+
+    ``auto`` at or above ``auto_above``, ``needs_approval`` at or above
+    ``approval_above``, ``notify`` at or above ``notify_above``; below the
+    lowest band the rule does not fire.  The rule's ``mode`` caps the ladder
+    (``mode: needs_approval`` never yields ``auto``; ``shadow`` never acts).
+    """
+
+    auto_above: float = Field(ge=0.0, le=1.0)
+    approval_above: float | None = Field(default=None, ge=0.0, le=1.0)
+    notify_above: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autonomy:
+        bands = [b for b in (self.auto_above, self.approval_above, self.notify_above)
+                 if b is not None]
+        if bands != sorted(bands, reverse=True):
+            raise ValueError("bands must satisfy auto_above >= approval_above >= notify_above")
+        return self
+
+    def floor(self) -> float:
+        return min(b for b in (self.auto_above, self.approval_above, self.notify_above)
+                   if b is not None)
+
+    def mode_for(self, confidence: float) -> Mode | None:
+        if confidence >= self.auto_above:
+            return Mode.auto
+        if self.approval_above is not None and confidence >= self.approval_above:
+            return Mode.needs_approval
+        if self.notify_above is not None and confidence >= self.notify_above:
+            return Mode.notify
+        return None
+
+
+# ``false`` switches a guard off for one rule (or, in defaults, for all rules).
+Off = Literal[False]
+
+
 class Rule(_Strict):
     name: str = Field(min_length=1)
     match: Match = Field(default_factory=Match)
     when: When = Field(default_factory=When)
     action: ActionSpec | None = None
-    mode: Literal["auto", "needs_approval", "shadow"] = "auto"
+    mode: Literal["auto", "needs_approval", "notify", "shadow"] = "auto"
+    autonomy: Autonomy | None = None
     cooldown_s: float | None = Field(default=None, ge=0.0)
+    cooldown_per: Literal["rule", "target"] | None = None
+    rate_limit: RateLimit | Off | None = None
+    circuit_breaker: CircuitBreaker | Off | None = None
+    blast_radius: BlastRadius | Off | None = None
+    error_budget: ErrorBudget | Off | None = None
+    cost: float = Field(default=0.0, ge=0.0)
 
 
 class Defaults(_Strict):
     cooldown_s: float = Field(default=300.0, ge=0.0)
+    # rule: per rule, action type and target; target: any rule's action on the target.
+    cooldown_per: Literal["rule", "target"] = "rule"
+    rate_limit: RateLimit | Off | None = None
+    circuit_breaker: CircuitBreaker | Off | None = Field(default_factory=CircuitBreaker)
+    blast_radius: BlastRadius | Off | None = None
+    error_budget: ErrorBudget | Off | None = None
 
 
 class PolicyDocument(_Strict):
     version: Literal[1]
     defaults: Defaults = Field(default_factory=Defaults)
+    cost_cap: CostCap | None = None
     # Named argv lists for the ``command`` actuator.  Decisions refer to them
     # by name, so nothing on a topic can make an actuator run arbitrary argv.
     commands: dict[str, list[str]] = Field(default_factory=dict)
@@ -128,6 +278,26 @@ class PolicyDocument(_Strict):
         return v
 
 
+def _pick(own: object, default: object) -> object:
+    """A rule's guard setting over the default; ``False`` (off) becomes ``None``."""
+    value = default if own is None else own
+    return None if value is False else value
+
+
+@dataclass(frozen=True)
+class RuleGuards:
+    """The guard settings that apply to one rule (its own, else the defaults)."""
+
+    cooldown_s: float = 0.0
+    cooldown_per: str = "rule"
+    rate_limit: RateLimit | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    blast_radius: BlastRadius | None = None
+    error_budget: ErrorBudget | None = None
+    cost: float = 0.0
+    cost_cap: CostCap | None = None
+
+
 @dataclass
 class PolicyResult:
     rule: str | None
@@ -135,6 +305,7 @@ class PolicyResult:
     mode: Mode
     trace: list[RuleTrace] = field(default_factory=list)
     cooldown_s: float = 0.0
+    guards: RuleGuards = field(default_factory=RuleGuards)
 
 
 _PLACEHOLDER = re.compile(r"\{(entity|metric)\}")
@@ -156,6 +327,25 @@ class Policy:
         self.doc = doc
         self.source = source
         self.version = hashlib.sha256(text.encode()).hexdigest()[:12] if text else "inline"
+        self._guards = {r.name: self._resolve(r) for r in doc.rules}
+        self.fleet_labels = _fleet_labels(doc)
+
+    def _resolve(self, rule: Rule) -> RuleGuards:
+        d = self.doc.defaults
+        return RuleGuards(
+            cooldown_s=rule.cooldown_s if rule.cooldown_s is not None else d.cooldown_s,
+            cooldown_per=rule.cooldown_per or d.cooldown_per,
+            rate_limit=_pick(rule.rate_limit, d.rate_limit),  # type: ignore[arg-type]
+            circuit_breaker=_pick(rule.circuit_breaker, d.circuit_breaker),  # type: ignore[arg-type]
+            blast_radius=_pick(rule.blast_radius, d.blast_radius),  # type: ignore[arg-type]
+            error_budget=_pick(rule.error_budget, d.error_budget),  # type: ignore[arg-type]
+            cost=rule.cost, cost_cap=self.doc.cost_cap if rule.cost > 0 else None)
+
+    def guards_for(self, rule: str | None) -> RuleGuards:
+        """Guard settings of the rule named ``rule``; the defaults' if there is no such rule."""
+        if rule in self._guards:
+            return self._guards[rule]
+        return self._resolve(Rule(name=rule or "-"))
 
     @classmethod
     def from_text(cls, text: str, source: str = "<policy>") -> Policy:
@@ -196,19 +386,54 @@ class Policy:
             if reason:
                 trace.append(RuleTrace(rule=rule.name, matched=False, reason=reason))
                 continue
+            mode, ladder = _mode_of(rule, confidence)
+            if mode is None:
+                trace.append(RuleTrace(rule=rule.name, matched=False, reason=ladder))
+                continue
             trace.append(RuleTrace(rule=rule.name, matched=True, reason=(
                 f"score {score:.3f} >= {rule.when.min_score}, "
-                f"confidence {confidence:.3f} >= {rule.when.min_confidence}")))
+                f"confidence {confidence:.3f} >= {rule.when.min_confidence}" + ladder)))
             action = None
             if rule.action:
                 action = Action(type=rule.action.type,
                                 target=_render_target(rule.action.target, entity, metric)[:256],
                                 params=rule.action.params)
-            cooldown = rule.cooldown_s if rule.cooldown_s is not None \
-                else self.doc.defaults.cooldown_s
-            return PolicyResult(rule.name, action, Mode(rule.mode) if action else Mode.none,
-                                trace, cooldown)
+            guards = self._guards[rule.name]
+            return PolicyResult(rule.name, action, mode if action else Mode.none,
+                                trace, guards.cooldown_s, guards)
         return PolicyResult(None, None, Mode.none, trace)
+
+
+_RANK = {Mode.notify: 1, Mode.needs_approval: 2, Mode.auto: 3}
+
+
+def _mode_of(rule: Rule, confidence: float) -> tuple[Mode | None, str]:
+    """The rule's mode after the autonomy ladder, and a note for the trace.
+
+    ``None`` (with the reason) when confidence is below the ladder's lowest band.
+    """
+    cap = Mode(rule.mode)
+    if rule.autonomy is None:
+        return cap, ""
+    rung = rule.autonomy.mode_for(confidence)
+    if rung is None:
+        return None, (f"confidence {confidence:.3f} below the autonomy ladder "
+                      f"(lowest band {rule.autonomy.floor():g})")
+    if cap is Mode.shadow:
+        return Mode.shadow, f"; autonomy ladder says {rung.value}, rule is shadow"
+    mode = rung if _RANK[rung] <= _RANK[cap] else cap
+    capped = f" (capped by mode {cap.value})" if mode is not rung else ""
+    return mode, f"; autonomy ladder: {mode.value}{capped}"
+
+
+def _fleet_labels(doc: PolicyDocument) -> frozenset[str | None]:
+    """Group labels whose fleets must be counted (blast radius by share of fleet)."""
+    out: set[str | None] = set()
+    for br in [doc.defaults.blast_radius, *(r.blast_radius for r in doc.rules)]:
+        if isinstance(br, BlastRadius) and br.max_fleet_pct is not None \
+                and br.fleet_size is None:
+            out.add(br.group_label)
+    return frozenset(out)
 
 
 def _mismatch(rule: Rule, entity: str, metric: str, kind: str, labels: dict[str, str],
@@ -222,12 +447,16 @@ def _mismatch(rule: Rule, entity: str, metric: str, kind: str, labels: dict[str,
     if not _globs(m.metric, metric):
         return "metric not selected"
     for k, v in m.labels.items():
-        if not fnmatch.fnmatchcase(labels.get(k, ""), v):
-            return f"label {k} does not match {v!r}"
+        if not _globs(v, labels.get(k, "")):
+            return f"label {k} does not match {(v[0] if len(v) == 1 else v)!r}"
     if score < w.min_score:
         return f"score {score:.3f} < {w.min_score}"
     if confidence < w.min_confidence:
         return f"confidence {confidence:.3f} < {w.min_confidence}"
+    if not w.score.contains(score):
+        return f"score {score:.3f} outside [{w.score.min}, {w.score.max}]"
+    if not w.confidence.contains(confidence):
+        return f"confidence {confidence:.3f} outside [{w.confidence.min}, {w.confidence.max}]"
     z = features.get("zscore", 0.0)
     if (w.direction == "up" and z <= 0) or (w.direction == "down" and z >= 0):
         return f"direction is not {w.direction}"

@@ -139,6 +139,8 @@ class Mode(StrEnum):
     shadow = "shadow"
     blocked = "blocked"
     none = "none"
+    # Tell humans what would be done; never executed (the autonomy ladder's lowest rung).
+    notify = "notify"
 
 
 class Decision(_Contract):
