@@ -9,6 +9,8 @@ EVENTS_OUT = Counter("ia_events_out_total", "Records produced", ["topic"])
 DLQ_RECORDS = Counter("ia_dlq_records_total", "Records sent to the dead-letter topic", ["reason"])
 DECISIONS = Counter("ia_decisions_total", "Decisions published", ["action", "mode"])
 OUTCOMES = Counter("ia_outcomes_total", "Action outcomes", ["action", "status"])
+GUARD_INTERVENTIONS = Counter("ia_guard_interventions_total",
+                              "Decisions a guard blocked or downgraded", ["guard"])
 FEEDBACK = Counter("ia_feedback_total", "Feedback and outcome records applied", ["kind"])
 RETRIES = Counter("ia_batch_retries_total", "Batches retried after a dependency failure",
                   ["stage"])

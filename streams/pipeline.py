@@ -15,7 +15,7 @@ import faust
 import redis.asyncio as aioredis
 
 from decisions.engine import DecisionEngine
-from decisions.guards import RedisClaimStore
+from decisions.guards import KillSwitch, RedisGuardStore
 from decisions.policy_source import PolicySource
 from features.store import RedisFeatureStore
 from ia import metrics
@@ -46,7 +46,8 @@ def build_worker(settings: Settings) -> faust.App:
         ctx["redis"] = client
         ctx["store"] = RedisFeatureStore(client, settings.redis_prefix)
         ctx["engine"] = DecisionEngine(policy.current, ctx["store"],
-                                       RedisClaimStore(client, settings.redis_prefix))
+                                       RedisGuardStore(client, settings.redis_prefix),
+                                       kill_switch=KillSwitch(client, settings.redis_prefix))
         metrics.serve(settings.metrics_port)
 
     _connect()
@@ -77,6 +78,9 @@ def build_worker(settings: Settings) -> faust.App:
         metrics.EVENTS_OUT.labels(topics.decisions).inc(len(decided))
         for d in decided:
             metrics.DECISIONS.labels(d.action.type if d.action else "none", d.mode.value).inc()
+            for t in d.rule_trace:
+                if t.matched and t.rule.startswith("guard:"):
+                    metrics.GUARD_INTERVENTIONS.labels(t.rule[6:]).inc()
             metrics.EVENT_TO_DECISION.observe(max(0.0, now - d.ts / 1000.0))
 
     @app.agent(telemetry)
