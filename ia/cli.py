@@ -128,6 +128,112 @@ def demo(json_file: Path | None, seed: int, speed: float, duration_s: float) -> 
     sys.exit(0 if ok else 1)
 
 
+# --- kill switch and policy tools (decisions/guards.py, decisions/policy_tester.py) ---------
+
+
+def _kill_switch():
+    import redis.asyncio as aioredis
+
+    from decisions.guards import KillSwitch
+
+    s = _settings()
+    if not s.redis_url:
+        raise click.ClickException('REDIS_URL must be set (eval "$(ia up)" starts one)')
+    client = aioredis.from_url(s.redis_url)
+    return client, KillSwitch(client, s.redis_prefix)
+
+
+@main.command()
+@click.option("--reason", default="", help="Why; recorded with the pause.")
+@click.option("--by", default=None, help="Who pauses (default: $USER).")
+def pause(reason: str, by: str | None) -> None:
+    """Kill switch: stop all automation; workers and actuators honour it within 1 s."""
+    import asyncio
+    import getpass
+
+    async def run() -> dict:
+        client, ks = _kill_switch()
+        try:
+            return await ks.pause(by or getpass.getuser(), reason)
+        finally:
+            await client.aclose()
+
+    info = asyncio.run(run())
+    click.echo(json.dumps({"paused": True, **info}))
+
+
+@main.command()
+def resume() -> None:
+    """Lift the kill switch set by `ia pause`."""
+    import asyncio
+
+    async def run() -> bool:
+        client, ks = _kill_switch()
+        try:
+            return await ks.resume()
+        finally:
+            await client.aclose()
+
+    was = asyncio.run(run())
+    click.echo(json.dumps({"paused": False, "was_paused": was}))
+
+
+@main.group()
+def policy() -> None:
+    """Policy documents: validate them, test them against events."""
+
+
+@policy.command("check")
+@click.argument("policy_file", type=click.Path(dir_okay=False, path_type=Path))
+def policy_check(policy_file: Path) -> None:
+    """Validate POLICY_FILE; errors name the file and line (exit status 2)."""
+    from decisions.policy import Policy, PolicyError
+
+    try:
+        p = Policy.from_file(policy_file)
+    except PolicyError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"ok: {policy_file}: {len(p.doc.rules)} rules, version {p.version}")
+
+
+@policy.command("test")
+@click.argument("policy_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input", "input_file", required=True, type=click.File("r"),
+              help="JSON Lines: telemetry events, scored events or outcomes ('-' for stdin).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, then a summary.")
+@click.option("--all", "show_all", is_flag=True, help="Also show events no rule fired for.")
+@click.option("--paused", is_flag=True, help="Evaluate as if `ia pause` were in force.")
+@click.option("--action-seconds", type=float, default=30.0, show_default=True,
+              help="How long an action holds its blast-radius slot (event time).")
+def policy_test(policy_file: Path, input_file, as_json: bool, show_all: bool, paused: bool,
+                action_seconds: float) -> None:
+    """Show which rules would fire and which guards would intervene, without acting.
+
+    Exit status: 0, 1 if an input line was invalid, 2 if the policy is invalid.
+    """
+    import asyncio
+
+    from decisions.policy import Policy, PolicyError
+    from decisions.policy_tester import PolicyTester, format_report
+
+    try:
+        p = Policy.from_file(policy_file)
+    except PolicyError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    tester = PolicyTester(p, paused=paused, action_seconds=action_seconds)
+    report = asyncio.run(tester.run(input_file, getattr(input_file, "name", "<input>")))
+    if as_json:
+        for r in report.lines:
+            if show_all or r.kind != "event" or r.rule or r.guards:
+                click.echo(json.dumps(r.to_json()))
+        click.echo(json.dumps({"summary": report.summary()}))
+    else:
+        click.echo(format_report(report, show_all))
+    sys.exit(1 if report.errors else 0)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     main()
