@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -136,9 +137,13 @@ class CommandActuator:
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), self.timeout_s)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise ActionFailed(f"{argv[0]} timed out after {self.timeout_s:g}s") from None
+        finally:
+            # Also when cancelled (the executor's own timeout): never leave it running.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
         tail = out.decode(errors="replace")[-500:].strip()
         if proc.returncode != 0:
             raise ActionFailed(f"{argv[0]} exited with {proc.returncode}: {tail}")

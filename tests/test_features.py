@@ -430,6 +430,18 @@ async def test_incr_and_set_context_redis(aredis, topic_prefix) -> None:
                                  aredis)
 
 
-def test_std_of_is_finite_for_packed_extremes() -> None:
-    s = SeriesState.unpack(SeriesState(n=3, mean=-1e300, var=-1.0).pack())
-    assert math.isfinite(std_of(s)) and std_of(s) > 0
+def test_overflowing_sample_keeps_the_baseline_finite() -> None:
+    """A finite but enormous value must not leave inf/NaN in the state for good."""
+    values, ts = irregular_series(40, seed=8)
+    s = fold_all(values, ts)
+    t = int(ts[-1])
+    for i, huge in enumerate([1e200, -1.7e308, 1.7e308]):
+        feats, s2 = observe(s, huge, t + (i + 1) * 1000)
+        assert all(math.isfinite(v) for v in feats.values()), feats
+        assert abs(feats["zscore"]) > 1e100
+        assert math.isfinite(s2.mean) and math.isfinite(s2.var)
+        assert s2.n == s.n + 1 and s2.last_value == huge
+        s = s2
+    feats, s = observe(s, 50.0, t + 10_000)
+    assert all(math.isfinite(v) for v in feats.values())
+    assert math.isfinite(std_of(s)) and std_of(s) < 1e6

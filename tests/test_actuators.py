@@ -1,0 +1,379 @@
+"""Actuators and the executor, against the real Redis and a real HTTP sink.
+
+The executor's guarantees (at most once per decision id, one action per
+target at a time, a timeout on every action) are checked with real Redis
+claims and locks; the webhook actuator talks HTTP to a local server; the
+command actuator runs real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from actuators.base import ActionFailed
+from actuators.builtin import CommandActuator, LogActuator, WebhookActuator
+from actuators.executor import ActionExecutor
+from actuators.registry import build_actuators
+from schemas.models import Action, Decision, Mode, ModelInfo, OutcomeStatus
+from tests.support import WebhookSink
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_732_700_000_000
+
+
+def decision(action_type: str = "webhook", target: str = "svc-a", mode: Mode = Mode.auto,
+             entity: str | None = None, **params: str) -> Decision:
+    return Decision(
+        decision_id=f"dc-{uuid.uuid4().hex}", correlation_id="corr-1", event_id="ev-1",
+        entity=entity or target, metric="latency", value=900.0, ts=T0, decided_at=T0,
+        anomaly_score=0.99, confidence=0.9, model=ModelInfo(id="zscore-hst", version="1.0.0"),
+        action=Action(type=action_type, target=target, params=params), mode=mode)
+
+
+@pytest.fixture
+async def aredis(infra):
+    client = aioredis.from_url(infra.redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def sink_server():
+    with WebhookSink() as s:  # shutting one down takes half a second: share it
+        yield s
+
+
+@pytest.fixture
+def sink(sink_server):
+    sink_server.calls.clear()
+    sink_server.bodies.clear()
+    sink_server.status = 200
+    return sink_server
+
+
+@pytest.fixture
+async def webhook():
+    act = WebhookActuator(retries=2, timeout_s=2.0, backoff_s=0.01)
+    try:
+        yield act
+    finally:
+        await act.close()
+
+
+# --- the executor ---------------------------------------------------------------------------
+
+
+async def test_decision_executes_once(aredis, topic_prefix, sink, webhook) -> None:
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    d = decision(url=sink.url)
+    first = await ex.handle(d)
+    assert first.status is OutcomeStatus.succeeded, first
+    assert (first.decision_id, first.entity, first.target) == (d.decision_id, "svc-a", "svc-a")
+    assert first.attempts == 1 and first.actuator == "webhook"
+    assert "200" in first.detail and first.finished_at >= first.started_at
+    # redelivered: not executed again
+    second = await ex.handle(d)
+    assert second.status is OutcomeStatus.skipped_duplicate
+    assert "done" in second.detail
+    assert sink.calls == {d.decision_id: 1}
+    body = sink.bodies[0]
+    assert body["decision_id"] == d.decision_id and body["entity"] == "svc-a"
+    assert body["action"]["type"] == "webhook" and body["mode"] == "auto"
+    assert await aredis.get(f"{topic_prefix}:act:{d.decision_id}") == b"done:succeeded"
+    assert await aredis.ttl(f"{topic_prefix}:act:{d.decision_id}") > 0
+
+
+async def test_concurrent_redelivery_executes_once(aredis, topic_prefix, sink, webhook) -> None:
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    other = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    d = decision(url=sink.url)
+    outcomes = await asyncio.gather(*(e.handle(d) for e in (ex, other, ex, other)))
+    statuses = sorted(o.status.value for o in outcomes)
+    assert statuses == ["skipped_duplicate"] * 3 + ["succeeded"]
+    assert sink.calls == {d.decision_id: 1}
+
+
+@pytest.mark.parametrize("mode", [Mode.needs_approval, Mode.shadow, Mode.blocked])
+async def test_non_auto_modes_are_not_executed(mode, aredis, topic_prefix, sink,
+                                               webhook) -> None:
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    d = decision(mode=mode, url=sink.url)
+    out = await ex.handle(d)
+    assert out.status is OutcomeStatus.blocked
+    assert mode.value in out.detail and out.attempts == 0
+    assert sink.calls == {}
+    # no claim was taken, so an approved copy of the decision could still run
+    assert await aredis.exists(f"{topic_prefix}:act:{d.decision_id}") == 0
+
+
+async def test_decision_without_action(aredis, topic_prefix) -> None:
+    ex = ActionExecutor(aredis, {}, prefix=topic_prefix)
+    d = decision().model_copy(update={"action": None, "mode": Mode.none})
+    assert await ex.handle(d) is None
+
+
+async def test_unknown_action_type_fails(aredis, topic_prefix) -> None:
+    ex = ActionExecutor(aredis, {"log": LogActuator()}, prefix=topic_prefix, timeout_s=5)
+    d = decision(action_type="teleport")
+    out = await ex.handle(d)
+    assert out.status is OutcomeStatus.failed
+    assert out.error == "unknown action type 'teleport'"
+    assert (await ex.handle(d)).status is OutcomeStatus.skipped_duplicate
+
+
+class Recorder:
+    """An actuator that takes a while and records when it ran."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.spans: list[tuple[str, float, float]] = []
+        self.cancelled = 0
+
+    async def execute(self, action: Action, d: Decision) -> str:
+        entered = time.monotonic()
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.spans.append((action.target, entered, time.monotonic()))
+        return f"slept on {action.target}"
+
+
+async def test_same_target_never_overlaps(aredis, topic_prefix) -> None:
+    act = Recorder(0.25)
+    ex = ActionExecutor(aredis, {"slow": act}, prefix=topic_prefix, timeout_s=5)
+    same = [decision("slow", target="db-1") for _ in range(3)]
+    other = decision("slow", target="db-2")
+    started = time.monotonic()
+    outcomes = await asyncio.gather(*(ex.handle(d) for d in [*same, other]))
+    assert [o.status for o in outcomes] == [OutcomeStatus.succeeded] * 4
+    spans = sorted((s, e) for t, s, e in act.spans if t == "db-1")
+    assert len(spans) == 3
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, "two actions on db-1 overlapped"
+    # a different target is not serialised behind db-1
+    (db2,) = [(s, e) for t, s, e in act.spans if t == "db-2"]
+    assert db2[0] - started < 0.2
+
+
+async def test_slow_actuator_times_out_and_releases_lock(aredis, topic_prefix) -> None:
+    act = Recorder(10.0)
+    ex = ActionExecutor(aredis, {"slow": act}, prefix=topic_prefix, timeout_s=0.3)
+    started = time.monotonic()
+    out = await ex.handle(decision("slow", target="db-9"))
+    assert out.status is OutcomeStatus.timeout
+    assert out.error == "timeout" and time.monotonic() - started < 2.0
+    assert act.cancelled == 1 and act.spans == []
+    assert await aredis.exists(f"{topic_prefix}:lock:db-9") == 0
+    act.seconds = 0.01
+    assert (await ex.handle(decision("slow", target="db-9"))).status is OutcomeStatus.succeeded
+
+
+async def test_actuator_bug_is_a_failed_outcome(aredis, topic_prefix) -> None:
+    class Broken:
+        name = "broken"
+
+        async def execute(self, action, d):
+            raise KeyError("oops")
+
+    ex = ActionExecutor(aredis, {"broken": Broken()}, prefix=topic_prefix, timeout_s=5)
+    out = await ex.handle(decision("broken"))
+    assert out.status is OutcomeStatus.failed
+    assert out.error == "KeyError: 'oops'"
+
+
+# --- webhook --------------------------------------------------------------------------------
+
+
+async def test_webhook_5xx_is_retried_then_fails(aredis, topic_prefix, sink, webhook) -> None:
+    sink.status = 500
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    d = decision(url=sink.url)
+    out = await ex.handle(d)
+    assert out.status is OutcomeStatus.failed
+    assert out.attempts == webhook.retries + 1 == 3
+    assert sink.calls == {d.decision_id: 3}  # every retry carries the same key
+    assert "after 3 attempts" in out.error and "500" in out.error
+
+
+async def test_webhook_429_is_retried_and_can_recover(aredis, topic_prefix, sink) -> None:
+    sink.status = 429
+    webhook = WebhookActuator(retries=2, timeout_s=2.0, backoff_s=0.3)
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    d = decision(url=sink.url)
+    try:
+        task = asyncio.create_task(ex.handle(d))
+        deadline = time.monotonic() + 2.0
+        while not sink.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        sink.status = 200  # the receiver recovers during the first backoff
+        out = await task
+    finally:
+        await webhook.close()
+    assert out.status is OutcomeStatus.succeeded
+    assert out.attempts == 1  # the executor counts a success as one attempt
+    assert sink.calls == {d.decision_id: 2}
+
+
+async def test_webhook_4xx_is_final(aredis, topic_prefix, sink, webhook) -> None:
+    sink.status = 400
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    d = decision(url=sink.url)
+    out = await ex.handle(d)
+    assert out.status is OutcomeStatus.failed
+    assert out.attempts == 1
+    assert sink.calls == {d.decision_id: 1}
+    assert "400" in out.error
+
+
+async def test_webhook_unreachable_and_missing_url(aredis, topic_prefix, webhook) -> None:
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    out = await ex.handle(decision(url="http://127.0.0.1:9/nothing-listens"))
+    assert out.status is OutcomeStatus.failed and out.attempts == 3
+    out = await ex.handle(decision())
+    assert out.status is OutcomeStatus.failed and out.attempts == 0
+    assert "no url" in out.error
+
+
+async def test_registry_offers_builtin_actuators(sink) -> None:
+    acts = build_actuators(commands={"hi": ["true"]}, webhook_url=sink.url,
+                           simulator_url="http://127.0.0.1:1/", retries=1, timeout_s=3)
+    assert set(acts) == {"log", "webhook", "simulator", "command"}
+    assert all(a.name == n for n, a in acts.items())
+    assert acts["simulator"].url_for(Action(type="simulator", target="x")) \
+        == "http://127.0.0.1:1/actions"
+    d = decision()
+    detail = await acts["webhook"].execute(d.action, d)
+    assert detail == f"POST {sink.url} -> 200 after 1 attempt(s)"
+    await acts["webhook"].close()
+    with pytest.raises(ActionFailed, match="IA_SIMULATOR_URL"):
+        await build_actuators()["simulator"].execute(d.action, d)
+
+
+# --- command --------------------------------------------------------------------------------
+
+
+PY = "python3"
+
+
+async def test_command_runs_argv_with_decision_id(aredis, topic_prefix) -> None:
+    cmd = CommandActuator({"whoami": [PY, "-c",
+                                      "import os; print(os.environ.get('IA_DECISION_ID'))"]})
+    ex = ActionExecutor(aredis, {"command": cmd}, prefix=topic_prefix, timeout_s=10)
+    d = decision("command", command="whoami")
+    out = await ex.handle(d)
+    assert out.status is OutcomeStatus.succeeded, out.error
+    assert out.detail == f"{PY} exited 0: {d.decision_id}"
+
+
+@pytest.mark.parametrize("payload", [
+    "; touch {f}", "$(touch {f})", "`touch {f}`", "x && touch {f} #", "| touch {f}",
+    "'; touch {f}; echo '", "\"; touch {f}; echo \""])
+async def test_command_never_goes_through_a_shell(payload, aredis, topic_prefix,
+                                                  tmp_path: Path) -> None:
+    pwned = [Path(f"/tmp/pwned-{uuid.uuid4().hex[:8]}"), tmp_path / "pwned"]
+    argv = [PY, "-c", "import os, sys; print(sorted(os.environ)); print(sys.argv[1:])",
+            "{entity}", "{target}"]
+    cmd = CommandActuator({"probe": argv})
+    ex = ActionExecutor(aredis, {"command": cmd}, prefix=topic_prefix, timeout_s=10)
+    try:
+        for f in pwned:
+            evil = "svc-a" + payload.format(f=f)
+            out = await ex.handle(decision("command", target=evil, entity=evil,
+                                           command="probe"))
+            assert out.status is OutcomeStatus.succeeded, out.error
+            # the argv is the policy's, verbatim; no telemetry string reaches the process
+            assert out.detail.endswith("['{entity}', '{target}']")
+            assert "IA_DECISION_ID" in out.detail
+            assert evil not in out.detail and "touch" not in out.detail
+            assert not f.exists()
+    finally:
+        for f in pwned:
+            f.unlink(missing_ok=True)
+
+
+async def test_undeclared_command_fails(aredis, topic_prefix) -> None:
+    cmd = CommandActuator({"ok": ["true"]})
+    ex = ActionExecutor(aredis, {"command": cmd}, prefix=topic_prefix, timeout_s=5)
+    for params in ({"command": "rm-rf"}, {}):
+        out = await ex.handle(decision("command", **params))
+        assert out.status is OutcomeStatus.failed and out.attempts == 0
+        assert "not declared in the policy" in out.error
+
+
+async def test_command_non_zero_exit_reports_tail(aredis, topic_prefix) -> None:
+    script = "import sys; print('HEAD' + 'x' * 3000); print('boom: disk full'); sys.exit(3)"
+    cmd = CommandActuator({"fail": [PY, "-c", script]})
+    ex = ActionExecutor(aredis, {"command": cmd}, prefix=topic_prefix, timeout_s=10)
+    out = await ex.handle(decision("command", command="fail"))
+    assert out.status is OutcomeStatus.failed
+    assert out.error.startswith(f"{PY} exited with 3: ")
+    assert out.error.endswith("boom: disk full")
+    assert "HEAD" not in out.error and len(out.error) < 600
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def sleeper(pidfile: Path) -> list[str]:
+    return [PY, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid()));"
+                      " time.sleep(60)"]
+
+
+async def wait_for_pid(pidfile: Path) -> int:
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text():
+            return int(pidfile.read_text())
+        await asyncio.sleep(0.01)
+    raise AssertionError("the command never started")
+
+
+@pytest.mark.parametrize("who", ["command", "executor"])
+async def test_timeout_kills_the_process(who, aredis, topic_prefix, tmp_path: Path) -> None:
+    """Whichever timeout fires first, the command's or the executor's, the process dies."""
+    pidfile = tmp_path / "pid"
+    cmd_timeout, ex_timeout = (0.5, 10.0) if who == "command" else (30.0, 0.5)
+    cmd = CommandActuator({"hang": sleeper(pidfile)}, timeout_s=cmd_timeout)
+    ex = ActionExecutor(aredis, {"command": cmd}, prefix=topic_prefix, timeout_s=ex_timeout)
+    started = time.monotonic()
+    task = asyncio.create_task(ex.handle(decision("command", command="hang")))
+    pid = await wait_for_pid(pidfile)
+    assert pid_alive(pid)
+    out = await task
+    assert time.monotonic() - started < 5.0
+    try:
+        if who == "command":
+            assert out.status is OutcomeStatus.failed
+            assert out.error == f"{PY} timed out after 0.5s"
+        else:
+            assert out.status is OutcomeStatus.timeout
+        assert not pid_alive(pid), "the timed-out command is still running"
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, 9)
+
+
+def test_python3_is_available() -> None:
+    # the command tests run "python3" from PATH, as a policy would
+    assert any(Path(p, PY).exists() for p in os.environ.get("PATH", "").split(os.pathsep)), \
+        sys.executable
