@@ -361,9 +361,9 @@ class Policy:
             doc = PolicyDocument.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise PolicyError(source, _line_of(root, err["loc"]),
-                              f"{loc}: {err['msg']}") from exc
+            path = _document_path(err["loc"])
+            loc = ".".join(str(p) for p in path)
+            raise PolicyError(source, _line_of(root, path), f"{loc}: {err['msg']}") from exc
         _check_rule_names(doc, source, root)
         return cls(doc, source, text)
 
@@ -483,6 +483,13 @@ def _check_rule_names(doc: PolicyDocument, source: str, root: yaml.Node) -> None
                 raise PolicyError(source, _line_of(root, ("rules", i, "action")),
                                   f"rule {rule.name!r} names unknown command {cmd!r}; "
                                   "declare it under 'commands'")
+
+
+def _document_path(loc: tuple) -> tuple:
+    """An error location without pydantic's union-branch tags (``RateLimit``,
+    ``function-after[...]``, ``literal[False]``): only keys of the document."""
+    tags = {m.__name__ for m in (RateLimit, CircuitBreaker, BlastRadius, ErrorBudget)}
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in tags)))
 
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:

@@ -2,6 +2,10 @@
 
 A changed file is parsed and validated completely before it replaces the
 current policy; a bad file is logged and the previous policy stays in force.
+A change is noticed by the file's modification time, size and inode, so an
+editor's write-and-rename and a same-second rewrite are both seen; the file
+is checked at most every ``CHECK_EVERY_S``.  Every decision records the
+``policy_version`` (a content hash) it was made under.
 """
 
 from __future__ import annotations
@@ -25,24 +29,25 @@ class PolicySource:
     def __init__(self, path: Path | str | None) -> None:
         self.path = Path(path) if path else builtin_policy_path("observe")
         self._policy = Policy.from_file(self.path)
-        self._mtime = self._stat()
+        self._sig = self._stat()
         self._checked = time.monotonic()
         self.reloads = 0
         self.rejected = 0
 
-    def _stat(self) -> float:
+    def _stat(self) -> tuple[int, int, int] | None:
         try:
-            return self.path.stat().st_mtime
+            st = self.path.stat()
         except OSError:
-            return -1.0
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def current(self) -> Policy:
         now = time.monotonic()
         if now - self._checked >= CHECK_EVERY_S:
             self._checked = now
-            mtime = self._stat()
-            if mtime != self._mtime:
-                self._mtime = mtime
+            sig = self._stat()
+            if sig != self._sig:
+                self._sig = sig
                 self._reload()
         return self._policy
 
