@@ -59,3 +59,44 @@ class DriftMonitor:
             s.hold -= 1
             return DriftState.drift, False
         return DriftState.stable, False
+
+
+# --- Page-Hinkley on packed state -----------------------------------------------------------
+#
+# The detector keeps its drift tests inside each series' packed state (so they are
+# checkpointed and move with a partition), which River's objects cannot do cheaply.
+# ``ph_update`` is River's ``drift.PageHinkley`` update step, field for field;
+# tests/test_detector.py checks that both fire on exactly the same samples.
+
+PH_FIELDS = 6  # n, mean, sum_increase, sum_decrease, min_increase, max_decrease
+
+
+@dataclass(frozen=True, slots=True)
+class PageHinkleyParams:
+    min_instances: int = 30
+    delta: float = 0.005
+    threshold: float = 50.0
+    alpha: float = 1 - 0.0001
+
+
+def ph_reset(s: list[float]) -> None:
+    s[:] = [0.0, 0.0, 0.0, 0.0, float("inf"), -1.0]
+
+
+def ph_update(s: list[float], x: float, p: PageHinkleyParams) -> bool:
+    """One two-sided Page-Hinkley step on ``s`` (updated in place); True on drift,
+    after which ``s`` starts afresh, as River's detector does on its next update."""
+    if s[0] == 0.0:
+        ph_reset(s)
+    n = s[0] + 1.0
+    mean = s[1] + (x - s[1]) / n
+    dev = x - mean
+    inc = p.alpha * s[2] + dev - p.delta
+    dec = p.alpha * s[3] + dev + p.delta
+    min_inc = min(s[4], inc)
+    max_dec = max(s[5], dec)
+    s[:] = [n, mean, inc, dec, min_inc, max_dec]
+    if n >= p.min_instances and (inc - min_inc > p.threshold or max_dec - dec > p.threshold):
+        ph_reset(s)
+        return True
+    return False
