@@ -261,7 +261,11 @@ class MemoryGuardStore:
 
     async def record_result(self, breaker_key: str, budget_scopes: Sequence[str], member: str,
                             ok: bool, at: int) -> None:
-        if not ok:
+        # A later result of the same decision (a failed verification after a
+        # success) replaces the earlier one.
+        if ok:
+            self._failures.get(breaker_key, {}).pop(member, None)
+        else:
             self._failures.setdefault(breaker_key, {})[member] = at
         b = self._breakers.get(breaker_key)
         if b and b.get("state") == "half_open" and b.get("probe") == member:
@@ -377,7 +381,8 @@ end
 return 0
 """
 
-# KEYS[1] breaker hash, KEYS[2] failures zset, KEYS[3..] budget zsets (ok) / (+1: failed)
+# KEYS[1] breaker hash, KEYS[2] failures zset, then pairs of budget zsets: (record in,
+# remove from) -- a later result of the same decision replaces the earlier one.
 # ARGV: member, ok (1/0), at, retention_ms
 _RESULT_LUA = """
 local at = tonumber(ARGV[3])
@@ -386,6 +391,8 @@ if ARGV[2] == '0' then
   redis.call('ZADD', KEYS[2], at, ARGV[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', at - keep)
   redis.call('PEXPIRE', KEYS[2], keep)
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
 end
 local st = redis.call('HMGET', KEYS[1], 'state', 'probe')
 if st[1] == 'half_open' and st[2] == ARGV[1] then
@@ -397,10 +404,11 @@ if st[1] == 'half_open' and st[2] == ARGV[1] then
   end
   redis.call('PEXPIRE', KEYS[1], keep)
 end
-for i = 3, #KEYS do
+for i = 3, #KEYS, 2 do
   redis.call('ZADD', KEYS[i], at, ARGV[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', at - keep)
   redis.call('PEXPIRE', KEYS[i], keep)
+  redis.call('ZREM', KEYS[i + 1], ARGV[1])
 end
 return 0
 """
@@ -503,7 +511,9 @@ class RedisGuardStore:
 
     async def record_result(self, breaker_key: str, budget_scopes: Sequence[str], member: str,
                             ok: bool, at: int) -> None:
-        budget = [self._k("eb", scope, "ok" if ok else "fail") for scope in budget_scopes]
+        here, other = ("ok", "fail") if ok else ("fail", "ok")
+        budget = [k for scope in budget_scopes
+                  for k in (self._k("eb", scope, here), self._k("eb", scope, other))]
         await self._result(keys=[self._k("cb", breaker_key), self._k("cb-fail", breaker_key),
                                  *budget],
                            args=[member, "1" if ok else "0", at, RESULT_RETENTION_MS])

@@ -569,6 +569,8 @@ async def _script(store) -> list:
     for n, at in ((1, T0), (2, T0 + 1)):
         await store.record_result("b", ["global", "rule:r"], f"f{n}", False, at)
     await store.record_result("b", ["global"], "ok1", True, T0 + 2)
+    await store.record_result("b", ["global"], "late", True, T0 + 2)
+    await store.record_result("b", ["global"], "late", False, T0 + 2)  # replaces its success
     out.append(await store.results("global", T0 + 3, 10_000))
     out.append(await store.results("rule:r", T0 + 3, 10_000))
     out.append(await store.results("global", T0 + 20_000, 10_000))
