@@ -84,7 +84,18 @@ class DecisionEngine:
         await observe_fleet(self.claims, policy, events)  # type: ignore[arg-type]
         decisions = []
         for ev, f in zip(events, feats, strict=True):
-            decisions.append(await self._decide(ev, f, records[ev.entity], policy))
+            rec = records[ev.entity]
+            earlier = rec.recall_decision(derive_decision_id(ev.event_id or "",
+                                                             self.pipeline_id))
+            if earlier is not None:
+                # Redelivered after a crash: republish the original decision
+                # verbatim instead of re-deciding against newer state.
+                decisions.append(Decision.model_validate_json(earlier))
+                continue
+            d = await self._decide(ev, f, rec, policy)
+            if d.action is not None:
+                rec.remember_decision(d.decision_id, d.ts, d.model_dump_json().encode())
+            decisions.append(d)
         await self.store.save(records)
         return decisions
 

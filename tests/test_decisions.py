@@ -349,21 +349,16 @@ async def test_reprocessing_a_claimed_decision_keeps_it_auto() -> None:
     assert eng.stats.cooldown_blocks == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation: a claim key remembers only its latest holder, so replaying an "
-    "event whose claim was since superseded (a1 after a3 re-armed the cooldown) blocks it"))
 async def test_replay_across_a_later_claim_is_identical() -> None:
     events, _ = cooldown_events()
-    claims = MemoryClaimStore()
-    live = await run(engine(COOLDOWN_POLICY, claims=claims), events)
-    replayed = await run(engine(COOLDOWN_POLICY, claims=claims), events)
+    # The worker's situation: feature and guard state survive the crash.
+    claims, store = MemoryClaimStore(), MemoryFeatureStore()
+    live = await run(engine(COOLDOWN_POLICY, claims=claims, store=store), events)
+    replayed = await run(engine(COOLDOWN_POLICY, claims=claims, store=store), events)
     assert [(d.decision_id, d.mode) for d in replayed] == [
         (d.decision_id, d.mode) for d in live]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation: a batch redelivered after its feature state was saved is scored "
-    "as late events against the later baseline, so a replayed decision can lose its action"))
 async def test_redelivered_batch_after_state_save_decides_the_same() -> None:
     events, spikes = cooldown_events()
     upto_a2 = [e for e in events if e.ts <= spikes["a2"]]
