@@ -143,6 +143,24 @@ class Mode(StrEnum):
     notify = "notify"
 
 
+class FeatureContribution(_Contract):
+    """One feature and how much it weighed in a decision."""
+
+    name: str
+    value: float
+    weight: float
+
+
+class Explanation(_Contract):
+    """Why the score and confidence are what they are, and which models said so."""
+
+    summary: str = ""
+    top_features: list[FeatureContribution] = Field(default_factory=list)
+    models: list[ModelInfo] = Field(default_factory=list)
+    drift_event: str | None = None
+    p_useful: float | None = None
+
+
 class Decision(_Contract):
     """What the pipeline decided about one telemetry event (topic ``ia.decisions``)."""
 
@@ -163,6 +181,7 @@ class Decision(_Contract):
     action: Action | None = None
     mode: Mode = Mode.none
     policy_version: str = ""
+    explanation: Explanation | None = None
 
 
 class OutcomeStatus(StrEnum):

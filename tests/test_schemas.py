@@ -659,7 +659,10 @@ def _read_old_data(writer: avro.schema.Schema, reader: avro.schema.Schema, sampl
                    runtime: str) -> object:
     """Write ``sample`` with the old schema and resolve it with the new one, for real."""
     buf = io.BytesIO()
-    avro.io.DatumWriter(writer).write(sample.model_dump(mode="json"), avro.io.BinaryEncoder(buf))
+    # Old data has only the old fields (avro rejects a datum with unknown keys).
+    old_fields = {f.name for f in writer.fields}
+    datum = {k: v for k, v in sample.model_dump(mode="json").items() if k in old_fields}
+    avro.io.DatumWriter(writer).write(datum, avro.io.BinaryEncoder(buf))
     buf.seek(0)
     reader_cls = _SpecDatumReader if runtime == "serde" else avro.io.DatumReader
     return reader_cls(writer, reader).read(avro.io.BinaryDecoder(buf))
