@@ -102,7 +102,9 @@ async def _run_loop(stack: ExitStack, *, bootstrap: str, redis_url: str, topics:
         sim = await simulator.run_simulation(
             bootstrap, topics.telemetry, seed=seed, speed=speed, duration_s=duration_s,
             server=server, on_progress=_progress)
+        t0 = time.monotonic()
         await _drain(bootstrap, topics, sim["events_produced"], procs)
+        console.print(f"[bold]drained[/] in {time.monotonic() - t0:.1f}s; stopping processes")
         for p in procs:
             _stop(p)
         return sim
@@ -120,19 +122,22 @@ async def _drain(bootstrap: str, topics: Topics, produced: int, procs: list,
                  timeout_s: float = 60.0) -> None:
     """Wait until every event has a decision and every action an outcome."""
     deadline = time.monotonic() + timeout_s
+    decided, missing = 0, -1
     while time.monotonic() < deadline:
         decided = await asyncio.to_thread(record_count, bootstrap, topics.decisions)
         if decided >= produced:
             decisions = await asyncio.to_thread(read_all, bootstrap, topics.decisions)
             outcomes = await asyncio.to_thread(read_all, bootstrap, topics.outcomes)
             acting = {d["decision_id"] for d in decisions if d["action"]}
-            if acting <= {o["decision_id"] for o in outcomes}:
+            missing = len(acting - {o["decision_id"] for o in outcomes})
+            if not missing:
                 return
         if any(p.poll() is not None for p in procs):
             raise SystemExit("a pipeline process exited early; see the logs in .ia/demo/")
         await asyncio.sleep(0.5)
     console.print("[yellow]warning:[/] pipeline did not fully drain within "
-                  f"{timeout_s:g}s; the summary covers what arrived")
+                  f"{timeout_s:g}s ({decided}/{produced} decisions, {missing} actions "
+                  "without outcome); the summary covers what arrived")
 
 
 def summarise(sim: dict, decisions: list[dict], outcomes: list[dict]) -> dict:
