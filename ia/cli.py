@@ -60,6 +60,16 @@ def status(run_dir: Path | None) -> None:
                           default=str))
 
 
+def _built(build, settings: Settings):
+    """``build(settings)``; a policy that does not load is a one-line error (file:line)."""
+    from decisions.policy import PolicyError
+
+    try:
+        return build(settings)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _run_faust(app, settings: Settings) -> None:
     from faust.worker import Worker
 
@@ -79,7 +89,7 @@ def worker(policy_file: Path | None, metrics_port: int | None) -> None:
     from streams.pipeline import build_worker
 
     s = _settings(policy_file=policy_file, metrics_port=metrics_port)
-    _run_faust(build_worker(s), s)
+    _run_faust(_built(build_worker, s), s)
 
 
 @main.command()
@@ -91,7 +101,7 @@ def actuate(policy_file: Path | None, metrics_port: int | None) -> None:
     from streams.actuation import build_actuator
 
     s = _settings(policy_file=policy_file, metrics_port=metrics_port)
-    _run_faust(build_actuator(s), s)
+    _run_faust(_built(build_actuator, s), s)
 
 
 @main.command()
