@@ -87,19 +87,20 @@ class DetectorConfig:
     suppressed_cap: float = 0.4
     drift_hold: int = 10
     level_drift: PageHinkleyParams = field(default_factory=lambda: PageHinkleyParams(
-        min_instances=30, delta=0.5, threshold=60.0))
+        min_instances=30, delta=0.5, threshold=100.0))
     dispersion_drift: PageHinkleyParams = field(default_factory=lambda: PageHinkleyParams(
         min_instances=30, delta=0.05, threshold=15.0))
 
 
-_SCALARS = struct.Struct("<BqqiiI" + "d" * 18 + "d" * 2 * PH_FIELDS)
+_SCALARS = struct.Struct("<BqqiiI" + "d" * 20 + "d" * 2 * PH_FIELDS)
 
 
 class DetectorState:
     """Everything one series needs; packs to ~1.1 KB (format-versioned)."""
 
-    __slots__ = ("bias_s", "disp_ph", "fast_l", "fast_s", "hi", "hold", "last_ts", "level",
-                 "level_ph", "lik", "lo", "n", "profile", "scale_l", "scale_s", "suppress",
+    __slots__ = ("base", "base_scale", "bias_s", "disp_ph", "fast_l", "fast_s", "hi", "hold",
+                 "last_ts", "level", "level_ph", "lik", "lo", "n", "profile", "scale_l",
+                 "scale_s", "suppress",
                  "visits")
 
     def __init__(self) -> None:
@@ -113,6 +114,8 @@ class DetectorState:
         self.fast_l = 0.0
         self.fast_s = 0.0
         self.bias_s = 0.0
+        self.base = 0.0
+        self.base_scale = 0.0
         self.lo = 0.0
         self.hi = 0.0
         # per predictor (level, seasonal): window mean, point mean/var, window mean/var
@@ -125,8 +128,8 @@ class DetectorState:
     def pack(self) -> bytes:
         head = _SCALARS.pack(STATE_FORMAT, self.n, self.last_ts, self.suppress, self.hold, 0,
                              self.level, self.scale_l, self.scale_s, self.fast_l, self.fast_s,
-                             self.bias_s, self.lo, self.hi, *self.lik, *self.level_ph,
-                             *self.disp_ph)
+                             self.bias_s, self.base, self.base_scale, self.lo, self.hi,
+                             *self.lik, *self.level_ph, *self.disp_ph)
         return head + self.profile.tobytes() + bytes(self.visits)
 
     @classmethod
@@ -138,11 +141,11 @@ class DetectorState:
             return st
         v = _SCALARS.unpack_from(blob)
         st.n, st.last_ts, st.suppress, st.hold = v[1], v[2], v[3], v[4]
-        (st.level, st.scale_l, st.scale_s, st.fast_l, st.fast_s, st.bias_s, st.lo,
-         st.hi) = v[6:14]
-        st.lik = list(v[14:24])
-        st.level_ph = list(v[24:24 + PH_FIELDS])
-        st.disp_ph = list(v[24 + PH_FIELDS:24 + 2 * PH_FIELDS])
+        (st.level, st.scale_l, st.scale_s, st.fast_l, st.fast_s, st.bias_s, st.base,
+         st.base_scale, st.lo, st.hi) = v[6:16]
+        st.lik = list(v[16:26])
+        st.level_ph = list(v[26:26 + PH_FIELDS])
+        st.disp_ph = list(v[26 + PH_FIELDS:26 + 2 * PH_FIELDS])
         off = _SCALARS.size
         st.profile = array("f")
         st.profile.frombytes(blob[off:off + 4 * SEASON_SLOTS])
@@ -180,19 +183,19 @@ class AdaptiveDetector:
         c = self.config
         slot = (ts // SLOT_MS) % SEASON_SLOTS
         if st.n == 0:
-            return Scored(value, ts, 0.0, slot, 0.0, 0.0, 0.0, 0.0, {"n": 0.0})
+            return Scored(value, ts, 0.0, slot, 0.0, 0.0, 0.0, 0.0, {})
         floor = 1e-9 * abs(st.level) + 1e-12
-        res_l = value - st.level
+        res_l = _finite(value - st.level)
         seasonal_ready = st.visits[slot] >= c.season_min_visits
-        res_s = value - st.profile[slot] if seasonal_ready else res_l
+        res_s = _finite(value - st.profile[slot]) if seasonal_ready else res_l
         sc_l, sc_s = max(st.scale_l, floor), max(st.scale_s, floor)
         raw_l = 1.0 - math.exp(-min(abs(res_l) / (c.raw_scale * sc_l), 700.0))
         raw_s = 1.0 - math.exp(-min(abs(res_s) / (c.raw_scale * sc_s), 700.0))
         seasonal = st.scale_s < st.scale_l
         res, scale, raw = (res_s, sc_s, raw_s) if seasonal else (res_l, sc_l, raw_l)
-        z = res / (MAD_TO_STD * scale)
-        comps = {"n": float(st.n), "expected": value - res, "residual_z": _clip(z),
-                 "seasonal": 1.0 if seasonal else 0.0}
+        z = _finite(res / (MAD_TO_STD * scale))
+        comps = {"expected": value - res, "residual_z": _clip(z),
+                 "seasonal": 1.0 if seasonal else 0.0, "out_of_range": 0.0}
         if st.n < c.learning:
             score = self._warmup_score(st.n, z, comps)
         else:
@@ -202,7 +205,8 @@ class AdaptiveDetector:
             comps["range_excess"] = _clip(outside / span) if span > 0 else 0.0
             if span > 0 and outside > c.spatial_tolerance * span:
                 score = 1.0
-        comps["raw_score"] = score
+                comps["out_of_range"] = 1.0
+        comps["score_unsuppressed"] = score
         if st.suppress > 0:
             score = min(score, c.suppressed_cap)
         return Scored(value, ts, min(1.0, max(0.0, score)), slot, res_l, res_s, raw_l, raw_s,
@@ -211,8 +215,8 @@ class AdaptiveDetector:
     def _warmup_score(self, n: int, z: float, comps: dict[str, float]) -> float:
         # Too few samples for a distribution of scores: trust a robust z-score
         # tail, ramped in so that the first handful of samples cannot alarm.
-        ramp = min(1.0, n / self.config.warmup)
-        s = upper_tail_surprise(abs(z) * ramp) / SURPRISE_AT_ONE
+        ramp = min(1.0, n / self.config.warmup) if 2 * n >= self.config.warmup else 0.0
+        s = min(1.0, upper_tail_surprise(abs(z) * ramp) / SURPRISE_AT_ONE)
         comps["score_point"] = s
         return s
 
@@ -223,22 +227,24 @@ class AdaptiveDetector:
         win = lik[base] + a * (raw - lik[base])
         point = upper_tail_surprise((raw - lik[base + 1]) / math.sqrt(max(lik[base + 2], 1e-6)))
         window = upper_tail_surprise((win - lik[base + 3]) / math.sqrt(max(lik[base + 4], 1e-6)))
-        comps["score_point"] = point / SURPRISE_AT_ONE
-        comps["score_window"] = window / SURPRISE_AT_ONE
-        return max(point, window) / SURPRISE_AT_ONE
+        comps["score_point"] = min(1.0, point / SURPRISE_AT_ONE)
+        comps["score_window"] = min(1.0, window / SURPRISE_AT_ONE)
+        return max(comps["score_point"], comps["score_window"])
 
     # -- learning --------------------------------------------------------------------------
 
-    def learn(self, st: DetectorState, s: Scored) -> tuple[DriftState, bool]:
-        """Fold the scored sample into ``st``; return the drift state and whether drift
-        was detected just now.  A sample at or before the last learnt timestamp (late,
-        or redelivered after a crash) is not learnt again."""
+    def learn(self, st: DetectorState, s: Scored) -> tuple[DriftState, str | None]:
+        """Fold the scored sample into ``st``; return the drift state and what drift was
+        detected just now (``level``, ``dispersion``, both joined by ``+``, or None).
+
+        A sample at or before the last learnt timestamp (late, or redelivered after a
+        crash) is not learnt again."""
         c = self.config
         if st.n == 0:
             self._first(st, s)
-            return DriftState.stable, False
+            return DriftState.stable, None
         if s.ts <= st.last_ts:
-            return (DriftState.drift if st.hold > 0 else DriftState.stable), False
+            return (DriftState.drift if st.hold > 0 else DriftState.stable), None
         self._fold_likelihood(st, s)
         n1 = 1.0 / (st.n + 1)
         st.level += max(c.level_alpha, n1) * s.res_l
@@ -249,6 +255,12 @@ class AdaptiveDetector:
         st.fast_l += fa * (abs(s.res_l) - st.fast_l)
         st.fast_s += fa * (abs(s.res_s) - st.fast_s)
         st.bias_s += fa * (s.res_s - st.bias_s)
+        res_b = s.value - st.base
+        # The level test watches the residual against the slow baseline: a
+        # persistent shift keeps it off zero for many samples, a spike does not.
+        z_base = _clip(res_b / (MAD_TO_STD * max(st.base_scale, 1e-12)))
+        st.base += a * res_b
+        st.base_scale += a * (abs(res_b) - st.base_scale)
         v = st.visits[s.slot]
         st.profile[s.slot] += max(c.season_alpha, 1.0 / (v + 1)) * (s.value - st.profile[s.slot])
         st.visits[s.slot] = min(255, v + 1)
@@ -259,10 +271,11 @@ class AdaptiveDetector:
             st.suppress -= 1
         elif s.score >= c.alert_level:
             st.suppress = c.suppress_samples
-        return self._drift(st, s)
+        return self._drift(st, s, z_base)
 
     def _first(self, st: DetectorState, s: Scored) -> None:
         st.n, st.last_ts, st.level, st.lo, st.hi = 1, s.ts, s.value, s.value, s.value
+        st.base = s.value
         st.profile[s.slot] = s.value
         st.visits[s.slot] = 1
 
@@ -277,15 +290,16 @@ class AdaptiveDetector:
                 lik[i] += al * d
                 lik[i + 1] = (1.0 - al) * (lik[i + 1] + al * d * d)
 
-    def _drift(self, st: DetectorState, s: Scored) -> tuple[DriftState, bool]:
+    def _drift(self, st: DetectorState, s: Scored,
+               z_base: float) -> tuple[DriftState, str | None]:
         c = self.config
-        level_drift = ph_update(st.level_ph, s.components["residual_z"], c.level_drift)
+        level_drift = ph_update(st.level_ph, z_base, c.level_drift)
         raw = s.raw_s if s.components["seasonal"] else s.raw_l
         dispersion_drift = ph_update(st.disp_ph, raw, c.dispersion_drift)
         if level_drift:
             # Re-centre on the new level, and move the seasonal profile by the
             # recent mean seasonal residual: the shape of the week is kept.
-            st.level = s.value
+            st.level = st.base = s.value
             shift = st.bias_s
             st.profile = array("f", (v + shift for v in st.profile))
             st.bias_s = 0.0
@@ -293,11 +307,20 @@ class AdaptiveDetector:
             st.scale_l, st.scale_s = max(st.fast_l, 1e-12), max(st.fast_s, 1e-12)
         if level_drift or dispersion_drift:
             st.hold = c.drift_hold
-            return DriftState.drift, True
+            kinds = [k for k, hit in (("level", level_drift), ("dispersion", dispersion_drift))
+                     if hit]
+            return DriftState.drift, "+".join(kinds)
         if st.hold > 0:
             st.hold -= 1
-            return DriftState.drift, False
-        return DriftState.stable, False
+            return DriftState.drift, None
+        return DriftState.stable, None
+
+
+def _finite(x: float) -> float:
+    """Saturate an overflowed difference (two huge finite values) to a finite float."""
+    if math.isfinite(x):
+        return x
+    return 1e300 if math.isnan(x) else math.copysign(1e300, x)
 
 
 def _clip(x: float) -> float:

@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from decisions.drift import DriftMonitor
+from decisions.detector import AdaptiveDetector, DetectorState
+from decisions.explain import explain
+from decisions.feedback import FeedbackClassifier, Prediction, action_trust, classifier_inputs
 from decisions.guards import (
     ClaimStore,
     KillSwitch,
@@ -19,7 +21,6 @@ from decisions.guards import (
     apply_guards,
     observe_fleet,
 )
-from decisions.model import SpineDetector
 from decisions.policy import Policy, PolicyResult
 from features.enrich import enrich_events
 from features.series import WARMUP_SAMPLES, rebaseline
@@ -64,7 +65,9 @@ class DecisionEngine:
     def __init__(self, policy: Callable[[], Policy], store: FeatureStore, claims: ClaimStore,
                  clock: Callable[[TelemetryEvent], int] | None = None,
                  pipeline_id: str = "main",
-                 kill_switch: KillSwitch | MemoryKillSwitch | None = None) -> None:
+                 kill_switch: KillSwitch | MemoryKillSwitch | None = None,
+                 feedback: FeedbackClassifier | None = None,
+                 detector: AdaptiveDetector | None = None) -> None:
         self.policy = policy
         self.store = store
         # Guard state (decisions.guards.GuardStore); named for its first guard, the cooldown.
@@ -72,13 +75,17 @@ class DecisionEngine:
         self.kill_switch = kill_switch or MemoryKillSwitch()
         self.clock = clock or (lambda _ev: wall_clock_ms())
         self.pipeline_id = pipeline_id
-        self.model = SpineDetector()
-        self.drift = DriftMonitor()
+        self.detector = detector or AdaptiveDetector()
+        # Shared "will this action be useful?" model; the worker swaps in newer
+        # checkpoints (decisions.checkpoint) between batches.
+        self.feedback = feedback or FeedbackClassifier()
+        self._states: dict[tuple[str, str], DetectorState] = {}
         self.stats = EngineStats()
 
     async def process(self, events: Sequence[TelemetryEvent]) -> list[Decision]:
         """Decide every event of a batch, in order; feature state is saved once."""
         records = await self.store.load(ev.entity for ev in events)
+        self._states = {}
         feats = enrich_events(events, records)
         policy = self.policy()
         await observe_fleet(self.claims, policy, events)  # type: ignore[arg-type]
@@ -96,30 +103,57 @@ class DecisionEngine:
             if d.action is not None:
                 rec.remember_decision(d.decision_id, d.ts, d.model_dump_json().encode())
             decisions.append(d)
+        for (entity, metric), st in self._states.items():
+            records[entity].put_detector(metric, st.pack())
         await self.store.save(records)
         return decisions
 
     def _score(self, ev: TelemetryEvent, f: dict[str, float],
-               rec: EntityRecord) -> tuple[float, DriftState]:
-        if ev.kind is not EventKind.metric or f.get("n", 0.0) < 1:
-            return 0.0, DriftState.stable
-        components = self.model.components(f)
-        score = self.model.blend(components)
-        self.model.learn_one(f)
-        f.update(components)
-        state, detected = self.drift.update(ev.entity, ev.metric, f.get("zscore", 0.0))
+               rec: EntityRecord) -> tuple[float, DriftState, str | None]:
+        """Score before learning (no look-ahead); per-series state is unpacked once
+        per batch and packed back into the entity's record by :meth:`process`."""
+        if ev.kind is not EventKind.metric:
+            return 0.0, DriftState.stable, None
+        st = self._states.get((ev.entity, ev.metric))
+        if st is None:
+            st = DetectorState.unpack(rec.detectors.get(ev.metric, b""))
+            self._states[(ev.entity, ev.metric)] = st
+        scored = self.detector.score(st, ev.value, ev.ts)
+        state, detected = self.detector.learn(st, scored)
+        f.update(scored.components)
         if detected:
             self.stats.drift_detections += 1
-            rec.put_series(ev.metric, rebaseline(rec.get_series(ev.metric)))
-        return score, state
+            if "level" in detected:
+                rec.put_series(ev.metric, rebaseline(rec.get_series(ev.metric)))
+        return scored.score, state, detected
+
+    def _second_opinion(self, f: dict[str, float], rec: EntityRecord, score: float,
+                        confidence: float, drift: DriftState,
+                        result: PolicyResult) -> tuple[Prediction | None, float]:
+        """Confidence once an action is proposed: the feedback classifier's view of
+        this kind of action, and this entity's record with this action type."""
+        if result.action is None:
+            return None, confidence
+        pred = self.feedback.predict(classifier_inputs(f, score, result.action.type,
+                                                       drift.value))
+        factor = pred.factor * action_trust(rec.context, result.action.type)
+        return pred, max(0.0, min(1.0, confidence * factor))
 
     async def _decide(self, ev: TelemetryEvent, f: dict[str, float], rec: EntityRecord,
                       policy: Policy) -> Decision:
-        score, drift = self._score(ev, f, rec)
+        score, drift, drift_event = self._score(ev, f, rec)
         confidence = confidence_of(score, f)
         result = policy.evaluate(entity=ev.entity, metric=ev.metric, kind=ev.kind.value,
                                  labels=ev.labels, features=f, score=score,
                                  confidence=confidence, drift=drift.value)
+        pred, lowered = self._second_opinion(f, rec, score, confidence, drift, result)
+        if lowered < confidence:
+            # Past feedback withholds trust from this action: the rules decide
+            # again with the lower confidence (a min_confidence bar may now fail).
+            confidence = lowered
+            result = policy.evaluate(entity=ev.entity, metric=ev.metric, kind=ev.kind.value,
+                                     labels=ev.labels, features=f, score=score,
+                                     confidence=confidence, drift=drift.value)
         decision_id = derive_decision_id(ev.event_id or "", self.pipeline_id)
         mode = await self._guard(result, decision_id, ev)
         self.stats.events += 1
@@ -130,8 +164,10 @@ class DecisionEngine:
             event_id=ev.event_id or "", entity=ev.entity, metric=ev.metric, value=ev.value,
             ts=ev.ts, decided_at=self.clock(ev), anomaly_score=round(score, 6),
             confidence=round(confidence, 6), features={k: round(v, 6) for k, v in f.items()},
-            model=self.model.info, drift=drift, rule_trace=result.trace, action=result.action,
+            model=self.detector.info, drift=drift, rule_trace=result.trace, action=result.action,
             mode=mode, policy_version=policy.version,
+            explanation=explain(ev, f, score, drift_event, pred,
+                                [self.detector.info, self.feedback.info]),
         )
 
     async def _guard(self, result: PolicyResult, decision_id: str,

@@ -9,6 +9,7 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
+from decisions.detector import AdaptiveDetector, DetectorConfig
 from decisions.drift import DriftMonitor
 from decisions.engine import DecisionEngine, confidence_of
 from decisions.guards import MemoryClaimStore, RedisClaimStore
@@ -41,10 +42,17 @@ def normal_stream(entity: str, name: str, n: int, seed: int, level: float = 100.
             for i in range(n)]
 
 
+# These tests are about policy and guards: each spike should score on its own, so
+# the detector's alert suppression (one alert per incident) is off here; it is
+# tested in tests/test_detector.py.
+UNSUPPRESSED = DetectorConfig(suppress_samples=0)
+
+
 def engine(policy_text: str, claims=None, store=None, pipeline_id: str = "main"):
     p = Policy.from_text(policy_text)
     return DecisionEngine(lambda: p, store or MemoryFeatureStore(), claims or MemoryClaimStore(),
-                          clock=lambda ev: ev.ts, pipeline_id=pipeline_id)
+                          clock=lambda ev: ev.ts, pipeline_id=pipeline_id,
+                          detector=AdaptiveDetector(UNSUPPRESSED))
 
 
 async def run(eng: DecisionEngine, events: list[TelemetryEvent],
@@ -176,7 +184,10 @@ rules:
 
 
 @pytest.mark.parametrize("shift", [20.0, -20.0, 10.0])
-async def test_level_shift_is_detected_and_rebaselined(shift: float) -> None:
+async def test_level_shift_is_flagged_then_absorbed(shift: float) -> None:
+    """A persistent shift is flagged at once, stops being anomalous within a bounded
+    number of samples; a large one (10 sigma) is also detected as drift and the
+    feature baseline is re-learnt at the new level."""
     before = normal_stream("svc", "lat", 300, seed=7)
     after = normal_stream("svc", "lat", 300, seed=8, level=100.0 + shift,
                           start=before[-1].ts + STEP_MS)
@@ -184,19 +195,20 @@ async def test_level_shift_is_detected_and_rebaselined(shift: float) -> None:
     decisions = await run(eng, before + after)
     pre, post = decisions[:300], decisions[300:]
     assert all(d.drift is DriftState.stable for d in pre)
+    assert post[0].anomaly_score > 0.9
+    # bounded: after 40 samples the new level is normal
+    assert max(d.anomaly_score for d in post[40:]) < 0.5
+    assert all(d.action is None for d in post[40:])
+    if abs(shift) < 20:
+        return  # absorbed by the fast baseline before the drift test needs to fire
     detected_at = next(i for i, d in enumerate(post) if d.drift is DriftState.drift)
     assert detected_at < 60
     assert eng.stats.drift_detections == 1
-    # the baseline was re-learnt at the new level ...
-    settled = post[detected_at + 20:]
-    assert len(settled) > 200
-    for d in settled:
+    assert post[detected_at].explanation.drift_event == "level"
+    # (features of a batch are computed before it is scored, so the re-learnt
+    # baseline shows from the next batch of 25)
+    for d in post[detected_at + 50:]:
         assert d.features["ewma_mean"] == pytest.approx(100.0 + shift, abs=2.0)
-    # ... so the new level stops being anomalous
-    assert max(d.anomaly_score for d in settled) < 0.6
-    assert all(d.action is None for d in settled)
-    # while the shift itself was flagged at first
-    assert post[0].anomaly_score > (0.9 if abs(shift) >= 20 else 0.5)
 
 
 # --- the engine -----------------------------------------------------------------------------
