@@ -161,7 +161,7 @@ class PolicyTester:
             if "score" in data:
                 return await self._scored(n, data)
             ev = TelemetryEvent.model_validate(data)
-        except (ValidationError, ValueError, TypeError) as exc:
+        except (ValidationError, ValueError, TypeError, KeyError) as exc:
             return LineResult(n, "error", error=f"{source}:{n}: invalid input: {_first(exc)}")
         (decision,) = await self.engine.process([ev])
         self.last_ts = max(self.last_ts, ev.ts)
