@@ -120,7 +120,7 @@ def _progress(p: dict) -> None:
 
 async def _drain(bootstrap: str, topics: Topics, produced: int, procs: list,
                  timeout_s: float = 60.0) -> None:
-    """Wait until every event has a decision and every action an outcome."""
+    """Wait until every event has a decision and every automatic action an outcome."""
     deadline = time.monotonic() + timeout_s
     decided, missing = 0, -1
     while time.monotonic() < deadline:
@@ -128,7 +128,9 @@ async def _drain(bootstrap: str, topics: Topics, produced: int, procs: list,
         if decided >= produced:
             decisions = await asyncio.to_thread(read_all, bootstrap, topics.decisions)
             outcomes = await asyncio.to_thread(read_all, bootstrap, topics.outcomes)
-            acting = {d["decision_id"] for d in decisions if d["action"]}
+            # Decisions waiting for a human (needs_approval) have no outcome yet.
+            acting = {d["decision_id"] for d in decisions
+                      if d["action"] and d["mode"] == "auto"}
             missing = len(acting - {o["decision_id"] for o in outcomes})
             if not missing:
                 return
