@@ -1,0 +1,86 @@
+"""Model commands: ``ia replay``, ``ia eval nab``, ``ia bench decisions``.
+
+None of them needs Kafka or Redis: they run the decision code on files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--input", "input_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", "output_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "nab-csv"]), default="jsonl",
+              show_default=True, help="JSON lines of TelemetryEvent, or timestamp,value CSV.")
+@click.option("--entity", default=None, help="Entity of a nab-csv file (default: file stem).")
+@click.option("--metric", default=None, help="Metric of a nab-csv file (default: value).")
+@click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Policy YAML (default: observe only, no rules).")
+def replay(input_path: Path, output_path: Path, fmt: str, entity: str | None,
+           metric: str | None, policy_file: Path | None) -> None:
+    """Replay events through features, model and policy offline (event-time clock).
+
+    Writes one JSON line per input event; the same input gives byte-identical output.
+    """
+    from decisions.policy import Policy
+    from decisions.replay import replay_file
+
+    policy = Policy.from_file(policy_file) if policy_file else None
+    n = replay_file(input_path, output_path, fmt, entity, metric, policy)
+    click.echo(f"replayed {n} events -> {output_path}", err=True)
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Evaluate the detector on benchmarks."""
+
+
+@eval_group.command(name="nab")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=Path("../shared/data/nab"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".ia/nab-scores"), show_default=True)
+@click.option("--scorer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="nab_score.py (default: tools/ next to the data's shared/).")
+def eval_nab(data_dir: Path, out_dir: Path, scorer: Path | None) -> None:
+    """Replay every NAB file, write score CSVs, score them with nab_score.py."""
+    from decisions.evaluate import evaluate_nab
+
+    result = evaluate_nab(data_dir, out_dir, scorer)
+    click.echo(result.report.rstrip())
+    click.echo(f"\nreplayed {result.files} files, {result.rows} rows; score CSVs in {out_dir}")
+    for profile, value in result.scores.items():
+        click.echo(f"{profile}: {value:.2f}")
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks printed with ratios against a baseline measured in the same run."""
+
+
+@bench.command(name="decisions")
+@click.option("--series", type=int, default=1000, show_default=True)
+@click.option("--events-per-series", "per_series", type=int, default=30, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write the figures as JSON.")
+def bench_decisions_cmd(series: int, per_series: int, repeat: int,
+                        json_file: Path | None) -> None:
+    """Scoring + learning cost per event per series, vs River HalfSpaceTrees."""
+    from decisions.bench import bench_decisions, format_bench
+
+    result = bench_decisions(series, per_series, repeat)
+    click.echo(format_bench(result))
+    if json_file:
+        json_file.write_text(json.dumps(result, indent=2) + "\n")
+    sys.exit(0)
+
+
+COMMANDS = [replay, eval_group, bench]
