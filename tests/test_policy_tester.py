@@ -197,3 +197,18 @@ def test_the_real_command_needs_no_broker_or_redis(tmp_path: Path, fmt: str) -> 
                          timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "restart" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["worker", "actuate"])
+def test_worker_and_actuator_refuse_a_broken_policy_naming_file_and_line(
+        tmp_path: Path, command: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules:\n  - name: r\n    when: {min_score: lots}\n")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "REDIS_URL":
+           "redis://127.0.0.1:9/0"}
+    out = subprocess.run([sys.executable, "-m", "ia.cli", command, "--policy", str(bad)],
+                         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"Error: {bad}:4: rules.0.when.min_score: Input should be a valid number, "
+        "unable to parse string as a number")
