@@ -1,4 +1,4 @@
-"""Built-in actuators: log, webhook, command and the demo simulator's."""
+"""Built-in actuators: log, webhook, notify, command and the demo simulator's."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from actuators.approvals import approval_id_for
 from actuators.base import ActionFailed
 from schemas.models import Action, Decision
 
@@ -87,11 +88,17 @@ class WebhookActuator:
                         headers={"Idempotency-Key": decision.decision_id})
                     resp.raise_for_status()
         except RetryError as exc:
-            raise ActionFailed(f"POST {url} failed after {attempts} attempts: "
-                               f"{exc.last_attempt.exception()}", attempts) from exc
+            raise ActionFailed(f"POST {self.describe(url)} failed after {attempts} attempts: "
+                               f"{_redact(exc.last_attempt.exception(), url, self)}",
+                               attempts) from exc
         except httpx.HTTPError as exc:
-            raise ActionFailed(f"POST {url} failed: {exc}", attempts) from exc
-        return f"POST {url} -> {resp.status_code} after {attempts} attempt(s)"
+            raise ActionFailed(f"POST {self.describe(url)} failed: {_redact(exc, url, self)}",
+                               attempts) from exc
+        return f"POST {self.describe(url)} -> {resp.status_code} after {attempts} attempt(s)"
+
+    def describe(self, url: str) -> str:
+        """How ``url`` appears in outcomes and logs."""
+        return url
 
     async def close(self) -> None:
         if self._client is not None:
@@ -107,6 +114,74 @@ class SimulatorActuator(WebhookActuator):
         if not self.default_url:
             raise ActionFailed("simulator: IA_SIMULATOR_URL is not set", attempts=0)
         return self.default_url.rstrip("/") + "/actions"
+
+
+def _redact(exc: BaseException | None, url: str, act: WebhookActuator) -> str:
+    return str(exc).replace(url, act.describe(url))
+
+
+def slack_escape(text: str) -> str:
+    """Slack mrkdwn control characters, so telemetry strings cannot ping or link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class NotifyActuator(WebhookActuator):
+    """Posts a Slack-compatible incoming-webhook message about a decision.
+
+    The payload has ``text`` (the fallback every Slack-compatible receiver
+    shows: Slack, Mattermost, Rocket.Chat, Teams' Slack connector) and
+    ``blocks`` with the details.  The URL is ``params.url`` or the configured
+    default (``IA_NOTIFY_URL``); incoming-webhook URLs are credentials, so
+    outcomes and logs show only the host.  Params: ``message`` (a line of
+    text to lead with) and ``channel`` (for receivers that honour it).
+
+    Used for ``notify`` actions, for ``notify``-mode decisions (the action is
+    described, not run) and for announcing approval requests.
+    """
+
+    name = "notify"
+
+    def describe(self, url: str) -> str:
+        host = httpx.URL(url).host if "://" in url else "?"
+        return f"notify webhook on {host}"
+
+    def payload(self, action: Action, decision: Decision) -> dict:
+        d = decision
+        if action.type == "notify":  # the notification is the action
+            headline = f"{d.entity}: {d.metric} = {d.value:g}"
+        elif d.mode.value == "needs_approval":
+            headline = (f"approval needed: {action.type} on {action.target} "
+                        f"(ia approvals approve {approval_id_for(d.decision_id)})")
+        else:
+            headline = f"would run {action.type} on {action.target} (mode {d.mode.value})"
+        lead = action.params.get("message", "")
+        fields = [
+            f"*entity* {d.entity}", f"*metric* {d.metric} = {d.value:g}",
+            f"*score* {d.anomaly_score:.2f}  *confidence* {d.confidence:.2f}",
+            f"*mode* {d.mode.value}",
+        ]
+        rule = next((t.rule for t in reversed(d.rule_trace)
+                     if t.matched and not t.rule.startswith("guard:")), "")
+        guards = [f"{t.rule[6:]}: {t.reason}" for t in d.rule_trace
+                  if t.rule.startswith("guard:") and t.matched]
+        if rule:
+            fields.append(f"*rule* {rule}")
+        fields += [f"*guard* {g}" for g in guards]
+        text = slack_escape(" ".join(filter(None, [lead, f"[ia] {headline}"])))[:3000]
+        body = slack_escape("\n".join(fields))[:3000]
+        out: dict = {
+            "text": text,
+            "blocks": [
+                {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+                {"type": "section", "text": {"type": "mrkdwn", "text": body}},
+                {"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(
+                    f"decision {d.decision_id} · policy {d.policy_version or '-'} · "
+                    f"model {d.model.id}@{d.model.version}")[:3000]}]},
+            ],
+        }
+        if action.params.get("channel"):
+            out["channel"] = action.params["channel"]
+        return out
 
 
 class CommandActuator:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,20 +254,26 @@ class Completeness:
 
     Pending decisions are reported on their own rather than counted either
     way, so the ratio neither hides a missing outcome for long nor punishes
-    an action that is still running.
+    an action that is still running.  Each decision counts once: later
+    records of a complete decision (verification, compensation, a redelivery)
+    are part of its story but do not reopen it.
     """
 
-    def __init__(self, grace_ms: int = 300_000) -> None:
+    def __init__(self, grace_ms: int = 300_000, remember: int = 1_000_000) -> None:
         self.grace_ms = grace_ms
         self.complete = 0
         self.summarised = 0
         self._open: dict[str, _Story] = {}
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._remember = remember
 
     def add(self, rec: Record) -> None:
         if rec.kind == "observations":
             n = int(rec.data.get("count", 0))
             self.complete += n
             self.summarised += n
+            return
+        if rec.id in self._done:
             return
         story = self._open.get(rec.id)
         if story is None:
@@ -289,6 +296,9 @@ class Completeness:
         if story.decided and story.needs <= story.has:
             self.complete += 1
             del self._open[rec.id]
+            self._done[rec.id] = None
+            if len(self._done) > self._remember:
+                self._done.popitem(last=False)
 
     def stats(self, now_ms: int) -> dict[str, float]:
         overdue = sum(1 for s in self._open.values() if s.deadline < now_ms)

@@ -244,6 +244,17 @@ def policy_test(policy_file: Path, input_file, as_json: bool, show_all: bool, pa
     sys.exit(1 if report.errors else 0)
 
 
+# --- approvals, audit, approval API (ia/governance_cli.py) ------------------------------------
+def _add_governance_commands() -> None:
+    from ia.governance_cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_governance_commands()
+
+
 # --- replay, eval nab, bench decisions (ia/model_cli.py) -----------------------------------
 def _add_model_commands() -> None:
     from ia.model_cli import COMMANDS

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 EVENTS_IN = Counter("ia_events_in_total", "Records consumed", ["topic"])
 EVENTS_OUT = Counter("ia_events_out_total", "Records produced", ["topic"])
@@ -22,6 +22,16 @@ EVENT_TO_DECISION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 BATCH_SIZE = Histogram("ia_batch_size", "Events per processed batch",
                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
+# Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
+APPROVALS = Counter("ia_approval_events_total", "Approval events published", ["status"])
+AUDIT_RECORDS = Counter("ia_audit_records_total", "Records appended to the audit chain",
+                        ["kind"])
+AUDIT_COMPLETENESS = Gauge(
+    "ia_audit_completeness_ratio",
+    "Decisions with a complete audit record / (those + decisions overdue for one)")
+AUDIT_DECISIONS = Gauge("ia_audit_decisions", "Decisions known to the audit log by state",
+                        ["state"])
+AUDIT_HEAD_SEQ = Gauge("ia_audit_head_seq", "Sequence number of the audit chain's head")
 
 
 def serve(port: int) -> None:

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,9 +25,11 @@ class Topics:
         self.outcomes = f"{prefix}.outcomes"
         self.feedback = f"{prefix}.feedback"
         self.dlq = f"{prefix}.telemetry.dlq"
+        self.approvals = f"{prefix}.approvals"
 
     def all(self) -> list[str]:
-        return [self.telemetry, self.decisions, self.outcomes, self.feedback, self.dlq]
+        return [self.telemetry, self.decisions, self.outcomes, self.feedback, self.dlq,
+                self.approvals]
 
 
 class Settings(BaseSettings):
@@ -56,15 +58,41 @@ class Settings(BaseSettings):
     policy_file: Path | None = None
     metrics_port: int = Field(default=0, ge=0, description="0 disables the metrics endpoint")
     run_dir: Path = Path(".ia")
+    audit_dir: Path | None = Field(default=None, description="default: <run_dir>/audit")
     redis_prefix: str = "ia"
     action_timeout_s: float = Field(default=10.0, gt=0)
     webhook_retries: int = Field(default=3, ge=0)
     simulator_url: str | None = None
+    # Human in the loop: how long an approval request waits, and what an
+    # unanswered one becomes (a rule's action may override both with params
+    # approval_ttl_s / on_expiry).
+    approval_ttl_s: float = Field(default=900.0, gt=0)
+    approval_on_expiry: Literal["reject", "approve"] = "reject"
+    audit_app_id: str = "ia-audit"
+    # Default: decisions with an action (or a mode other than none) are
+    # recorded in full, the rest as per-batch digests; true records all in full.
+    audit_all_decisions: bool = False
+    # Approval HTTP API (`ia api`): bearer token from the environment or a file,
+    # never from code.  Without one the API refuses every request.
+    api_token: SecretStr | None = None
+    api_token_file: Path | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8470, ge=0)
+    # Default incoming-webhook URL of the notify actuator (Slack-compatible).
+    notify_url: SecretStr | None = None
+    # Which actuator plug-ins (entry point group "ia.actuators") to load:
+    # "all", "none" or a comma-separated list of names.
+    actuator_plugins: str = "all"
     log_level: str = "warn"
 
     @cached_property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    @property
+    def audit_log(self) -> Path:
+        """The hash-chained audit log (JSONL); its head lives in Redis."""
+        return (self.audit_dir or self.run_dir / "audit") / f"{self.topic_prefix}.audit.jsonl"
 
     def require_endpoints(self) -> tuple[str, str]:
         if not self.kafka_bootstrap_servers or not self.redis_url:

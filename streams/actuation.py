@@ -1,8 +1,10 @@
-"""The actuator process: decisions -> actions -> outcomes.
+"""The actuator process: decisions and approvals in -> actions -> outcomes out.
 
 A batch of decisions is handled concurrently (the executor serialises actions
 on the same target); the batch is acknowledged only after all its outcomes
-are confirmed by the broker.
+and approval requests are confirmed by the broker.  A timer does the
+periodic work (approval expiry, verification and compensation).  All the
+logic is in :class:`actuators.service.ActuatorService`.
 """
 
 from __future__ import annotations
@@ -12,18 +14,23 @@ import logging
 
 import faust
 import redis.asyncio as aioredis
+from pydantic import BaseModel
 
+from actuators.approvals import ApprovalStore
 from actuators.executor import ActionExecutor
 from actuators.registry import build_actuators
-from decisions.policy import Policy
+from actuators.service import ActuatorService
+from actuators.verification import Verifier
+from decisions.guards import ExecutionGuard
 from decisions.policy_source import PolicySource
 from ia import metrics
 from ia.settings import Settings
-from schemas.models import Decision
+from schemas.models import ActionOutcome, ApprovalEvent, Decision, OutcomePhase
 from schemas.serde import DecodeError, decode, encode
 from streams.app import confirm, make_app, raw_topic, with_retry
 
 log = logging.getLogger("ia.actuate")
+TICK_S = 0.5
 
 
 def build_actuator(settings: Settings) -> faust.App:
@@ -31,32 +38,51 @@ def build_actuator(settings: Settings) -> faust.App:
     topics = settings.topics
     decisions_t = raw_topic(app, topics.decisions)
     outcomes_t = raw_topic(app, topics.outcomes)
+    approvals_t = raw_topic(app, topics.approvals)
     fmt = settings.wire_format
     ctx: dict = {}
 
     def _connect() -> None:
         _, redis_url = settings.require_endpoints()
         client = aioredis.from_url(redis_url, decode_responses=False)
-        policy: Policy = PolicySource(settings.policy_file).current()
+        policy = PolicySource(settings.policy_file)
+        notify_url = settings.notify_url.get_secret_value() if settings.notify_url else None
+        actuators = build_actuators(
+            commands=policy.current().doc.commands, simulator_url=settings.simulator_url,
+            notify_url=notify_url, retries=settings.webhook_retries,
+            timeout_s=settings.action_timeout_s, plugins=settings.actuator_plugins)
+        notifier = actuators["notify"] if notify_url else None
+        executor = ActionExecutor(
+            client, actuators, prefix=settings.redis_prefix, timeout_s=settings.action_timeout_s,
+            guard=ExecutionGuard(client, settings.redis_prefix, policy.current),
+            notifier=notifier)
         ctx["redis"] = client
-        ctx["executor"] = ActionExecutor(
-            client,
-            build_actuators(commands=policy.doc.commands, simulator_url=settings.simulator_url,
-                            retries=settings.webhook_retries, timeout_s=settings.action_timeout_s),
-            prefix=settings.redis_prefix, timeout_s=settings.action_timeout_s)
+        ctx["service"] = ActuatorService(
+            executor,
+            ApprovalStore(client, settings.redis_prefix, ttl_s=settings.approval_ttl_s,
+                          on_expiry=settings.approval_on_expiry),
+            Verifier(client, settings.redis_prefix), notifier=notifier)
         metrics.serve(settings.metrics_port)
 
     _connect()
 
-    async def handle(d: Decision) -> bytes | None:
-        outcome = await ctx["executor"].handle(d)
-        if outcome is None:
-            return None
-        # Lets feedback that names only a decision id find its entity.
-        await ctx["redis"].set(f"{settings.redis_prefix}:dec:{d.decision_id}", d.entity,
-                               ex=30 * 24 * 3600)
-        metrics.OUTCOMES.labels(outcome.action_type, outcome.status.value).inc()
-        return encode(outcome, fmt)
+    async def publish(records: list[BaseModel]) -> list:
+        futures = []
+        for rec in records:
+            if isinstance(rec, ActionOutcome):
+                if rec.phase is OutcomePhase.action:
+                    # Lets feedback that names only a decision id find its entity.
+                    await ctx["redis"].set(f"{settings.redis_prefix}:dec:{rec.decision_id}",
+                                           rec.entity, ex=30 * 24 * 3600)
+                metrics.OUTCOMES.labels(rec.action_type, rec.status.value).inc()
+                topic = outcomes_t
+            elif isinstance(rec, ApprovalEvent):
+                metrics.APPROVALS.labels(rec.status.value).inc()
+                topic = approvals_t
+            else:  # pragma: no cover - the service returns only these
+                raise TypeError(type(rec).__name__)
+            futures.append(await topic.send(key=rec.entity.encode(), value=encode(rec, fmt)))
+        return futures
 
     @app.agent(decisions_t)
     async def act(stream: faust.StreamT) -> None:
@@ -72,11 +98,41 @@ def build_actuator(settings: Settings) -> faust.App:
             todo = [d for d in decided if d.action is not None]
             if not todo:
                 continue
-            results = await asyncio.gather(
-                *(with_retry("actuate", lambda d=d: handle(d), app) for d in todo))
-            futures = [await outcomes_t.send(key=d.entity.encode(), value=r)
-                       for d, r in zip(todo, results, strict=True) if r is not None]
+            results = await asyncio.gather(*(
+                with_retry("actuate", lambda d=d: ctx["service"].on_decision(d), app)
+                for d in todo))
+            futures = await publish([r for rs in results for r in rs])
             await confirm(futures)
             metrics.EVENTS_OUT.labels(topics.outcomes).inc(len(futures))
+
+    @app.agent(approvals_t)
+    async def settle_approvals(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(100, within=0.01):
+            metrics.EVENTS_IN.labels(topics.approvals).inc(len(events))
+            answered = []
+            for ev in events:
+                try:
+                    answered.append(decode(ev.message.value, ApprovalEvent, fmt))
+                except DecodeError as exc:
+                    log.error("undecodable approval event at %s[%d]@%d: %s", ev.message.topic,
+                              ev.message.partition, ev.message.offset, exc)
+            results = await asyncio.gather(*(
+                with_retry("approve", lambda a=a: ctx["service"].on_approval(a), app)
+                for a in answered))
+            await publish_confirmed([r for rs in results for r in rs])
+
+    async def publish_confirmed(records: list[BaseModel]) -> None:
+        await confirm(await publish(records))
+
+    @app.timer(interval=TICK_S)
+    async def periodic() -> None:
+        try:
+            records = await ctx["service"].tick()
+        except Exception as exc:  # retried at the next tick; state is in Redis
+            log.warning("periodic actuator work failed (%s: %s); retrying", type(exc).__name__,
+                        exc)
+            return
+        # What tick() settled is only in memory now: publish it whatever it takes.
+        await with_retry("publish", lambda: publish_confirmed(records), app)
 
     return app

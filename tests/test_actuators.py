@@ -253,7 +253,7 @@ async def test_webhook_unreachable_and_missing_url(aredis, topic_prefix, webhook
 async def test_registry_offers_builtin_actuators(sink) -> None:
     acts = build_actuators(commands={"hi": ["true"]}, webhook_url=sink.url,
                            simulator_url="http://127.0.0.1:1/", retries=1, timeout_s=3)
-    assert set(acts) == {"log", "webhook", "simulator", "command"}
+    assert set(acts) == {"log", "webhook", "notify", "simulator", "command"}
     assert all(a.name == n for n, a in acts.items())
     assert acts["simulator"].url_for(Action(type="simulator", target="x")) \
         == "http://127.0.0.1:1/actions"

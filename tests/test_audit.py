@@ -239,6 +239,11 @@ def test_completeness_counts_complete_pending_and_overdue() -> None:
     c.add(_rec(10, "outcome", "d", phase="action"))
     c.add(_rec(11, "approval", "b", status="rejected", expires_at=T0 + 60_000))
     c.add(_rec(12, "outcome", "b", phase="action"))
+    # later records of a complete decision neither reopen it nor count it twice
+    c.add(_rec(13, "outcome", "a", phase="verification"))
+    c.add(_rec(14, "outcome", "a", phase="compensation"))
+    c.add(_rec(15, "decision", "a", action={"type": "log"}, mode="auto"))
+    c.add(_rec(16, "outcome", "a", phase="action"))
     assert c.stats(T0 + 10**9) == {"complete": 44, "pending": 0, "overdue": 0,
                                    "summarised": 40, "ratio": 1.0}
 

@@ -1,0 +1,182 @@
+"""What the actuator process does, minus Kafka: decisions and approvals in,
+outcomes and approval events out, plus the periodic work (expiry, verification).
+
+Flow of one decision with an action:
+
+* ``auto`` → executed once (:class:`~actuators.executor.ActionExecutor`); if
+  the action declares a verification it is scheduled
+  (:mod:`actuators.verification`);
+* ``needs_approval`` → an approval request is stored and announced
+  (``requested`` on ``ia.approvals``); nothing runs yet.  ``approved`` runs
+  the action through the same executor (outcome carries ``approval_id`` and
+  ``approved_by``); ``rejected`` and ``expired`` give a ``blocked`` outcome
+  with who and why (``expired`` with ``on_expiry: approve`` runs it instead);
+* ``notify`` → humans are told what would be done; ``blocked`` outcome;
+* ``shadow`` / ``blocked`` → ``blocked`` outcome.
+
+:meth:`ActuatorService.tick` (every half second in each actuator process)
+expires overdue approval requests, settles approvals whose resolution event
+was lost, and finishes verifications: recovered → a ``verification``
+outcome ``succeeded``; not recovered → ``verification`` ``failed``, then the
+compensating action and its ``compensation`` outcome.  Every step is
+claimed in Redis, so any number of actuator processes cooperate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pydantic import BaseModel
+
+from actuators.approvals import ApprovalStore
+from actuators.base import Actuator
+from actuators.executor import ActionExecutor
+from actuators.verification import SpecError, Verifier, spec_of
+from schemas.models import (
+    ActionOutcome,
+    ApprovalEvent,
+    ApprovalStatus,
+    Decision,
+    ExpiryPolicy,
+    Mode,
+    OutcomePhase,
+    OutcomeStatus,
+)
+
+log = logging.getLogger("ia.actuate")
+
+# A resolved approval whose outcome has not appeared after this long is
+# settled by the periodic pass (its event was lost, e.g. the CLI crashed).
+UNFINISHED_GRACE_MS = 10_000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ActuatorService:
+    def __init__(self, executor: ActionExecutor, approvals: ApprovalStore, verifier: Verifier,
+                 notifier: Actuator | None = None) -> None:
+        self.executor = executor
+        self.approvals = approvals
+        self.verifier = verifier
+        self.notifier = notifier
+
+    async def on_decision(self, d: Decision) -> list[BaseModel]:
+        """Records to publish for one delivered decision (outcomes, approval events)."""
+        if d.action is None:
+            return []
+        if d.mode is Mode.needs_approval:
+            ev, created = await self.approvals.request(d)
+            if created and self.notifier is not None:
+                await self._announce(d)
+            # Re-announced on redelivery (same bytes); nothing once resolved.
+            return [ev] if ev.status is ApprovalStatus.requested else []
+        outcome = await self.executor.handle(d)
+        return await self._after_action(d, outcome)
+
+    async def _announce(self, d: Decision) -> None:
+        assert self.notifier is not None and d.action is not None
+        try:
+            await self.notifier.execute(d.action, d)
+        except Exception as exc:  # a chat outage must not hold up the approval
+            log.warning("approval request %s not announced: %s", d.decision_id, exc)
+
+    async def _after_action(self, d: Decision, outcome: ActionOutcome | None
+                            ) -> list[BaseModel]:
+        if outcome is None:
+            return []
+        out: list[BaseModel] = [outcome]
+        if outcome.status is not OutcomeStatus.succeeded or outcome.phase is not \
+                OutcomePhase.action:
+            return out
+        try:
+            spec = spec_of(d)
+        except SpecError as exc:
+            out.append(self._verification(d, outcome.finished_at, False,
+                                          f"invalid verification: {exc}"))
+            return out
+        if spec is not None:
+            await self.verifier.schedule(d, spec)
+        return out
+
+    def _verification(self, d: Decision, started: int, ok: bool, detail: str
+                      ) -> ActionOutcome:
+        assert d.action is not None
+        now = _now_ms()
+        return ActionOutcome(
+            decision_id=d.decision_id, entity=d.entity, action_type=d.action.type,
+            target=d.action.target,
+            status=OutcomeStatus.succeeded if ok else OutcomeStatus.failed, actuator="verifier",
+            started_at=started, finished_at=now, duration_ms=float(max(0, now - started)),
+            detail=detail, error=None if ok else "verification failed",
+            phase=OutcomePhase.verification)
+
+    async def on_approval(self, ev: ApprovalEvent) -> list[BaseModel]:
+        """Records to publish for one approval event (the outcome of a resolution)."""
+        if ev.status is ApprovalStatus.requested:
+            return []
+        found = await self.approvals.get(ev.approval_id)
+        if found is None:
+            log.warning("approval %s is unknown here (expired from Redis?)", ev.approval_id)
+            return []
+        current, d = found
+        if current.status is ApprovalStatus.requested:
+            # Only the store's state counts: an event claiming otherwise is ignored.
+            log.warning("ignoring %s event for approval %s that is still requested",
+                        ev.status.value, ev.approval_id)
+            return []
+        return await self._settle(current, d)
+
+    async def _settle(self, ev: ApprovalEvent, d: Decision) -> list[BaseModel]:
+        run = ev.status is ApprovalStatus.approved or (
+            ev.status is ApprovalStatus.expired and ev.on_expiry is ExpiryPolicy.approve)
+        if run:
+            outcome = await self.executor.run(d, approval=ev)
+            if outcome.status is OutcomeStatus.skipped_duplicate:
+                await self.approvals.finish(ev.approval_id)
+                return []  # settled before (a re-sent event); reported then
+            out = await self._after_action(d, outcome)
+        else:
+            what = "rejected" if ev.status is ApprovalStatus.rejected else "expired"
+            detail = f"approval {what} by {ev.by} via {ev.via}" + \
+                (f": {ev.reason}" if ev.reason else "")
+            outcome = await self.executor.settle(d, detail, approval=ev)
+            out = [outcome] if outcome is not None else []
+        await self.approvals.finish(ev.approval_id)
+        return out
+
+    async def tick(self, now_ms: int | None = None) -> list[BaseModel]:
+        """Periodic work; returns the records to publish."""
+        now = _now_ms() if now_ms is None else now_ms
+        out: list[BaseModel] = []
+        for ev in await self.approvals.expire_due(now):
+            out.append(ev)
+            found = await self.approvals.get(ev.approval_id)
+            if found is not None:
+                out += await self._settle(ev, found[1])
+        for aid in await self.approvals.unfinished(now - UNFINISHED_GRACE_MS):
+            found = await self.approvals.get(aid)
+            if found is None:
+                await self.approvals.finish(aid)
+                continue
+            ev, d = found
+            log.warning("settling approval %s whose %s event was not seen", aid,
+                        ev.status.value)
+            settled = await self._settle(ev, d)
+            if settled:
+                out += [ev, *settled]  # re-announce the resolution with its outcome
+        for verdict in await self.verifier.poll(now):
+            d = verdict.decision
+            out.append(self._verification(d, verdict.started_at, verdict.recovered,
+                                          verdict.detail))
+            if verdict.recovered:
+                continue
+            if self.executor.guard is not None:
+                await self.executor.guard.finished(d, "verification_failed")
+            if verdict.spec.compensate is not None:
+                comp = await self.executor.compensate(d, verdict.spec.compensate)
+                if comp is not None:
+                    out.append(comp)
+        return out

@@ -1,0 +1,177 @@
+"""Verification of an action's effect, and the compensating action when it fails.
+
+An action declares both in its params (policy YAML; values are strings)::
+
+    action:
+      type: simulator
+      target: "{entity}"
+      params:
+        op: scale_out
+        verify_metric: latency_ms      # default: the decision's metric
+        verify_within_s: 60            # the metric must recover within this time
+        verify_below: 250              # ... to below this value (or verify_above)
+        compensate: simulator          # action type to run when it does not
+        compensate.op: scale_in        # params of the compensating action
+        # compensate_target: other     # default: the same target
+
+After the action succeeds the actuator watches the feature store (the
+worker's per-series state in Redis): the metric has *recovered* once a sample
+newer than the action satisfies the threshold.  If no such sample arrives in
+time (including no sample at all) verification fails, the compensating action
+runs, and both outcomes are published (phases ``verification`` and
+``compensation``).  Pending verifications live in Redis, so they survive an
+actuator restart and any actuator process may finish them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from features.store import RedisFeatureStore
+from schemas.models import Action, Decision
+from schemas.serde import decode, encode
+
+PARAM_PREFIXES = ("verify_", "compensate", "approval_ttl_s", "on_expiry")
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    metric: str
+    entity: str
+    within_s: float
+    below: float | None = None
+    above: float | None = None
+    compensate: Action | None = None
+
+    def recovered(self, value: float) -> bool:
+        return (self.below is None or value < self.below) and \
+               (self.above is None or value > self.above)
+
+    def describe(self) -> str:
+        parts = []
+        if self.below is not None:
+            parts.append(f"< {self.below:g}")
+        if self.above is not None:
+            parts.append(f"> {self.above:g}")
+        return f"{self.metric} {' and '.join(parts)} within {self.within_s:g}s"
+
+
+def _number(params: dict[str, str], key: str) -> float | None:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SpecError(f"{key}={raw!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SpecError(f"{key} must be finite")
+    return value
+
+
+def spec_of(d: Decision) -> VerifySpec | None:
+    """The verification an action declares, or None; raises :class:`SpecError`."""
+    if d.action is None:
+        return None
+    p = d.action.params
+    if not any(k.startswith("verify_") for k in p) and "compensate" not in p:
+        return None
+    within = _number(p, "verify_within_s")
+    below, above = _number(p, "verify_below"), _number(p, "verify_above")
+    if within is None or within <= 0:
+        raise SpecError("verify_within_s (> 0) is required")
+    if below is None and above is None:
+        raise SpecError("verify_below or verify_above is required")
+    compensate = None
+    if p.get("compensate"):
+        params = {k.split(".", 1)[1]: v for k, v in p.items()
+                  if k.startswith("compensate.") and k != "compensate."}
+        compensate = Action(type=p["compensate"],
+                            target=p.get("compensate_target") or d.action.target, params=params)
+    return VerifySpec(metric=p.get("verify_metric") or d.metric,
+                      entity=p.get("verify_entity") or d.entity, within_s=within, below=below,
+                      above=above, compensate=compensate)
+
+
+@dataclass
+class Verdict:
+    decision: Decision
+    spec: VerifySpec
+    recovered: bool
+    detail: str
+    started_at: int
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Verifier:
+    """Pending verifications in Redis, checked against the feature store."""
+
+    def __init__(self, client, prefix: str = "ia") -> None:
+        self.client = client
+        self.store = RedisFeatureStore(client, prefix)
+        self.due_key = f"{prefix}:verify:due"
+        self.prefix = prefix
+
+    def key(self, decision_id: str) -> str:
+        return f"{self.prefix}:verify:{decision_id}"
+
+    async def _series(self, spec: VerifySpec):
+        rec = (await self.store.load([spec.entity]))[spec.entity]
+        return rec.series.get(spec.metric)
+
+    async def schedule(self, d: Decision, spec: VerifySpec, now_ms: int | None = None) -> None:
+        """Start watching ``spec.metric`` from its current state (call after the action)."""
+        now = _now_ms() if now_ms is None else now_ms
+        state = await self._series(spec)
+        deadline = now + int(spec.within_s * 1000)
+        body = json.dumps({"decision": encode(d, "json").decode(), "since_n": state.n if state
+                           else 0, "started_at": now, "deadline": deadline})
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.key(d.decision_id), body, ex=int(spec.within_s) + 7 * 24 * 3600)
+            pipe.zadd(self.due_key, {d.decision_id: deadline}, nx=True)
+            await pipe.execute()
+
+    async def poll(self, now_ms: int | None = None, limit: int = 500) -> list[Verdict]:
+        """Settle every verification that recovered or ran out of time."""
+        now = _now_ms() if now_ms is None else now_ms
+        out = []
+        for raw_id in await self.client.zrange(self.due_key, 0, limit - 1):
+            did = raw_id.decode()
+            body = await self.client.get(self.key(did))
+            if body is None:
+                await self.client.zrem(self.due_key, did)
+                continue
+            job = json.loads(body)
+            d = decode(job["decision"].encode(), Decision, "json")
+            spec = spec_of(d)
+            if spec is None:  # pragma: no cover - only scheduled with a spec
+                await self.client.zrem(self.due_key, did)
+                continue
+            state = await self._series(spec)
+            fresh = state is not None and state.n > job["since_n"]
+            waited = (now - job["started_at"]) / 1000
+            if fresh and spec.recovered(state.last_value):
+                verdict = Verdict(d, spec, True, f"{spec.metric} recovered to "
+                                  f"{state.last_value:g} after {waited:.1f}s "
+                                  f"({spec.describe()})", job["started_at"])
+            elif now >= job["deadline"]:
+                seen = f"last value {state.last_value:g}" if fresh else \
+                    f"no new {spec.metric} sample"
+                verdict = Verdict(d, spec, False, f"{spec.metric} did not recover: {seen} "
+                                  f"after {waited:.1f}s ({spec.describe()})", job["started_at"])
+            else:
+                continue
+            # Whoever removes the entry settles it (several actuators may poll).
+            if await self.client.zrem(self.due_key, did):
+                await self.client.delete(self.key(did))
+                out.append(verdict)
+        return out

@@ -1,0 +1,82 @@
+"""The audit writer: decisions, approvals and outcomes -> the hash-chained audit log.
+
+One agent consumes the three topics as one stream and appends each batch
+through :class:`decisions.audit_store.AuditWriter` (the chain needs a single
+writer: a Redis lease makes a second ``ia audit-writer`` wait as a standby).
+A batch is acknowledged only after its records are fsynced and the head is
+committed; a timer renews the lease and exports the completeness metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faust
+import redis.asyncio as aioredis
+
+from decisions.audit_store import AuditWriter, SourceRecord
+from ia import metrics
+from ia.settings import Settings
+from streams.app import make_app, with_retry
+
+log = logging.getLogger("ia.audit")
+
+
+def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
+                       standby_s: float = 3600.0) -> faust.App:
+    app = make_app(settings, settings.audit_app_id)
+    topics = settings.topics
+    kinds = {topics.decisions: "decision", topics.approvals: "approval",
+             topics.outcomes: "outcome"}
+    source = app.topic(*kinds, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw")
+    ctx: dict = {}
+
+    _, redis_url = settings.require_endpoints()
+    client = aioredis.from_url(redis_url, decode_responses=False)
+    writer = AuditWriter(client, settings.audit_log, prefix=settings.redis_prefix,
+                         fmt=settings.wire_format, all_decisions=settings.audit_all_decisions,
+                         grace_ms=int(grace_s * 1000))
+    metrics.serve(settings.metrics_port)
+
+    async def _start() -> None:
+        if ctx.get("started"):
+            return
+        await writer.start(wait_s=standby_s)
+        ctx["started"] = True
+        log.warning("audit writer %s appending to %s (head seq %d)", writer.owner,
+                    writer.file.path, writer.chain.head.seq)
+        _export()
+
+    def _export() -> None:
+        stats = writer.completeness.stats(int(time.time() * 1000))
+        metrics.AUDIT_COMPLETENESS.set(stats["ratio"])
+        for state in ("complete", "pending", "overdue"):
+            metrics.AUDIT_DECISIONS.labels(state).set(stats[state])
+        metrics.AUDIT_HEAD_SEQ.set(writer.chain.head.seq)
+
+    @app.agent(source)
+    async def record(stream: faust.StreamT) -> None:
+        await _start()  # take the lease and repair the log before consuming anything
+        async for events in stream.take_events(1000, within=0.2):
+            items = [SourceRecord(kinds[ev.message.topic], ev.message.topic,
+                                  ev.message.partition, ev.message.offset, ev.message.value)
+                     for ev in events if ev.message.topic in kinds]
+            written = await with_retry("audit", lambda items=items: writer.write(items), app)
+            for rec in written:
+                metrics.AUDIT_RECORDS.labels(rec.kind).inc()
+
+    @app.timer(interval=1.0)
+    async def keep_lease() -> None:
+        if not ctx.get("started"):
+            return
+        await writer.renew()  # raises (and stops the writer) if the lease was lost
+        _export()
+
+    @app.on_before_shutdown.connect
+    async def _release(app_: faust.App, **_kw) -> None:
+        if ctx.get("started"):
+            await writer.close()
+
+    return app
