@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from decisions.engine import DecisionEngine
 from decisions.guards import KillSwitch, RedisGuardStore
+from decisions.learning import FeedbackLearner
 from decisions.policy_source import PolicySource
 from features.store import RedisFeatureStore
 from ia import metrics
@@ -48,6 +49,7 @@ def build_worker(settings: Settings) -> faust.App:
         ctx["engine"] = DecisionEngine(policy.current, ctx["store"],
                                        RedisGuardStore(client, settings.redis_prefix),
                                        kill_switch=KillSwitch(client, settings.redis_prefix))
+        ctx["learner"] = FeedbackLearner(client, ctx["store"], settings.redis_prefix)
         metrics.serve(settings.metrics_port)
 
     _connect()
@@ -66,7 +68,7 @@ def build_worker(settings: Settings) -> faust.App:
                 valid.append(rec)
         metrics.STAGE_SECONDS.labels("validate").observe(time.perf_counter() - started)
         t1 = time.perf_counter()
-        decided = await with_retry("decide", lambda: ctx["engine"].process(valid), app) \
+        decided = await with_retry("decide", lambda: _decide_batch(ctx, valid), app) \
             if valid else []
         metrics.STAGE_SECONDS.labels("decide").observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
@@ -115,12 +117,22 @@ def build_worker(settings: Settings) -> faust.App:
     return app
 
 
+async def _decide_batch(ctx: dict, valid: list) -> list:
+    # Decide with the newest feedback model; keep what later labels will need.
+    await ctx["learner"].refresh(ctx["engine"])
+    decided = await ctx["engine"].process(valid)
+    await ctx["learner"].remember(decided)
+    return decided
+
+
 async def _apply_outcome(ctx: dict, outcome: ActionOutcome) -> None:
     store: RedisFeatureStore = ctx["store"]
     await store.set_context(outcome.entity, {
         "last_action": f"{outcome.action_type}:{outcome.status.value}:{outcome.finished_at}"})
     if outcome.status.value in ("failed", "timeout"):
         await store.incr_context(outcome.entity, "failed")
+        # An action that could not be carried out was not useful.
+        await ctx["learner"].learn(outcome.decision_id, False)
     metrics.FEEDBACK.labels("outcome").inc()
 
 
@@ -141,6 +153,7 @@ async def _apply_feedback(ctx: dict, fb: Feedback) -> None:
         return
     good = fb.label.value in ("true_positive", "useful")
     await store.incr_context(entity, "tp" if good else "fp")
+    await ctx["learner"].learn(fb.decision_id, good)
     metrics.FEEDBACK.labels(fb.label.value).inc()
 
 
