@@ -39,6 +39,8 @@ from schemas.serde import encode
 log = logging.getLogger("ia.api")
 MIN_TOKEN_LEN = 16
 MAX_BODY = 64 * 1024
+# Typed request storage where aiohttp has it (3.11+), a plain key otherwise.
+TOKEN_NAME = web.RequestKey("token_name", str) if hasattr(web, "RequestKey") else "token_name"
 
 Publish = Callable[[ApprovalEvent], Awaitable[None]]
 
@@ -132,7 +134,7 @@ def build_api(desk: ApprovalDesk, tokens: dict[str, str]) -> web.Application:
                         request.remote)
             return web.json_response({"error": "unauthorized"}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer realm="ia"'})
-        request["token_name"] = name
+        request[TOKEN_NAME] = name  # type: ignore[index]
         return await handler(request)
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -162,7 +164,7 @@ def build_api(desk: ApprovalDesk, tokens: dict[str, str]) -> web.Application:
             return web.json_response({"error": "by and reason must be strings"}, status=400)
         if not approve and not reason.strip():
             return web.json_response({"error": "a rejection needs a reason"}, status=400)
-        token_name = request["token_name"]
+        token_name = request[TOKEN_NAME]  # type: ignore[index]
         try:
             ev = await desk.answer(request.match_info["id"], approve,
                                    by=(by or token_name)[:256], via=f"api:{token_name}",

@@ -1,0 +1,385 @@
+"""Approvals, verification, the approval API and actuator plug-ins, without Kafka.
+
+Redis is real (approval state transitions are Lua scripts); the HTTP API is
+served in-process; plug-ins are real distributions on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from actuators.approvals import ApprovalError, ApprovalStore, approval_id_for, normalise_id
+from actuators.base import ActionFailed
+from actuators.builtin import LogActuator, NotifyActuator, slack_escape
+from actuators.executor import ActionExecutor
+from actuators.registry import ActuatorContext, build_actuators, discover, load_plugins
+from actuators.service import ActuatorService
+from actuators.verification import SpecError, Verifier, spec_of
+from features.series import SeriesState
+from features.store import EntityRecord, RedisFeatureStore
+from ia.api import ApprovalDesk, build_api, load_tokens
+from schemas.models import (
+    Action,
+    ActionOutcome,
+    ApprovalEvent,
+    ApprovalStatus,
+    Decision,
+    Mode,
+    ModelInfo,
+    OutcomePhase,
+    OutcomeStatus,
+    RuleTrace,
+)
+from tests.test_governance import make_plugin
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_732_700_000_000
+
+
+def decision(mode: Mode = Mode.needs_approval, entity: str = "svc-a", **params: str) -> Decision:
+    return Decision(
+        decision_id=f"dc-{uuid.uuid4().hex}", correlation_id="c", event_id="e", entity=entity,
+        metric="latency_ms", value=900.0, ts=T0, decided_at=T0, anomaly_score=0.95,
+        confidence=0.7, model=ModelInfo(id="m", version="1"),
+        rule_trace=[RuleTrace(rule="slow", matched=True, reason="score"),
+                    RuleTrace(rule="guard:cooldown", matched=False, reason="free")],
+        action=Action(type="log", target=entity, params=params), mode=mode,
+        policy_version="p1")
+
+
+@pytest.fixture
+async def aredis(infra):
+    client = aioredis.from_url(infra.redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def store(aredis, topic_prefix) -> ApprovalStore:
+    return ApprovalStore(aredis, topic_prefix, ttl_s=60)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_ids() -> None:
+    assert approval_id_for("dc-abc") == "ap-abc"
+    assert normalise_id("dc-abc") == "ap-abc" and normalise_id("ap-abc") == "ap-abc"
+    assert approval_id_for("other").startswith("ap-")
+
+
+async def test_request_is_created_once_and_replayed_identically(store) -> None:
+    d = decision()
+    ev, created = await store.request(d, now_ms=T0)
+    assert created and ev.status is ApprovalStatus.requested and ev.rule == "slow"
+    assert (ev.expires_at - ev.requested_at, ev.on_expiry.value) == (60_000, "reject")
+    again, created = await store.request(d, now_ms=T0 + 5000)
+    assert not created and again == ev  # same bytes on the wire
+    assert [e.approval_id for e in await store.list()] == [ev.approval_id]
+
+
+async def test_action_params_override_ttl_and_expiry_policy(store) -> None:
+    ev, _ = await store.request(decision(approval_ttl_s="2.5", on_expiry="approve"), now_ms=T0)
+    assert ev.expires_at - ev.requested_at == 2500 and ev.on_expiry.value == "approve"
+    odd, _ = await store.request(decision(approval_ttl_s="soon", on_expiry="maybe"), now_ms=T0)
+    assert odd.expires_at - odd.requested_at == 60_000 and odd.on_expiry.value == "reject"
+
+
+async def test_one_answer_wins(store) -> None:
+    ev, _ = await store.request(decision(), now_ms=T0)
+    answers = await asyncio.gather(
+        *(store.resolve(ev.approval_id, s, by=f"u{i}", via="cli", reason="r", now_ms=T0 + 1)
+          for i, s in enumerate([ApprovalStatus.approved, ApprovalStatus.rejected] * 5)),
+        return_exceptions=True)
+    winners = [a for a in answers if isinstance(a, ApprovalEvent)]
+    assert len(winners) == 1
+    assert all(isinstance(a, ApprovalError) and "already" in str(a)
+               for a in answers if a not in winners)
+    stored = (await store.get(ev.approval_id))[0]
+    assert stored == winners[0] and stored.at == T0 + 1 and stored.reason == "r"
+    assert await store.list() == []
+    assert await store.unfinished(T0 + 1) == [ev.approval_id]
+    with pytest.raises(ValueError):
+        await store.resolve(ev.approval_id, ApprovalStatus.expired, by="x", via="cli")
+    with pytest.raises(ApprovalError, match="no approval request"):
+        await store.resolve("ap-nope", ApprovalStatus.approved, by="x", via="cli")
+
+
+async def test_expiry_wins_after_the_deadline(store) -> None:
+    ev, _ = await store.request(decision(), now_ms=T0)
+    assert await store.expire_due(now_ms=T0 + 59_999) == []
+    with pytest.raises(ApprovalError, match="expired"):
+        await store.resolve(ev.approval_id, ApprovalStatus.approved, by="late", via="cli",
+                            now_ms=T0 + 60_000)
+    [expired] = await store.expire_due(now_ms=T0 + 60_000)
+    assert (expired.status, expired.by, expired.via) == (ApprovalStatus.expired, "expiry",
+                                                         "actuator")
+    assert "rejected by default" in expired.reason
+    assert await store.expire_due(now_ms=T0 + 70_000) == []
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class Recorder(LogActuator):
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    async def execute(self, action, decision) -> str:
+        self.ran.append(decision.decision_id)
+        return "ran"
+
+
+@pytest.fixture
+def service(aredis, topic_prefix, store):
+    act = Recorder()
+    ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5)
+    return ActuatorService(ex, store, Verifier(aredis, topic_prefix)), act
+
+
+async def test_approved_decision_runs_once(service, store) -> None:
+    svc, act = service
+    d = decision()
+    [req] = await svc.on_decision(d)
+    assert isinstance(req, ApprovalEvent) and act.ran == []
+    assert await svc.on_decision(d) == [req]  # redelivery re-announces, runs nothing
+    ok = await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
+    [out] = await svc.on_approval(ok)
+    assert isinstance(out, ActionOutcome) and out.status is OutcomeStatus.succeeded
+    assert (out.approval_id, out.approved_by) == (req.approval_id, "ann")
+    assert "approved by ann via cli" in out.detail
+    assert await svc.on_approval(ok) == []  # a re-sent event is settled already
+    assert act.ran == [d.decision_id]
+    assert await svc.on_decision(d) == []  # resolved: nothing to announce
+    assert await store.unfinished(10**15) == []
+
+
+async def test_forged_event_for_a_pending_request_is_ignored(service) -> None:
+    svc, act = service
+    [req] = await svc.on_decision(decision())
+    forged = req.model_copy(update={"status": ApprovalStatus.approved, "by": "mallory"})
+    assert await svc.on_approval(forged) == []
+    assert act.ran == []
+
+
+async def test_expired_request_defaults_to_reject_or_to_approve(service, store) -> None:
+    svc, act = service
+    reject, approve = decision(approval_ttl_s="1"), decision(approval_ttl_s="1",
+                                                             on_expiry="approve")
+    for d in (reject, approve):
+        await svc.on_decision(d)
+    later = int(__import__("time").time() * 1000) + 1500
+    out = await svc.tick(later)
+    events = [r for r in out if isinstance(r, ApprovalEvent)]
+    outcomes = {r.decision_id: r for r in out if isinstance(r, ActionOutcome)}
+    assert {e.status for e in events} == {ApprovalStatus.expired}
+    assert outcomes[reject.decision_id].status is OutcomeStatus.blocked
+    assert "expired by expiry via actuator" in outcomes[reject.decision_id].detail
+    assert outcomes[approve.decision_id].status is OutcomeStatus.succeeded
+    assert outcomes[approve.decision_id].approved_by == "expiry"
+    assert act.ran == [approve.decision_id]
+    # the expiry events come back from the topic: nothing more happens
+    for e in events:
+        assert await svc.on_approval(e) == []
+
+
+async def test_lost_answer_is_settled_by_the_periodic_pass(service, store) -> None:
+    svc, act = service
+    [req] = await svc.on_decision(decision())
+    await store.resolve(req.approval_id, ApprovalStatus.rejected, by="bo", via="api:ops",
+                        reason="no")  # ... and the event never reaches the actuator
+    out = await svc.tick(int(__import__("time").time() * 1000) + 20_000)
+    assert [type(r).__name__ for r in out] == ["ApprovalEvent", "ActionOutcome"]
+    assert out[1].status is OutcomeStatus.blocked and "rejected by bo via api:ops: no" in \
+        out[1].detail
+    assert act.ran == []
+
+
+async def test_verification_recovered_failed_and_compensated(aredis, topic_prefix, service
+                                                             ) -> None:
+    svc, act = service
+    features = RedisFeatureStore(aredis, topic_prefix)
+
+    async def sample(entity: str, n: int, value: float) -> None:
+        rec = EntityRecord()
+        rec.put_series("latency_ms", SeriesState(n=n, mean=100, last_value=value, last_ts=n))
+        await features.save({entity: rec})
+
+    ok = decision(Mode.auto, entity="svc-ok", verify_within_s="30", verify_below="200")
+    bad = decision(Mode.auto, entity="svc-bad", verify_within_s="0.2", verify_below="200",
+                   compensate="log", **{"compensate.op": "undo"})
+    silent = decision(Mode.auto, entity="svc-quiet", verify_within_s="0.2",
+                      verify_above="1")
+    for d in (ok, bad, silent):
+        await sample(d.entity, 10, 900)
+        [out] = await svc.on_decision(d)
+        assert out.status is OutcomeStatus.succeeded
+    await sample("svc-ok", 11, 120)
+    await sample("svc-bad", 11, 650)
+    await asyncio.sleep(0.3)
+    out = await svc.tick()
+    phases = [(o.decision_id, o.phase, o.status) for o in out]
+    assert (ok.decision_id, OutcomePhase.verification, OutcomeStatus.succeeded) in phases
+    assert (bad.decision_id, OutcomePhase.verification, OutcomeStatus.failed) in phases
+    assert (bad.decision_id, OutcomePhase.compensation, OutcomeStatus.succeeded) in phases
+    assert (silent.decision_id, OutcomePhase.verification, OutcomeStatus.failed) in phases
+    texts = {(o.decision_id, o.phase): o.detail for o in out}
+    assert "recovered to 120" in texts[(ok.decision_id, OutcomePhase.verification)]
+    assert "last value 650" in texts[(bad.decision_id, OutcomePhase.verification)]
+    assert "no new latency_ms sample" in texts[(silent.decision_id, OutcomePhase.verification)]
+    assert act.ran.count(bad.decision_id) == 2  # the action, then the compensation
+    assert await svc.tick() == []  # each verification is settled once
+
+
+def test_verification_spec_parsing() -> None:
+    d = decision(Mode.auto, verify_within_s="5", verify_above="0.5", verify_metric="rps",
+                 compensate="webhook", compensate_target="lb-1", **{"compensate.url": "u"})
+    spec = spec_of(d)
+    assert (spec.metric, spec.within_s, spec.above, spec.below) == ("rps", 5.0, 0.5, None)
+    assert spec.compensate == Action(type="webhook", target="lb-1", params={"url": "u"})
+    assert spec.recovered(0.6) and not spec.recovered(0.5)
+    assert spec_of(decision(Mode.auto)) is None
+    for bad in ({"verify_below": "1"}, {"verify_within_s": "5"},
+                {"verify_within_s": "x", "verify_below": "1"},
+                {"verify_within_s": "5", "verify_below": "nan"}):
+        with pytest.raises(SpecError):
+            spec_of(decision(Mode.auto, **bad))
+
+
+# --------------------------------------------------------------------------- notify
+
+
+def test_notify_payload_is_slack_compatible_and_escaped() -> None:
+    d = decision(Mode.notify, entity="web-<!here>&<@U123>")
+    body = NotifyActuator().payload(d.action, d)
+    assert set(body) == {"text", "blocks"}
+    assert "would run log on web-&lt;!here&gt;&amp;&lt;@U123&gt;" in body["text"]
+    assert "<!here>" not in str(body) and "<@U123>" not in str(body)
+    assert all(b["type"] in ("section", "context") for b in body["blocks"])
+    asked = NotifyActuator().payload(decision().action, decision())
+    assert "approval needed" in asked["text"] and "ia approvals approve ap-" in asked["text"]
+    assert slack_escape("a<b>&") == "a&lt;b&gt;&amp;"
+
+
+async def test_notify_never_shows_the_webhook_url() -> None:
+    act = NotifyActuator(default_url="http://127.0.0.1:9/services/T000/B000/SECRET",
+                         retries=0, timeout_s=1)
+    d = decision(Mode.auto)
+    with pytest.raises(ActionFailed) as err:
+        await act.execute(Action(type="notify", target="x"), d)
+    assert "SECRET" not in str(err.value) and "127.0.0.1" in str(err.value)
+    await act.close()
+
+
+# --------------------------------------------------------------------------- the API
+
+
+async def test_api_authentication(store) -> None:
+    published: list[ApprovalEvent] = []
+
+    async def publish(ev: ApprovalEvent) -> None:
+        published.append(ev)
+
+    token = "t" * 32
+    app = build_api(ApprovalDesk(store, publish), {token: "ops"})
+    ev, _ = await store.request(decision())
+    url = f"/approvals/{ev.approval_id}/approve"
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.get("/healthz")).status == 200
+        for headers in ({}, {"Authorization": "Bearer " + "t" * 31},
+                        {"Authorization": "Bearer " + "t" * 33},
+                        {"Authorization": "Token " + token}, {"Authorization": token}):
+            assert (await client.post(url, headers=headers)).status == 401
+            assert (await client.get("/approvals", headers=headers)).status == 401
+        assert published == [] and (await store.get(ev.approval_id))[0].status.value == \
+            "requested"
+        good = {"Authorization": f"Bearer {token}"}
+        assert (await client.post(f"/approvals/{ev.approval_id}/reject", headers=good,
+                                  json={})).status == 400  # a rejection needs a reason
+        assert (await client.post(url, headers=good, data=b"{oops")).status == 400
+        r = await client.post(url, headers=good, json={"reason": "fine"})
+        assert r.status == 200
+        body = (await r.json())["approval"]
+        assert (body["status"], body["by"], body["via"]) == ("approved", "ops", "api:ops")
+        assert [e.status.value for e in published] == ["approved"]
+        assert (await client.post(url, headers=good)).status == 409
+        shown = await (await client.get(f"/approvals/{ev.decision_id}", headers=good)).json()
+        assert shown["decision"]["decision_id"] == ev.decision_id
+
+
+async def test_api_without_tokens_refuses_everything(store) -> None:
+    async def publish(ev: ApprovalEvent) -> None:  # pragma: no cover
+        raise AssertionError
+
+    async with TestClient(TestServer(build_api(ApprovalDesk(store, publish), {}))) as client:
+        assert (await client.get("/approvals", headers={"Authorization": "Bearer "})).status \
+            == 401
+
+
+def test_token_loading(tmp_path: Path) -> None:
+    f = tmp_path / "tokens"
+    f.write_text("# comment\n\nops " + "a" * 20 + "\n" + "b" * 20 + "\n")
+    assert load_tokens("c" * 16, f) == {"c" * 16: "api", "a" * 20: "ops", "b" * 20: "api"}
+    assert load_tokens(None, None) == {}
+    with pytest.raises(ValueError, match="shorter"):
+        load_tokens("short", None)
+    f.write_text("a b c\n")
+    with pytest.raises(ValueError, match="expected"):
+        load_tokens(None, f)
+
+
+# --------------------------------------------------------------------------- plug-ins
+
+BROKEN = "raise ImportError('missing dependency')\n"
+IMPOSTOR = '''
+class Log:
+    name = "log"
+    def __init__(self, ctx): pass
+    async def execute(self, action, decision): return "hijacked"
+'''
+MISNAMED = '''
+class Thing:
+    name = "something-else"
+    def __init__(self, ctx): pass
+    async def execute(self, action, decision): return "?"
+'''
+
+
+@pytest.fixture
+def plugin_path(tmp_path: Path, monkeypatch):
+    root = tmp_path / "site"
+    make_plugin(root)
+    make_plugin(root, module="ia_broken_plugin", entry="broken", source=BROKEN)
+    make_plugin(root, module="ia_impostor_plugin", entry="log", target="Log", source=IMPOSTOR)
+    make_plugin(root, module="ia_misnamed_plugin", entry="misnamed", target="Thing",
+                source=MISNAMED)
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    for mod in ("ia_echo_plugin", "ia_broken_plugin", "ia_impostor_plugin",
+                "ia_misnamed_plugin"):
+        sys.modules.pop(mod, None)
+
+
+async def test_plugins_are_discovered_and_checked(plugin_path, caplog) -> None:
+    assert {ep.name for ep in discover()} >= {"echo", "broken", "log", "misnamed"}
+    assert [ep.name for ep in discover("echo, nope")] == ["echo"]
+    assert discover("none") == []
+    loaded = load_plugins(ActuatorContext(timeout_s=3))
+    assert set(loaded) == {"echo"}
+    assert "failed to load" in caplog.text and "replace a built-in" in caplog.text
+    assert "must have name" in caplog.text
+    acts = build_actuators(plugins="all")
+    assert acts["log"].__class__ is LogActuator  # a plug-in cannot replace a built-in
+    d = decision(Mode.auto, greeting="hi")
+    assert await acts["echo"].execute(d.action, d) == "echo says hi to svc-a"
+    assert "echo" not in build_actuators()  # plug-ins are opt-in for the function
