@@ -190,11 +190,15 @@ class AuditWriter:
                 raise AuditError("another audit writer holds the lease "
                                  f"({self.state.lease_key}); only one may write the chain")
             await asyncio.sleep(0.5)
-        await self._recover()
-        self.completeness = Completeness(self.completeness.grace_ms)
-        result = await asyncio.to_thread(scan, self.file.path, self.completeness.add)
-        if not result.ok:  # pragma: no cover - recover() verified it just now
-            raise AuditError("; ".join(result.problems))
+        try:
+            await self._recover()
+            self.completeness = Completeness(self.completeness.grace_ms)
+            result = await asyncio.to_thread(scan, self.file.path, self.completeness.add)
+            if not result.ok:  # pragma: no cover - recover() verified it just now
+                raise AuditError("; ".join(result.problems))
+        except BaseException:
+            await self.state.release(self.owner)
+            raise
 
     async def _recover(self) -> None:
         head, pending = await self.state.heads()

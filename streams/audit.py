@@ -9,16 +9,18 @@ committed; a timer renews the lease and exports the completeness metrics.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import faust
 import redis.asyncio as aioredis
 
+from decisions.audit import AuditError
 from decisions.audit_store import AuditWriter, SourceRecord
 from ia import metrics
 from ia.settings import Settings
-from streams.app import make_app, with_retry
+from streams.app import make_app
 
 log = logging.getLogger("ia.audit")
 
@@ -56,22 +58,50 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
             metrics.AUDIT_DECISIONS.labels(state).set(stats[state])
         metrics.AUDIT_HEAD_SEQ.set(writer.chain.head.seq)
 
+    async def _fatal(exc: AuditError) -> None:
+        """The chain cannot be extended safely: stop (offsets stay uncommitted)."""
+        log.critical("audit writer stopping: %s (check the log with: ia audit verify)", exc)
+        ctx["fatal"] = exc
+        await app.crash(exc)
+
+    async def _write(items: list[SourceRecord]) -> list:
+        delay = 0.1
+        while True:
+            try:
+                return await writer.write(items)
+            except AuditError:
+                raise
+            except Exception as exc:  # Redis or the disk: retry, the batch stays unacked
+                if getattr(app, "should_stop", False):
+                    raise
+                metrics.RETRIES.labels("audit").inc()
+                log.warning("audit write failed (%s: %s); retrying in %.1fs",
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     @app.agent(source)
     async def record(stream: faust.StreamT) -> None:
-        await _start()  # take the lease and repair the log before consuming anything
-        async for events in stream.take_events(1000, within=0.2):
-            items = [SourceRecord(kinds[ev.message.topic], ev.message.topic,
-                                  ev.message.partition, ev.message.offset, ev.message.value)
-                     for ev in events if ev.message.topic in kinds]
-            written = await with_retry("audit", lambda items=items: writer.write(items), app)
-            for rec in written:
-                metrics.AUDIT_RECORDS.labels(rec.kind).inc()
+        try:
+            await _start()  # take the lease and repair the log before consuming anything
+            async for events in stream.take_events(1000, within=0.2):
+                items = [SourceRecord(kinds[ev.message.topic], ev.message.topic,
+                                      ev.message.partition, ev.message.offset, ev.message.value)
+                         for ev in events if ev.message.topic in kinds]
+                for rec in await _write(items):
+                    metrics.AUDIT_RECORDS.labels(rec.kind).inc()
+        except AuditError as exc:
+            await _fatal(exc)
 
     @app.timer(interval=1.0)
     async def keep_lease() -> None:
-        if not ctx.get("started"):
+        if not ctx.get("started") or ctx.get("fatal"):
             return
-        await writer.renew()  # raises (and stops the writer) if the lease was lost
+        try:
+            await writer.renew()  # the lease lost means another writer may be active
+        except AuditError as exc:
+            await _fatal(exc)
+            return
         _export()
 
     @app.on_before_shutdown.connect
