@@ -33,8 +33,6 @@ from features.store import RedisFeatureStore
 from schemas.models import Action, Decision
 from schemas.serde import decode, encode
 
-PARAM_PREFIXES = ("verify_", "compensate", "approval_ttl_s", "on_expiry")
-
 
 class SpecError(ValueError):
     pass
@@ -124,16 +122,22 @@ class Verifier:
     def key(self, decision_id: str) -> str:
         return f"{self.prefix}:verify:{decision_id}"
 
-    async def _series(self, spec: VerifySpec):
-        rec = (await self.store.load([spec.entity]))[spec.entity]
-        return rec.series.get(spec.metric)
+    async def latest(self, entity: str, metric: str) -> tuple[int, float] | None:
+        """(samples seen, last value) of one series in the worker's feature store.
+
+        The only place that knows the store's layout: the worker keeps one
+        hash per entity with the per-metric state (:mod:`features.store`).
+        """
+        rec = (await self.store.load([entity]))[entity]
+        state = rec.series.get(metric)
+        return None if state is None else (state.n, state.last_value)
 
     async def schedule(self, d: Decision, spec: VerifySpec, now_ms: int | None = None) -> None:
         """Start watching ``spec.metric`` from its current state (call after the action)."""
         now = _now_ms() if now_ms is None else now_ms
-        state = await self._series(spec)
+        seen = await self.latest(spec.entity, spec.metric)
         deadline = now + int(spec.within_s * 1000)
-        body = json.dumps({"decision": encode(d, "json").decode(), "since_n": state.n if state
+        body = json.dumps({"decision": encode(d, "json").decode(), "since_n": seen[0] if seen
                            else 0, "started_at": now, "deadline": deadline})
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.key(d.decision_id), body, ex=int(spec.within_s) + 7 * 24 * 3600)
@@ -156,17 +160,17 @@ class Verifier:
             if spec is None:  # pragma: no cover - only scheduled with a spec
                 await self.client.zrem(self.due_key, did)
                 continue
-            state = await self._series(spec)
-            fresh = state is not None and state.n > job["since_n"]
+            seen = await self.latest(spec.entity, spec.metric)
+            fresh = seen is not None and seen[0] > job["since_n"]
+            value = seen[1] if seen is not None else 0.0
             waited = (now - job["started_at"]) / 1000
-            if fresh and spec.recovered(state.last_value):
-                verdict = Verdict(d, spec, True, f"{spec.metric} recovered to "
-                                  f"{state.last_value:g} after {waited:.1f}s "
-                                  f"({spec.describe()})", job["started_at"])
+            if fresh and spec.recovered(value):
+                verdict = Verdict(d, spec, True, f"{spec.metric} recovered to {value:g} after "
+                                  f"{waited:.1f}s ({spec.describe()})", job["started_at"])
             elif now >= job["deadline"]:
-                seen = f"last value {state.last_value:g}" if fresh else \
+                seen_text = f"last value {value:g}" if fresh else \
                     f"no new {spec.metric} sample"
-                verdict = Verdict(d, spec, False, f"{spec.metric} did not recover: {seen} "
+                verdict = Verdict(d, spec, False, f"{spec.metric} did not recover: {seen_text} "
                                   f"after {waited:.1f}s ({spec.describe()})", job["started_at"])
             else:
                 continue

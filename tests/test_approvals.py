@@ -22,8 +22,6 @@ from actuators.executor import ActionExecutor
 from actuators.registry import ActuatorContext, build_actuators, discover, load_plugins
 from actuators.service import ActuatorService
 from actuators.verification import SpecError, Verifier, spec_of
-from features.series import SeriesState
-from features.store import EntityRecord, RedisFeatureStore
 from ia.api import ApprovalDesk, build_api, load_tokens
 from schemas.models import (
     Action,
@@ -205,15 +203,25 @@ async def test_lost_answer_is_settled_by_the_periodic_pass(service, store) -> No
     assert act.ran == []
 
 
+class FakeSeries(Verifier):
+    """The worker's feature store reduced to what verification reads (the real
+    store is read in tests/test_governance.py, through the worker)."""
+
+    def __init__(self, client, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self.seen: dict[tuple[str, str], tuple[int, float]] = {}
+
+    async def latest(self, entity: str, metric: str) -> tuple[int, float] | None:
+        return self.seen.get((entity, metric))
+
+
 async def test_verification_recovered_failed_and_compensated(aredis, topic_prefix, service
                                                              ) -> None:
     svc, act = service
-    features = RedisFeatureStore(aredis, topic_prefix)
+    svc.verifier = FakeSeries(aredis, topic_prefix)
 
     async def sample(entity: str, n: int, value: float) -> None:
-        rec = EntityRecord()
-        rec.put_series("latency_ms", SeriesState(n=n, mean=100, last_value=value, last_ts=n))
-        await features.save({entity: rec})
+        svc.verifier.seen[(entity, "latency_ms")] = (n, value)
 
     ok = decision(Mode.auto, entity="svc-ok", verify_within_s="30", verify_below="200")
     bad = decision(Mode.auto, entity="svc-bad", verify_within_s="0.2", verify_below="200",
@@ -239,6 +247,22 @@ async def test_verification_recovered_failed_and_compensated(aredis, topic_prefi
     assert "no new latency_ms sample" in texts[(silent.decision_id, OutcomePhase.verification)]
     assert act.ran.count(bad.decision_id) == 2  # the action, then the compensation
     assert await svc.tick() == []  # each verification is settled once
+
+
+async def test_kill_switch_stops_approved_actions(aredis, topic_prefix, store) -> None:
+    from decisions.guards import ExecutionGuard, KillSwitch
+
+    act = Recorder()
+    ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5,
+                        guard=ExecutionGuard(aredis, topic_prefix))
+    svc = ActuatorService(ex, store, Verifier(aredis, topic_prefix))
+    [req] = await svc.on_decision(decision())
+    await KillSwitch(aredis, topic_prefix).pause("ops", "incident review")
+    ok = await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
+    [out] = await svc.on_approval(ok)
+    assert out.status is OutcomeStatus.blocked and "paused by ops" in out.detail
+    assert out.approval_id == req.approval_id and out.approved_by is None
+    assert act.ran == []
 
 
 def test_verification_spec_parsing() -> None:

@@ -203,6 +203,9 @@ def test_approved_request_runs_once_and_records_who(gov):
     assert req["rule"] == "ask-first"
     assert req["action"] == d["action"] and req["expires_at"] > req["requested_at"]
     assert calls(gov, d["decision_id"]) == []  # nothing runs before a human says so
+    # the request was announced to humans (IA_NOTIFY_URL), with how to answer it
+    wait_until(lambda: any(req["approval_id"] in b.get("text", "") for b in gov["sink"].bodies),
+               10, "approval request announced")
 
     listed = ia(gov, "approvals", "list", "--json")
     assert listed.returncode == 0, listed.stderr
