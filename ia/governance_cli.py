@@ -262,6 +262,8 @@ def story(decision_id: str, records) -> str:
             "model",
             f"  {d['model']['id']} version {d['model']['version']}; "
             f"policy version {d.get('policy_version') or '-'}",
+            *[f"  component {m['id']} version {m['version']}"
+              for m in (d.get("explanation") or {}).get("models", [])],
             "score",
             f"  anomaly score {d['anomaly_score']:.3f}, confidence {d['confidence']:.3f}, "
             f"drift {d['drift']}",
@@ -269,6 +271,17 @@ def story(decision_id: str, records) -> str:
         ]
         feats = d.get("features") or {}
         out += [f"  {k} = {v:g}" for k, v in sorted(feats.items())] or ["  (none)"]
+        why = d.get("explanation") or {}
+        if why:
+            out.append("explanation")
+            if why.get("summary"):
+                out.append(f"  {why['summary']}")
+            for c in why.get("top_features", []):
+                out.append("  " + ", ".join(f"{k} {v}" for k, v in c.items()))
+            if why.get("drift_event"):
+                out.append(f"  drift: {why['drift_event']}")
+            if why.get("p_useful") is not None:
+                out.append(f"  p(useful) {why['p_useful']:.2f}")
         rules = [t for t in d.get("rule_trace", []) if not t["rule"].startswith("guard:")]
         guards = [t for t in d.get("rule_trace", []) if t["rule"].startswith("guard:")]
         out.append("rule trace")

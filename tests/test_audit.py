@@ -337,3 +337,29 @@ async def test_approval_events_are_recorded(aredis, tmp_path: Path) -> None:
     assert recs[0].kind == "approval" and recs[0].id == "dc-1"
     assert recs[0].data["status"] == "requested"
     await w.close()
+
+
+def test_story_tells_event_features_models_rules_guards_approval_and_outcomes() -> None:
+    from ia.governance_cli import story
+
+    d = _decision(7, True).model_dump(mode="json")
+    d["mode"] = "needs_approval"
+    d["rule_trace"].append({"rule": "guard:cooldown", "matched": True, "reason": "in cooldown"})
+    d["explanation"] = {"summary": "latency far above its baseline",
+                        "top_features": [{"name": "zscore", "value": 9.5, "weight": 0.8}],
+                        "models": [{"id": "ewma", "version": "3"}], "drift_event": None,
+                        "p_useful": 0.7}
+    req = {"approval_id": "ap-7", "status": "requested", "requested_at": T0,
+           "expires_at": T0 + 1, "on_expiry": "reject"}
+    done = {**req, "status": "approved", "by": "ann", "via": "cli", "at": T0 + 1,
+            "reason": "ok"}
+    out = _outcome(7).model_dump(mode="json") | {"approved_by": "ann"}
+    recs = Chain().extend([(T0, "decision", "dc-7", "", d), (T0, "approval", "dc-7", "", req),
+                           (T0, "approval", "dc-7", "", done), (T0, "outcome", "dc-7", "", out)])
+    text = story("dc-7", recs)
+    for part in ("svc-1 latency_ms = 7", "m version 1", "component ewma version 3",
+                 "zscore = 9.5", "latency far above its baseline", "p(useful) 0.70",
+                 "✔ r: why", "✘ cooldown: in cooldown", "mode needs_approval",
+                 "requested at", "approved by ann via cli", ": ok",
+                 "[action] succeeded: log on svc-1", "approved by ann"):
+        assert part in text, (part, text)
