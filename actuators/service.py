@@ -24,6 +24,7 @@ claimed in Redis, so any number of actuator processes cooperate.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -79,7 +80,7 @@ class ActuatorService:
     async def _announce(self, d: Decision) -> None:
         assert self.notifier is not None and d.action is not None
         try:
-            await self.notifier.execute(d.action, d)
+            await asyncio.wait_for(self.notifier.execute(d.action, d), self.executor.timeout_s)
         except Exception as exc:  # a chat outage must not hold up the approval
             log.warning("approval request %s not announced: %s", d.decision_id, exc)
 
