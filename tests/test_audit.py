@@ -363,3 +363,15 @@ def test_story_tells_event_features_models_rules_guards_approval_and_outcomes() 
                  "requested at", "approved by ann via cli", ": ok",
                  "[action] succeeded: log on svc-1", "approved by ann"):
         assert part in text, (part, text)
+
+
+@pytest.mark.integration
+async def test_all_decisions_can_be_recorded_in_full(aredis, tmp_path: Path) -> None:
+    w = AuditWriter(aredis, tmp_path / "audit.jsonl", prefix=f"t{uuid.uuid4().hex[:8]}",
+                    all_decisions=True)
+    await w.start()
+    recs = await w.write([SourceRecord("decision", "p.decisions", 0, i,
+                                       encode(_decision(i, False))) for i in range(3)])
+    assert [r.kind for r in recs] == ["decision"] * 3
+    assert w.completeness.stats(T0)["complete"] == 3
+    await w.close()
