@@ -26,6 +26,9 @@ class Topics:
         self.feedback = f"{prefix}.feedback"
         self.dlq = f"{prefix}.telemetry.dlq"
         self.approvals = f"{prefix}.approvals"
+        # Decisions of a shadow candidate (`ia worker --shadow`). No actuator reads it,
+        # and it is not in all(): only the shadow worker creates it.
+        self.decisions_shadow = f"{prefix}.decisions.shadow"
 
     def all(self) -> list[str]:
         return [self.telemetry, self.decisions, self.outcomes, self.feedback, self.dlq,
