@@ -82,11 +82,15 @@ class DecisionEngine:
         self._states: dict[tuple[str, str], DetectorState] = {}
         self.stats = EngineStats()
 
-    async def process(self, events: Sequence[TelemetryEvent]) -> list[Decision]:
-        """Decide every event of a batch, in order; feature state is saved once."""
+    async def process(self, events: Sequence[TelemetryEvent],
+                      positions: Sequence[tuple[int, int]] | None = None) -> list[Decision]:
+        """Decide every event of a batch, in order; feature state is saved once.
+
+        ``positions`` ((partition, offset) per event, from the worker) let the
+        feature store recognise records delivered again and not fold them twice."""
         records = await self.store.load(ev.entity for ev in events)
         self._states = {}
-        feats = enrich_events(events, records)
+        feats = enrich_events(events, records, positions)
         policy = self.policy()
         await observe_fleet(self.claims, policy, events)  # type: ignore[arg-type]
         decisions = []

@@ -1,61 +1,163 @@
 """Turn a batch of telemetry events into per-event feature vectors.
 
-:func:`enrich_batch` is the one definition of the features, used by the
-worker (Redis) and by replay (memory): it loads every entity of the batch in
-one round trip, folds events in order, and writes back once.
+:func:`enrich_events` is the one implementation of the features, used by the
+worker (Redis) and by replay (memory): for each event, in order, it serves the
+features from the state before the event, then folds the event in.  A batch
+loads every entity once and saves once (:func:`enrich_batch`, or the engine).
+
+With ``positions`` (the Kafka partition and offset of each event), an event
+already folded into its entity's state -- delivered again after a crash or a
+rebalance -- is served but not folded a second time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from features.series import observe
+from features.aggregations import LAST_TS, EntityContext, Out
+from features.definitions import NEVER_S
+from features.registry import (
+    DEFAULT_REGISTRY,
+    DUPLICATE,
+    IN_ORDER,
+    LATE_FOLDED,
+    OUTCOMES,
+    REDELIVERED,
+    TOO_LATE,
+    FeatureRegistry,
+    Ratio,
+)
+from features.series import saturate
 from features.store import EntityRecord, FeatureStore
+from ia import metrics
 from schemas.models import EventKind, TelemetryEvent
 
-# Discrete events whose recency is a context feature (``seconds_since_<name>``).
-# An allow-list, because event names come from producers and each one tracked
-# costs memory on every entity.
-CONTEXT_EVENTS = ("deploy", "config_change", "restart", "scale")
-NEVER_S = 1e9
+__all__ = ["CONTEXT_EVENTS", "NEVER_S", "context_features", "enrich_batch", "enrich_events"]
+
+# Discrete events whose recency is a context feature (``seconds_since_<name>``):
+# an allow-list from the definitions, because event names come from producers
+# and each one tracked costs memory on every entity.
+CONTEXT_EVENTS = tuple(sorted(DEFAULT_REGISTRY.tracked_events))
+_FOLDED = (IN_ORDER, LATE_FOLDED, TOO_LATE)  # outcomes that change the stored state
 
 
-def context_features(rec: EntityRecord, ts: int) -> dict[str, float]:
-    feats: dict[str, float] = {}
-    for name in CONTEXT_EVENTS:
-        seen = rec.context.get(f"event:{name}")
-        feats[f"seconds_since_{name}"] = (
-            max(0.0, (ts - int(seen)) / 1000.0) if seen is not None and int(seen) <= ts
-            else NEVER_S
-        )
-    feats["false_positives"] = float(rec.context.get("fp", 0))
-    feats["true_positives"] = float(rec.context.get("tp", 0))
-    feats["actions_failed"] = float(rec.context.get("failed", 0))
-    return feats
+def context_features(rec: EntityRecord, ts: int,
+                     registry: FeatureRegistry = DEFAULT_REGISTRY) -> Out:
+    """The entity-level features of ``rec`` at event time ``ts``."""
+    out: Out = {}
+    registry.serve_context(EntityContext(rec.context) if rec.context else None, ts, out)
+    return out
 
 
-def _enrich_one(ev: TelemetryEvent, rec: EntityRecord) -> dict[str, float]:
-    if ev.kind is EventKind.event:
-        if ev.metric in CONTEXT_EVENTS:
-            prev = rec.context.get(f"event:{ev.metric}")
-            if prev is None or int(prev) < ev.ts:
-                rec.put_context(f"event:{ev.metric}", str(ev.ts))
-        return {"value": ev.value, **context_features(rec, ev.ts)}
-    feats, new_state = observe(rec.get_series(ev.metric), ev.value, ev.ts)
-    rec.put_series(ev.metric, new_state)
-    return {**feats, **context_features(rec, ev.ts)}
+def is_redelivery(rec: EntityRecord, partition: int, offset: int, ts: int) -> bool:
+    """Whether the record at ``(partition, offset)`` is already in ``rec``'s state.
+
+    The entity's records come from one partition in offset order, so anything at
+    or below the last folded offset was folded -- unless its time is newer than
+    anything folded, which means the offsets started again (a recreated topic)."""
+    p = rec.position
+    return p is not None and p[0] == partition and offset <= p[1] and ts <= p[2]
 
 
-def enrich_events(events: Sequence[TelemetryEvent],
-                  records: dict[str, EntityRecord]) -> list[dict[str, float]]:
+def _advance_position(rec: EntityRecord, partition: int, offset: int, ts: int) -> None:
+    p = rec.position
+    newest = max(ts, p[2]) if p is not None and p[0] == partition else ts
+    rec.put_position((partition, offset, newest))
+
+
+class _Batch:
+    """Per-batch caches: parsed entity contexts, and outcome counts."""
+
+    def __init__(self, records: dict[str, EntityRecord], registry: FeatureRegistry) -> None:
+        self.records = records
+        self.registry = registry
+        self.contexts: dict[str, EntityContext | None] = {}
+        self.counts = [0] * len(OUTCOMES)
+
+    def context(self, entity: str, create: bool = False) -> EntityContext | None:
+        if entity in self.contexts:
+            ctx = self.contexts[entity]
+        else:
+            raw = self.records[entity].context
+            ctx = self.contexts[entity] = EntityContext(raw) if raw else None
+        if ctx is None and create:
+            ctx = self.contexts[entity] = EntityContext({})
+        return ctx
+
+    def metric_features(self, ev: TelemetryEvent, rec: EntityRecord, fold: bool) -> Out:
+        metric = ev.metric
+        st = rec.states.get(metric)
+        if st is None:
+            st = rec.state(metric, self.registry)
+        ratios = [(r, self.ratio(rec, r, ev.ts)) for r in self.registry.ratios
+                  if _has(rec, r.numerator) and _has(rec, r.denominator)]
+        feats, outcome = rec.plans[metric].observe(st, ev.value, ev.ts, fold)
+        self.counts[outcome] += 1
+        if outcome in _FOLDED:
+            rec.dirty_series.add(metric)
+        for r, value in ratios:
+            feats[r.d.outputs[0]] = value
+        self.registry.serve_context(self.context(ev.entity), ev.ts, feats)
+        return feats
+
+    def ratio(self, rec: EntityRecord, r: Ratio, t: int) -> float:
+        """sum(numerator) / sum(denominator) over the window at t (0 if no denominator)."""
+        num, den = (self._window_sum(rec, m, r.window, t) for m in (r.numerator, r.denominator))
+        return saturate(num / den) if den > 0 else 0.0
+
+    def _window_sum(self, rec: EntityRecord, metric: str, window: str, t: int) -> float:
+        st = rec.state(metric, self.registry)
+        return rec.plans[metric].windows[window].totals(st, t, st[LAST_TS])[1]
+
+    def event_features(self, ev: TelemetryEvent, rec: EntityRecord) -> Out:
+        ctx = self.context(ev.entity)
+        if ev.metric in self.registry.tracked_events:
+            ctx = self.context(ev.entity, create=True)
+            assert ctx is not None
+            value = ctx.record_event(ev.metric, ev.ts)
+            if value is not None:
+                rec.put_context(f"event:{ev.metric}", value)
+        feats: Out = {"value": ev.value}
+        self.registry.serve_context(ctx, ev.ts, feats)
+        return feats
+
+    def report(self) -> None:
+        for outcome in (LATE_FOLDED, TOO_LATE, DUPLICATE, REDELIVERED):
+            if self.counts[outcome]:
+                metrics.FEATURE_LATE_EVENTS.labels(OUTCOMES[outcome]).inc(self.counts[outcome])
+
+
+def _has(rec: EntityRecord, metric: str) -> bool:
+    return metric in rec.blobs or metric in rec.states
+
+
+def enrich_events(events: Sequence[TelemetryEvent], records: dict[str, EntityRecord],
+                  positions: Sequence[tuple[int, int]] | None = None,
+                  registry: FeatureRegistry = DEFAULT_REGISTRY) -> list[Out]:
     """Features for each event, in order, folding each into ``records``."""
-    return [_enrich_one(ev, records[ev.entity]) for ev in events]
+    batch = _Batch(records, registry)
+    out = []
+    for i, ev in enumerate(events):
+        rec = records[ev.entity]
+        fold = True
+        if positions is not None:
+            partition, offset = positions[i]
+            fold = not is_redelivery(rec, partition, offset, ev.ts)
+            if fold:
+                _advance_position(rec, partition, offset, ev.ts)
+        if ev.kind is EventKind.metric:
+            out.append(batch.metric_features(ev, rec, fold))
+        else:
+            out.append(batch.event_features(ev, rec))
+    batch.report()
+    return out
 
 
-async def enrich_batch(events: Sequence[TelemetryEvent],
-                       store: FeatureStore) -> list[dict[str, float]]:
+async def enrich_batch(events: Sequence[TelemetryEvent], store: FeatureStore,
+                       positions: Sequence[tuple[int, int]] | None = None,
+                       registry: FeatureRegistry = DEFAULT_REGISTRY) -> list[Out]:
     """Load, enrich and save a batch: one read and one write round trip."""
     records = await store.load(ev.entity for ev in events)
-    features = enrich_events(events, records)
+    features = enrich_events(events, records, positions, registry)
     await store.save(records)
     return features

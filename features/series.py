@@ -1,10 +1,13 @@
-"""Per-(entity, metric) online statistics, computed in event time.
+"""Per-(entity, metric) EWMA statistics, computed in event time.
 
-One :class:`SeriesState` per series is all the worker keeps between events.
-:func:`observe` is a pure function: given the state *before* an event and the
-event, it returns the features served for that event (computed only from data
-at or before its timestamp) and the state after it.  The online path (Redis)
-and offline replay (memory) both call it, so they cannot disagree.
+:func:`ewma_step` and :func:`std_of` are the one definition of the EWMA
+baseline: the online/replay hot path (:mod:`features.aggregations`) and the
+pure :func:`observe` below both call them, so they cannot disagree.
+
+:class:`SeriesState` is the EWMA part of a series' state as a value (what the
+engine re-baselines after drift, and what tests fold by hand).  :func:`observe`
+is pure: given the state *before* a sample, it returns the features served for
+it (from earlier data only) and the state after it.
 
 >>> s = SeriesState()
 >>> for t, v in enumerate([10.0, 10.0, 11.0, 9.0, 10.0]):
@@ -17,7 +20,6 @@ True
 from __future__ import annotations
 
 import math
-import struct
 import sys
 from dataclasses import dataclass, replace
 
@@ -32,6 +34,8 @@ WARMUP_SAMPLES = 20
 # fraction of the level keeps z-scores of tiny wobbles from exploding.
 RELATIVE_STD_FLOOR = 0.01
 ABSOLUTE_STD_FLOOR = 1e-6
+_LN2 = math.log(2.0)
+_MIN_ALPHA = 1.0 / (WARMUP_SAMPLES * 10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,33 +45,42 @@ class SeriesState:
     var: float = 0.0
     last_value: float = 0.0
     last_ts: int = -1
-    late: int = 0
-
-    _FORMAT = struct.Struct("<qdddqq")
-
-    def pack(self) -> bytes:
-        return self._FORMAT.pack(self.n, self.mean, self.var, self.last_value, self.last_ts,
-                                 self.late)
-
-    @classmethod
-    def unpack(cls, blob: bytes) -> SeriesState:
-        return cls(*cls._FORMAT.unpack(blob))
+    late: int = 0      # samples at or before last_ts, not folded into the EWMA
+    dropped: int = 0   # samples beyond the allowed lateness, folded nowhere
 
 
-def _alpha(state: SeriesState, ts: int, half_life_s: float) -> float:
-    if state.n < WARMUP_SAMPLES:
-        return 1.0 / (state.n + 1)
-    dt_s = max(0.0, (ts - state.last_ts) / 1000.0)
-    time_alpha = 1.0 - math.exp(-math.log(2.0) * dt_s / half_life_s)
-    return max(time_alpha, 1.0 / (WARMUP_SAMPLES * 10))
+def ewma_step(n: int, mean: float, var: float, last_ts: int, value: float, ts: int,
+              half_life_s: float) -> tuple[float, float]:
+    """Mean and variance after folding one in-order sample.
+
+    Welford's running statistics during warm-up, then West's exponentially
+    weighted update with a weight that depends on the event-time gap (floored,
+    so a burst of samples still moves the baseline a little)."""
+    if n < WARMUP_SAMPLES:
+        a = 1.0 / (n + 1)
+    else:
+        dt_s = max(0.0, (ts - last_ts) / 1000.0)
+        a = max(1.0 - math.exp(-_LN2 * dt_s / half_life_s), _MIN_ALPHA)
+    delta = value - mean
+    new_mean = mean + a * delta
+    new_var = (1.0 - a) * (var + a * delta * delta)
+    if not (math.isfinite(new_mean) and math.isfinite(new_var)):
+        # The sample overflows float statistics; folding it would leave an
+        # inf/NaN baseline for good, so the baseline stays as it was.
+        return mean, var
+    return new_mean, new_var
 
 
 def std_of(state: SeriesState) -> float:
-    floor = max(abs(state.mean) * RELATIVE_STD_FLOOR, ABSOLUTE_STD_FLOOR)
-    return max(math.sqrt(max(state.var, 0.0)), floor)
+    return floored_std(state.mean, state.var)
 
 
-def _saturate(x: float) -> float:
+def floored_std(mean: float, var: float) -> float:
+    floor = max(abs(mean) * RELATIVE_STD_FLOOR, ABSOLUTE_STD_FLOOR)
+    return max(math.sqrt(max(var, 0.0)), floor)
+
+
+def saturate(x: float) -> float:
     """Clamp an overflowed ratio (a finite sample far off the baseline's scale) to a
     finite float: the Decision contract rejects inf, and one such sample would
     otherwise fail every batch of its partition."""
@@ -80,33 +93,26 @@ def features_before(state: SeriesState, value: float, ts: int) -> dict[str, floa
         return {"value": value, "n": 0.0, "ewma_mean": value, "ewma_std": 0.0,
                 "zscore": 0.0, "rate_of_change": 0.0, "seconds_since_last": 0.0}
     std = std_of(state)
-    dt_s = max((ts - state.last_ts) / 1000.0, 1e-3)
+    late = ts <= state.last_ts
+    dt_s = (ts - state.last_ts) / 1000.0
     return {
         "value": value,
         "n": float(state.n),
         "ewma_mean": state.mean,
         "ewma_std": std,
-        "zscore": _saturate((value - state.mean) / std),
-        "rate_of_change": _saturate((value - state.last_value) / dt_s),
-        "seconds_since_last": (ts - state.last_ts) / 1000.0,
+        "zscore": saturate((value - state.mean) / std),
+        # The previous sample of a late one is unknown (only the newest is kept).
+        "rate_of_change": 0.0 if late else saturate((value - state.last_value)
+                                                    / max(dt_s, 1e-3)),
+        "seconds_since_last": 0.0 if late else dt_s,
     }
 
 
 def fold(state: SeriesState, value: float, ts: int,
          half_life_s: float = DEFAULT_HALF_LIFE_S) -> SeriesState:
     """Fold one in-order sample into the state (EWMA mean and variance)."""
-    a = _alpha(state, ts, half_life_s)
-    delta = value - state.mean
-    mean = state.mean + a * delta
-    # West's incremental EW variance; equals Welford's population variance
-    # while a == 1/(n+1).
-    var = (1.0 - a) * (state.var + a * delta * delta)
-    if not (math.isfinite(mean) and math.isfinite(var)):
-        # The sample overflows float statistics; folding it would leave an
-        # inf/NaN baseline for good, so the baseline stays as it was.
-        mean, var = state.mean, state.var
-    return SeriesState(n=state.n + 1, mean=mean, var=var, last_value=value, last_ts=ts,
-                       late=state.late)
+    mean, var = ewma_step(state.n, state.mean, state.var, state.last_ts, value, ts, half_life_s)
+    return replace(state, n=state.n + 1, mean=mean, var=var, last_value=value, last_ts=ts)
 
 
 def observe(state: SeriesState, value: float, ts: int,
@@ -114,9 +120,9 @@ def observe(state: SeriesState, value: float, ts: int,
     """Serve features for one sample, then fold it in.
 
     A sample at or before the last folded timestamp is late (or a replay of an
-    already processed event after a crash): it is scored against the current
-    baseline but not folded again, and counted in ``late``.  This keeps the
-    state idempotent under at-least-once delivery.
+    already processed event): it is scored against the current baseline but
+    not folded into the EWMA, and counted in ``late`` (an EWMA cannot take a
+    sample back in time; the windowed aggregations of :mod:`features` can).
     """
     feats = features_before(state, value, ts)
     if state.n and ts <= state.last_ts:

@@ -1,41 +1,60 @@
 """Online feature state: one Redis hash per entity, or memory for replay.
 
-Layout (Redis), one hash per entity so one ``HGETALL`` serves every metric of
-that entity and idle entities expire as a unit::
+Layout (Redis), one hash per entity so one read serves every metric of that
+entity and idle entities expire as a unit (TTL refreshed on every write)::
 
     {prefix}:f:v1:{entity}
-        m:{metric}      packed SeriesState (48 bytes)
-        c:{name}        context value (event timestamps, feedback counters)
-        a:{metric}      packed anomaly-detector state (decisions.detector, ~1.1 KB)
+        s1:{metric}     packed series state: every per-metric definition
+                        (features.registry; ~750 bytes, fixed per layout)
+        c:event:{name}  recent occurrences of a discrete event ("t1,t2,..", newest first)
+        c:{tp,fp,...}   feedback counters; c:last_action "type:status:finished_at"
+        p               "partition:offset:ts" of the last telemetry record folded
+        a:{metric}      packed anomaly-detector state (decisions.detector)
         d:{decision_id} a recent decision that carried an action (JSON)
 
-Concurrency model: telemetry is keyed by entity, so one partition (and
-therefore one worker) owns an entity at a time.  Each batch does one
-pipelined read and one pipelined write; when a partition moves, the new owner
-reads what the old one last wrote.  Feedback counters use ``HINCRBY`` so
-they never race with the owner's writes to other fields.
+Concurrency model: telemetry is keyed by entity, so one partition -- and
+therefore one worker -- owns an entity at a time (single writer).  A batch
+reads all its entities with one script call and writes back only the fields
+it changed with another; the write is atomic (a Lua script), so a crash leaves
+the batch either wholly saved or not at all.  The feedback agents touch other
+fields only (``HINCRBY``, compare-and-set of ``c:last_action``), so they never
+race with the owner.  When a partition moves, or a worker restarts, records
+since the last committed offset are delivered again: ``p`` tells the new owner
+which of them are already in the state, so nothing is folded twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from redis.exceptions import NoScriptError
+
+from features.aggregations import DROPPED, LAST_TS, LAST_VALUE, LATE
+from features.registry import DEFAULT_REGISTRY, SERIES_FIELD_PREFIX, FeatureRegistry, MetricPlan
 from features.series import SeriesState
 
 STATE_VERSION = "v1"
-DEFAULT_TTL_S = 7 * 24 * 3600
+DEFAULT_TTL_S = DEFAULT_REGISTRY.ttl_s
 # Enough to cover any batch still unacknowledged when a worker dies; action
 # decisions are rare, so this costs nothing for most entities.
 MAX_REMEMBERED_DECISIONS = 8
+# Fields of the previous series format (48-byte EWMA state), deleted when seen.
+STALE_PREFIXES = (b"m:",)
+
+Position = tuple[int, int, int]  # (partition, offset, newest event time folded)
 
 
 @dataclass
 class EntityRecord:
-    series: dict[str, SeriesState] = field(default_factory=dict)
-    context: dict[str, str] = field(default_factory=dict)
+    # Packed series states as loaded, and the decoded (mutable) ones in use.
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    states: dict[str, list] = field(default_factory=dict)
+    plans: dict[str, MetricPlan] = field(default_factory=dict)
     dirty_series: set[str] = field(default_factory=set)
+    context: dict[str, str] = field(default_factory=dict)
     dirty_context: set[str] = field(default_factory=set)
     # Recent action decisions, oldest first, so a batch redelivered after a
     # crash republishes exactly what was decided the first time.
@@ -46,13 +65,50 @@ class EntityRecord:
     # features so the two never disagree after a crash or a rebalance.
     detectors: dict[str, bytes] = field(default_factory=dict)
     dirty_detectors: set[str] = field(default_factory=set)
+    position: Position | None = None
+    dirty_position: bool = False
+    stale: list[bytes] = field(default_factory=list)
+
+    # -- series state ------------------------------------------------------------------
+
+    def state(self, metric: str, registry: FeatureRegistry = DEFAULT_REGISTRY) -> list:
+        """The decoded state of one series (decoded once, then shared and mutated)."""
+        st = self.states.get(metric)
+        if st is None:
+            plan = registry.plan(metric)
+            blob = self.blobs.get(metric)
+            st = plan.decode(blob) if blob is not None else plan.new()
+            self.states[metric] = st
+            self.plans[metric] = plan
+        return st
+
+    def metrics(self) -> set[str]:
+        return set(self.blobs) | set(self.states)
 
     def get_series(self, metric: str) -> SeriesState:
-        return self.series.get(metric) or SeriesState()
+        """The EWMA part of a series' state, as a value."""
+        if metric not in self.states and metric not in self.blobs:
+            return SeriesState()
+        st = self.state(metric)
+        e = self.plans[metric].ewma
+        n, mean, var = (st[e.o], st[e.o + 1], st[e.o + 2]) if e else (0, 0.0, 0.0)
+        return SeriesState(n=n, mean=mean, var=var, last_value=st[LAST_VALUE],
+                           last_ts=st[LAST_TS], late=st[LATE], dropped=st[DROPPED])
 
-    def put_series(self, metric: str, state: SeriesState) -> None:
-        self.series[metric] = state
+    def put_series(self, metric: str, s: SeriesState) -> None:
+        st = self.state(metric)
+        e = self.plans[metric].ewma
+        if e is not None:
+            st[e.o], st[e.o + 1], st[e.o + 2] = s.n, s.mean, s.var
+        st[LAST_VALUE], st[LAST_TS], st[LATE], st[DROPPED] = (s.last_value, s.last_ts,
+                                                              s.late, s.dropped)
         self.dirty_series.add(metric)
+
+    @property
+    def series(self) -> dict[str, SeriesState]:
+        return {m: self.get_series(m) for m in self.metrics()}
+
+    # -- context, decisions, detector state ----------------------------------------------
 
     def put_context(self, name: str, value: str) -> None:
         self.context[name] = value
@@ -61,6 +117,10 @@ class EntityRecord:
     def put_detector(self, metric: str, blob: bytes) -> None:
         self.detectors[metric] = blob
         self.dirty_detectors.add(metric)
+
+    def put_position(self, position: Position) -> None:
+        self.position = position
+        self.dirty_position = True
 
     def remember_decision(self, decision_id: str, ts: int, payload: bytes) -> None:
         """Keep a decision (its JSON) so a redelivered event gets it back verbatim."""
@@ -76,23 +136,34 @@ class EntityRecord:
             self.dirty_decisions.discard(oldest)
             self.dropped_decisions.add(oldest)
 
-    def changes(self) -> dict[bytes, bytes]:
-        out = {f"m:{m}".encode(): self.series[m].pack() for m in self.dirty_series}
-        out.update({f"c:{c}".encode(): self.context[c].encode() for c in self.dirty_context})
-        out.update({f"d:{d}".encode(): self.decisions[d] for d in self.dirty_decisions})
-        out.update({f"a:{m}".encode(): self.detectors[m] for m in self.dirty_detectors})
-        return out
-
     def recall_decision(self, decision_id: str) -> bytes | None:
         raw = self.decisions.get(decision_id)
         return raw.split(b"|", 1)[1] if raw is not None else None
 
+    # -- persistence ---------------------------------------------------------------------
+
+    def changes(self) -> dict[bytes, bytes]:
+        out = {}
+        for m in self.dirty_series:
+            self.blobs[m] = out[SERIES_FIELD_PREFIX + m.encode()] = self.plans[m].encode(
+                self.states[m])
+        if self.dirty_context:
+            out.update({f"c:{c}".encode(): self.context[c].encode() for c in self.dirty_context})
+        if self.dirty_decisions:
+            out.update({f"d:{d}".encode(): self.decisions[d] for d in self.dirty_decisions})
+        if self.dirty_detectors:
+            out.update({f"a:{m}".encode(): self.detectors[m] for m in self.dirty_detectors})
+        if self.dirty_position and self.position is not None:
+            out[b"p"] = b"%d:%d:%d" % self.position
+        return out
+
     def deletions(self) -> list[bytes]:
-        return [f"d:{d}".encode() for d in self.dropped_decisions]
+        return [f"d:{d}".encode() for d in self.dropped_decisions] + self.stale
 
     def dirty(self) -> bool:
         return bool(self.dirty_series or self.dirty_context or self.dirty_decisions
-                    or self.dropped_decisions)
+                    or self.dropped_decisions or self.dirty_detectors or self.dirty_position
+                    or self.stale)
 
     def clean(self) -> None:
         self.dirty_series.clear()
@@ -100,22 +171,33 @@ class EntityRecord:
         self.dirty_decisions.clear()
         self.dropped_decisions.clear()
         self.dirty_detectors.clear()
+        self.dirty_position = False
+        self.stale = []
+
+    @classmethod
+    def from_items(cls, items: Iterable[tuple[bytes, bytes]]) -> EntityRecord:
+        rec = cls()
+        for k, v in items:
+            if k.startswith(SERIES_FIELD_PREFIX):
+                rec.blobs[k[3:].decode()] = v
+            elif k.startswith(b"c:"):
+                rec.context[k[2:].decode()] = v.decode()
+            elif k == b"p":
+                part, off, ts = v.split(b":")
+                rec.position = (int(part), int(off), int(ts))
+            elif k.startswith(b"d:"):
+                rec.decisions[k[2:].decode()] = v
+            elif k.startswith(b"a:"):
+                rec.detectors[k[2:].decode()] = v
+            elif k.startswith(STALE_PREFIXES):
+                rec.stale.append(k)
+        if len(rec.decisions) > 1:
+            rec.decisions = dict(sorted(rec.decisions.items(), key=lambda kv: kv[1][:20]))
+        return rec
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> EntityRecord:
-        rec = cls()
-        for k, v in raw.items():
-            name = k.decode()
-            if name.startswith("m:"):
-                rec.series[name[2:]] = SeriesState.unpack(v)
-            elif name.startswith("c:"):
-                rec.context[name[2:]] = v.decode()
-            elif name.startswith("d:"):
-                rec.decisions[name[2:]] = v
-            elif name.startswith("a:"):
-                rec.detectors[name[2:]] = v
-        rec.decisions = dict(sorted(rec.decisions.items(), key=lambda kv: kv[1][:20]))
-        return rec
+        return cls.from_items(raw.items())
 
 
 class FeatureStore(Protocol):
@@ -127,15 +209,30 @@ class FeatureStore(Protocol):
 
     async def set_context(self, entity: str, values: dict[str, str]) -> None: ...
 
+    async def record_action(self, entity: str, action_type: str, status: str,
+                            finished_at: int) -> None: ...
+
+
+def newer_action(current: bytes | None, finished_at: int) -> bool:
+    """Whether an outcome finished at ``finished_at`` replaces ``current`` (a stale
+    outcome delivered again, or out of order, must not hide a newer one)."""
+    if current is None:
+        return True
+    try:
+        return finished_at >= int(current.rsplit(b":", 1)[1])
+    except (IndexError, ValueError):
+        return True
+
 
 class MemoryFeatureStore:
-    """Same interface as the Redis store, for replay and tests."""
+    """Same interface and bytes as the Redis store, for replay and tests."""
 
     def __init__(self) -> None:
         self._hashes: dict[str, dict[bytes, bytes]] = {}
 
     async def load(self, entities: Iterable[str]) -> dict[str, EntityRecord]:
-        return {e: EntityRecord.from_hash(self._hashes.get(e, {})) for e in set(entities)}
+        return {e: EntityRecord.from_items(self._hashes.get(e, {}).items())
+                for e in dict.fromkeys(entities)}
 
     async def save(self, records: dict[str, EntityRecord]) -> None:
         for entity, rec in records.items():
@@ -155,6 +252,67 @@ class MemoryFeatureStore:
         h = self._hashes.setdefault(entity, {})
         h.update({f"c:{k}".encode(): v.encode() for k, v in values.items()})
 
+    async def record_action(self, entity: str, action_type: str, status: str,
+                            finished_at: int) -> None:
+        h = self._hashes.setdefault(entity, {})
+        if newer_action(h.get(b"c:last_action"), finished_at):
+            h[b"c:last_action"] = f"{action_type}:{status}:{finished_at}".encode()
+
+    def raw(self, entity: str) -> dict[bytes, bytes]:
+        """The entity's hash, as Redis would hold it (for comparisons in tests)."""
+        return dict(self._hashes.get(entity, {}))
+
+
+# One call reads every entity of a batch: a pipeline of HGETALLs costs a
+# coroutine and a reply callback per key in redis-py, the script one reply.
+_LOAD = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
+return out
+"""
+# ARGV: ttl, then per key: #fields, #deletions, field, value, ..., deleted field, ...
+_SAVE = """
+local ttl, a = tonumber(ARGV[1]), 2
+for _, key in ipairs(KEYS) do
+  local nset, ndel = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  if nset > 0 then redis.call('HSET', key, unpack(ARGV, a, a + 2 * nset - 1)) end
+  a = a + 2 * nset
+  if ndel > 0 then redis.call('HDEL', key, unpack(ARGV, a, a + ndel - 1)) end
+  a = a + ndel
+  redis.call('EXPIRE', key, ttl)
+end
+return #KEYS
+"""
+# KEYS[1]; ARGV: new value, its finished_at.  Keeps the newer of the two.
+_LAST_ACTION = """
+local cur = redis.call('HGET', KEYS[1], 'c:last_action')
+if cur then
+  local t = tonumber(string.match(cur, ':(%-?%d+)$'))
+  if t and t > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'c:last_action', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client, keys: list, args: list):
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted Redis: load it once, then as before
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+LOAD_SCRIPT, SAVE_SCRIPT, LAST_ACTION_SCRIPT = _Script(_LOAD), _Script(_SAVE), _Script(
+    _LAST_ACTION)
+
 
 class RedisFeatureStore:
     """Online store on Redis (``redis.asyncio`` client, ``decode_responses=False``)."""
@@ -167,29 +325,33 @@ class RedisFeatureStore:
     def key(self, entity: str) -> str:
         return f"{self.prefix}:f:{STATE_VERSION}:{entity}"
 
+    async def load_scripts(self) -> None:
+        """Cache the scripts in Redis now (else the first call of each does it)."""
+        for script in (LOAD_SCRIPT, SAVE_SCRIPT, LAST_ACTION_SCRIPT):
+            await self.client.script_load(script.source)
+
     async def load(self, entities: Iterable[str]) -> dict[str, EntityRecord]:
-        names = sorted(set(entities))
-        async with self.client.pipeline(transaction=False) as pipe:
-            for e in names:
-                pipe.hgetall(self.key(e))
-            raws = await pipe.execute()
-        return {e: EntityRecord.from_hash(raw) for e, raw in zip(names, raws, strict=True)}
+        names = list(dict.fromkeys(entities))
+        if not names:
+            return {}
+        raws = await LOAD_SCRIPT(self.client, [self.key(e) for e in names], [])
+        return {e: EntityRecord.from_items(zip(raw[::2], raw[1::2], strict=True))
+                for e, raw in zip(names, raws, strict=True)}
 
     async def save(self, records: dict[str, EntityRecord]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            dirty = False
-            for entity, rec in records.items():
-                if not rec.dirty():
-                    continue
-                dirty = True
-                changes, deletions = rec.changes(), rec.deletions()
-                if changes:
-                    pipe.hset(self.key(entity), mapping=changes)
-                if deletions:
-                    pipe.hdel(self.key(entity), *deletions)
-                pipe.expire(self.key(entity), self.ttl_s)
-            if dirty:
-                await pipe.execute()
+        keys: list[str] = []
+        args: list = [self.ttl_s]
+        for entity, rec in records.items():
+            if not rec.dirty():
+                continue
+            changes, deletions = rec.changes(), rec.deletions()
+            keys.append(self.key(entity))
+            args += (len(changes), len(deletions))
+            for item in changes.items():
+                args += item
+            args += deletions
+        if keys:
+            await SAVE_SCRIPT(self.client, keys, args)
         for rec in records.values():
             rec.clean()
 
@@ -204,3 +366,10 @@ class RedisFeatureStore:
             pipe.hset(self.key(entity), mapping={f"c:{k}": v for k, v in values.items()})
             pipe.expire(self.key(entity), self.ttl_s)
             await pipe.execute()
+
+    async def record_action(self, entity: str, action_type: str, status: str,
+                            finished_at: int) -> None:
+        """Set ``c:last_action`` unless a newer outcome is already there (atomic)."""
+        await LAST_ACTION_SCRIPT(self.client, [self.key(entity)],
+                                 [f"{action_type}:{status}:{finished_at}", finished_at,
+                                  self.ttl_s])

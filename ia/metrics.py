@@ -22,6 +22,11 @@ EVENT_TO_DECISION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 BATCH_SIZE = Histogram("ia_batch_size", "Events per processed batch",
                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
+# Feature store (features.enrich): samples at or before their series' watermark --
+# folded (within the allowed lateness), dropped (later), duplicate, redelivered.
+FEATURE_LATE_EVENTS = Counter("ia_feature_late_events_total",
+                              "Samples at or before their series' watermark, by outcome",
+                              ["outcome"])
 # Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
 APPROVALS = Counter("ia_approval_events_total", "Approval events published", ["status"])
 AUDIT_RECORDS = Counter("ia_audit_records_total", "Records appended to the audit chain",

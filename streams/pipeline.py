@@ -56,7 +56,7 @@ def build_worker(settings: Settings) -> faust.App:
 
     async def publish_batch(events: list) -> None:
         started = time.perf_counter()
-        valid, futures = [], []
+        valid, positions, futures = [], [], []
         for ev in events:
             msg = ev.message
             rec = validate_record(msg.value, fmt=fmt, topic=msg.topic, partition=msg.partition,
@@ -66,10 +66,11 @@ def build_worker(settings: Settings) -> faust.App:
                 futures.append(await dlq_t.send(key=msg.key, value=encode(rec, "json")))
             else:
                 valid.append(rec)
+                positions.append((msg.partition, msg.offset))
         metrics.STAGE_SECONDS.labels("validate").observe(time.perf_counter() - started)
         t1 = time.perf_counter()
-        decided = await with_retry("decide", lambda: _decide_batch(ctx, valid), app) \
-            if valid else []
+        decided = await with_retry("decide", lambda: _decide_batch(ctx, valid, positions),
+                                   app) if valid else []
         metrics.STAGE_SECONDS.labels("decide").observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
         for d in decided:
@@ -117,18 +118,18 @@ def build_worker(settings: Settings) -> faust.App:
     return app
 
 
-async def _decide_batch(ctx: dict, valid: list) -> list:
+async def _decide_batch(ctx: dict, valid: list, positions: list) -> list:
     # Decide with the newest feedback model; keep what later labels will need.
     await ctx["learner"].refresh(ctx["engine"])
-    decided = await ctx["engine"].process(valid)
+    decided = await ctx["engine"].process(valid, positions)
     await ctx["learner"].remember(decided)
     return decided
 
 
 async def _apply_outcome(ctx: dict, outcome: ActionOutcome) -> None:
     store: RedisFeatureStore = ctx["store"]
-    await store.set_context(outcome.entity, {
-        "last_action": f"{outcome.action_type}:{outcome.status.value}:{outcome.finished_at}"})
+    await store.record_action(outcome.entity, outcome.action_type, outcome.status.value,
+                              outcome.finished_at)
     if outcome.status.value in ("failed", "timeout"):
         await store.incr_context(outcome.entity, "failed")
         # An action that could not be carried out was not useful.

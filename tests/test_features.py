@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import struct
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from features.enrich import CONTEXT_EVENTS, NEVER_S, context_features, enrich_batch
+from features.registry import DEFAULT_REGISTRY
 from features.series import (
     ABSOLUTE_STD_FLOOR,
     DEFAULT_HALF_LIFE_S,
@@ -181,19 +181,22 @@ def test_replaying_a_sequence_is_idempotent() -> None:
         once.n, once.mean, once.var, once.last_value, once.last_ts)
 
 
-def test_pack_unpack_round_trip() -> None:
+def test_series_state_view_round_trips_through_the_stored_blob() -> None:
+    """get_series/put_series see the EWMA part of the packed series state."""
     rng = random.Random(3)
     states = [SeriesState(), fold_all(*irregular_series(50, seed=3))]
     states += [SeriesState(n=rng.randint(0, 2**40), mean=rng.uniform(-1e12, 1e12),
                            var=rng.uniform(0, 1e20), last_value=rng.uniform(-1e9, 1e9),
-                           last_ts=rng.randint(-1, 2**62), late=rng.randint(0, 2**31))
+                           last_ts=rng.randint(-1, 2**62), late=rng.randint(0, 2**31),
+                           dropped=rng.randint(0, 2**31))
                for _ in range(50)]
     for s in states:
-        blob = s.pack()
-        assert len(blob) == 48
-        assert SeriesState.unpack(blob) == s
-    with pytest.raises(struct.error):
-        SeriesState.unpack(b"\x00" * 47)
+        rec = EntityRecord()
+        rec.put_series("cpu", s)
+        blob = rec.changes()[b"s1:cpu"]
+        assert len(blob) == DEFAULT_REGISTRY.plan("cpu").size
+        assert EntityRecord.from_items([(b"s1:cpu", blob)]).get_series("cpu") == s
+    assert EntityRecord().get_series("nothing") == SeriesState()
 
 
 def test_rebaseline_keeps_level_and_forgets_history() -> None:
@@ -278,6 +281,7 @@ class CountingClient:
         self.executions = 0
         self.direct_calls = 0
         self.queued: list[int] = []
+        self.calls: list[tuple[str, tuple]] = []
 
     def pipeline(self, *args, **kwargs) -> CountingPipeline:
         return CountingPipeline(self, self._client.pipeline(*args, **kwargs))
@@ -289,12 +293,13 @@ class CountingClient:
 
         def call(*args, **kwargs):
             self.direct_calls += 1
+            self.calls.append((name, args))
             return attr(*args, **kwargs)
 
         return call
 
     def reset(self) -> None:
-        self.executions, self.direct_calls, self.queued = 0, 0, []
+        self.executions, self.direct_calls, self.queued, self.calls = 0, 0, [], []
 
 
 @pytest.fixture
@@ -321,7 +326,7 @@ async def test_memory_store_deploy_context_and_late_deploy() -> None:
     store = MemoryFeatureStore()
     evs = [ev("svc-a", "cpu", 40.0, T0), ev("svc-a", "deploy", 1.0, T0 + 10_000, EventKind.event),
            ev("svc-a", "cpu", 41.0, T0 + 70_000),
-           ev("svc-a", "deploy", 1.0, T0 + 5_000, EventKind.event),  # late: ignored
+           ev("svc-a", "deploy", 1.0, T0 + 5_000, EventKind.event),  # late: older than 10 s
            ev("svc-a", "cpu", 42.0, T0 + 130_000), ev("svc-b", "cpu", 42.0, T0 + 130_000)]
     feats = await enrich_batch(evs[:3], store)
     feats += await enrich_batch(evs[3:], store)
@@ -332,69 +337,84 @@ async def test_memory_store_deploy_context_and_late_deploy() -> None:
     assert feats[5]["seconds_since_deploy"] == NEVER_S  # other entity
     assert "zscore" not in feats[1]  # a discrete event has no series features
     recs = await store.load(["svc-a"])
-    assert recs["svc-a"].context["event:deploy"] == str(T0 + 10_000)
+    # the late deploy is kept too (newest first), for late samples that need it
+    assert recs["svc-a"].context["event:deploy"] == f"{T0 + 10_000},{T0 + 5_000}"
     assert recs["svc-a"].get_series("cpu").n == 3
 
 
 @pytest.mark.integration
 async def test_redis_and_memory_stores_serve_identical_features(aredis, topic_prefix) -> None:
     events = mixed_events(seed=21, n=150)
+    positions = [(0, offset) for offset in range(len(events))]
     mem = MemoryFeatureStore()
     counting = CountingClient(aredis)
     red = RedisFeatureStore(counting, prefix=topic_prefix)
+    await red.load_scripts()
     mem_feats, red_feats = [], []
+    start = 0
     for batch in batches(events, seed=21):
-        mem_feats.extend(await enrich_batch(batch, mem))
+        where = positions[start:start + len(batch)]
+        start += len(batch)
+        mem_feats.extend(await enrich_batch(batch, mem, where))
         counting.reset()
-        red_feats.extend(await enrich_batch(batch, red))
-        # one round trip to read the batch's entities, one to write them back
-        assert counting.executions == 2, counting.queued
-        assert counting.direct_calls == 0
-        assert counting.queued[0] == len({e.entity for e in batch})
+        red_feats.extend(await enrich_batch(batch, red, where))
+        # one round trip (one script call) to read the batch's entities, one to write
+        assert [name for name, _ in counting.calls] == ["evalsha", "evalsha"]
+        assert counting.executions == 0
+        assert counting.calls[0][1][1] == len({e.entity for e in batch})  # numkeys
     assert red_feats == mem_feats
     assert any(f.get("seconds_since_deploy", NEVER_S) < NEVER_S for f in red_feats)
     assert any(f.get("seconds_since_restart", NEVER_S) < NEVER_S for f in red_feats)
     entities = ["svc-a", "svc-b", "db-1"]
-    mem_recs, red_recs = await mem.load(entities), await red.load(entities)
-    for e in entities:
-        assert red_recs[e].series == mem_recs[e].series
-        assert red_recs[e].context == mem_recs[e].context
-    assert red_recs["svc-a"].get_series("cpu").late >= 1  # the late sample was counted
+    for e in entities:  # the very same bytes in both stores
+        assert await aredis.hgetall(red.key(e)) == mem.raw(e)
+    red_recs = await red.load(entities)
+    assert red_recs["svc-a"].get_series("cpu").dropped >= 1  # the very late sample, counted
 
-    # a redelivered batch is scored but not folded twice, in both stores
-    replay = events[:30]
-    await enrich_batch(replay, mem)
-    await enrich_batch(replay, red)
-    mem_recs, red_recs = await mem.load(entities), await red.load(entities)
+    # a redelivered stretch (same partition and offsets) is served, not folded again
+    before = {e: mem.raw(e) for e in entities}
+    again = await enrich_batch(events[:30], mem, positions[:30])
+    await enrich_batch(events[:30], red, positions[:30])
     for e in entities:
-        assert red_recs[e].series == mem_recs[e].series
+        assert mem.raw(e) == before[e]
+        assert await aredis.hgetall(red.key(e)) == before[e]
+    assert len(again) == 30
 
 
 @pytest.mark.integration
 async def test_redis_store_round_trips_and_ttl(aredis, topic_prefix) -> None:
     counting = CountingClient(aredis)
     store = RedisFeatureStore(counting, prefix=topic_prefix, ttl_s=1000)
+    await store.load_scripts()
+    counting.reset()
     entities = [f"e{i}" for i in range(7)]
     recs = await store.load(entities + entities)
-    assert counting.executions == 1 and counting.queued == [7]
+    assert [(n, args[1]) for n, args in counting.calls] == [("evalsha", 7)]
     for i, e in enumerate(entities):
         recs[e].put_series("cpu", fold(SeriesState(), float(i), T0))
         recs[e].put_context("note", f"x{i}")
     counting.reset()
     await store.save(recs)
-    assert counting.executions == 1 and counting.direct_calls == 0
-    assert counting.queued == [14]  # HSET + EXPIRE per entity
-    assert all(not r.dirty_series and not r.dirty_context for r in recs.values())
+    # one atomic script call writes every entity (HSET + EXPIRE each, server side)
+    assert [(n, args[1]) for n, args in counting.calls] == [("evalsha", 7)]
+    assert counting.executions == 0
+    assert all(not r.dirty() for r in recs.values())
     counting.reset()
     await store.save(recs)  # nothing dirty: no round trip at all
-    assert counting.executions == 0
+    assert counting.direct_calls == 0
     for e in entities:
         ttl = await aredis.ttl(store.key(e))
         assert 990 <= ttl <= 1000
     assert store.key("e0") == f"{topic_prefix}:f:v1:e0"
     raw = await aredis.hgetall(store.key("e3"))
-    assert SeriesState.unpack(raw[b"m:cpu"]).mean == 3.0
+    assert EntityRecord.from_hash(raw).get_series("cpu").mean == 3.0
     assert raw[b"c:note"] == b"x3"
+    # a field of the previous series format is deleted on the next write
+    await aredis.hset(store.key("e3"), b"m:cpu", b"\x00" * 48)
+    rec = (await store.load(["e3"]))["e3"]
+    rec.put_context("note", "y")
+    await store.save({"e3": rec})
+    assert b"m:cpu" not in await aredis.hgetall(store.key("e3"))
 
 
 async def check_context_counters(store, aredis=None) -> None:
