@@ -11,27 +11,45 @@ from pathlib import Path
 
 import click
 
+from ia.cli_options import history_options, replay_output_options
+from ia.replay_kafka_route import wants_history_replay
+
 
 @click.command()
-@click.option("--input", "input_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--output", "output_path", required=True,
+@click.option("--input", "input_path", default=None,
+              type=click.Path(exists=True, path_type=Path),
+              help="Events file, a recording (`ia record`) or a NAB directory.")
+@click.option("--output", "output_path", default=None,
               type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "nab-csv"]), default="jsonl",
-              show_default=True, help="JSON lines of TelemetryEvent, or timestamp,value CSV.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "nab-csv", "recording", "nab"]),
+              default="jsonl", show_default=True,
+              help="JSON lines of TelemetryEvent (or a recording), timestamp,value CSV, "
+                   "or a NAB directory.")
 @click.option("--entity", default=None, help="Entity of a nab-csv file (default: file stem).")
 @click.option("--metric", default=None, help="Metric of a nab-csv file (default: value).")
 @click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
-              default=None, help="Policy YAML (default: observe only, no rules).")
-def replay(input_path: Path, output_path: Path, fmt: str, entity: str | None,
-           metric: str | None, policy_file: Path | None) -> None:
+              default=None, help="Policy YAML, or a backtest config (policy + detector) "
+                                 "(default: observe only, no rules).")
+@history_options
+@replay_output_options
+def replay(input_path: Path | None, output_path: Path | None, fmt: str, entity: str | None,
+           metric: str | None, policy_file: Path | None, **kafka: Any) -> None:
     """Replay events through features, model and policy offline (event-time clock).
 
     Writes one JSON line per input event; the same input gives byte-identical output.
+    With --topic, history comes from Kafka (ia/replay_kafka.py): own consumer, no
+    commits, memory state, no actuator; decisions to --output or --output-topic.
     """
     from decisions.policy import Policy
     from decisions.replay import replay_file
 
+    if input_path is None or wants_history_replay(input_path, fmt, kafka):
+        from ia.replay_kafka import replay_command
+
+        replay_command(input_path, output_path, fmt, entity, metric, policy_file, **kafka)
+        return
+    if output_path is None:
+        raise click.UsageError("--output is required")
     policy = Policy.from_file(policy_file) if policy_file else None
     n = replay_file(input_path, output_path, fmt, entity, metric, policy)
     click.echo(f"replayed {n} events -> {output_path}", err=True)
