@@ -12,8 +12,7 @@ from typing import Any
 
 import click
 
-from ia.cli_options import history_options, replay_output_options
-from ia.replay_kafka_route import wants_history_replay
+from ia.cli_options import history_options, replay_output_options, wants_history_replay
 
 
 @click.command()
