@@ -158,7 +158,7 @@ class Rate(Derived):
             if t <= wm or wm < 0:
                 out[key] = 0.0
                 return
-            r = (v - st[LAST_VALUE]) * 1000.0 / (t - wm)
+            r = (v - st[LAST_VALUE]) / ((t - wm) / 1000.0)  # as series.features_before
             out[key] = r if -_FMAX <= r <= _FMAX else saturate(r)
 
         return step

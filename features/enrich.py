@@ -86,11 +86,12 @@ class _Batch:
 
     def metric_features(self, ev: TelemetryEvent, rec: EntityRecord, fold: bool) -> Out:
         metric = ev.metric
+        # Ratios first: from the series as they are, before this sample (or its series)
+        ratios = [(r, self.ratio(rec, r, ev.ts)) for r in self.registry.ratios
+                  if _has(rec, r.numerator) and _has(rec, r.denominator)]
         st = rec.states.get(metric)
         if st is None:
             st = rec.state(metric, self.registry)
-        ratios = [(r, self.ratio(rec, r, ev.ts)) for r in self.registry.ratios
-                  if _has(rec, r.numerator) and _has(rec, r.denominator)]
         feats, outcome = rec.plans[metric].observe(st, ev.value, ev.ts, fold)
         self.counts[outcome] += 1
         if outcome in _FOLDED:

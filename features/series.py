@@ -102,8 +102,7 @@ def features_before(state: SeriesState, value: float, ts: int) -> dict[str, floa
         "ewma_std": std,
         "zscore": saturate((value - state.mean) / std),
         # The previous sample of a late one is unknown (only the newest is kept).
-        "rate_of_change": 0.0 if late else saturate((value - state.last_value)
-                                                    / max(dt_s, 1e-3)),
+        "rate_of_change": 0.0 if late else saturate((value - state.last_value) / dt_s),
         "seconds_since_last": 0.0 if late else dt_s,
     }
 
