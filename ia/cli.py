@@ -84,12 +84,24 @@ def _run_faust(app, settings: Settings) -> None:
 @click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
               default=None, help="Policy YAML (default: $IA_POLICY_FILE or observe-only).")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics on this port.")
-def worker(policy_file: Path | None, metrics_port: int | None) -> None:
+@click.option("--shadow", is_flag=True,
+              help="Run --policy as a shadow candidate (own group and Redis namespace, "
+                   "decisions only to <prefix>.decisions.shadow; see `ia shadow`).")
+def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> None:
     """Run the pipeline: telemetry -> features -> model -> policy -> decisions."""
     from streams.pipeline import build_worker
 
     s = _settings(policy_file=policy_file, metrics_port=metrics_port)
-    _run_faust(_built(build_worker, s), s)
+    if shadow:
+        from ia import embedded
+        from ia.shadow import shadow_settings
+
+        if policy_file is None:
+            raise click.UsageError("--shadow needs --policy CANDIDATE")
+        s = shadow_settings(s)
+        embedded.ensure_topics(s.require_endpoints()[0], [s.topics.decisions_shadow],
+                               s.topic_partitions)
+    _run_faust(_built(lambda st: build_worker(st, shadow=shadow), s), s)
 
 
 @main.command()
@@ -264,6 +276,17 @@ def _add_model_commands() -> None:
 
 
 _add_model_commands()
+
+
+# --- backtest, record, shadow (ia/evidence_cli.py) ------------------------------------------
+def _add_evidence_commands() -> None:
+    from ia.evidence_cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_evidence_commands()
 
 
 if __name__ == "__main__":

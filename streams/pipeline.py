@@ -18,6 +18,8 @@ from decisions.engine import DecisionEngine
 from decisions.guards import KillSwitch, RedisGuardStore
 from decisions.learning import FeedbackLearner
 from decisions.policy_source import PolicySource
+from decisions.shadow import PIPELINE_ID as SHADOW_PIPELINE
+from decisions.shadow import as_shadow
 from features.store import RedisFeatureStore
 from ia import metrics
 from ia.settings import Settings
@@ -29,17 +31,19 @@ from streams.app import confirm, make_app, raw_topic, with_retry
 log = logging.getLogger("ia.worker")
 
 
-def build_worker(settings: Settings) -> faust.App:
+def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
+    """``shadow``: the candidate of ``ia worker --shadow`` (ia/shadow.py): decision ids of
+    its own, decisions marked ``shadow`` and sent only to the shadow topic."""
     app = make_app(settings, settings.app_id)
     topics = settings.topics
     telemetry = raw_topic(app, topics.telemetry)
-    decisions_t = raw_topic(app, topics.decisions)
+    decisions_t = raw_topic(app, topics.decisions_shadow if shadow else topics.decisions)
     dlq_t = raw_topic(app, topics.dlq)
     outcomes_t = raw_topic(app, topics.outcomes)
     feedback_t = raw_topic(app, topics.feedback)
     fmt = settings.wire_format
     policy = PolicySource(settings.policy_file)
-    ctx: dict = {}
+    ctx: dict = {"shadow": shadow}
 
     def _connect() -> None:
         _, redis_url = settings.require_endpoints()
@@ -48,7 +52,8 @@ def build_worker(settings: Settings) -> faust.App:
         ctx["store"] = RedisFeatureStore(client, settings.redis_prefix)
         ctx["engine"] = DecisionEngine(policy.current, ctx["store"],
                                        RedisGuardStore(client, settings.redis_prefix),
-                                       kill_switch=KillSwitch(client, settings.redis_prefix))
+                                       kill_switch=KillSwitch(client, settings.redis_prefix),
+                                       pipeline_id=SHADOW_PIPELINE if shadow else "main")
         ctx["learner"] = FeedbackLearner(client, ctx["store"], settings.redis_prefix)
         metrics.serve(settings.metrics_port)
 
@@ -123,7 +128,7 @@ async def _decide_batch(ctx: dict, valid: list, positions: list) -> list:
     await ctx["learner"].refresh(ctx["engine"])
     decided = await ctx["engine"].process(valid, positions)
     await ctx["learner"].remember(decided)
-    return decided
+    return [as_shadow(d) for d in decided] if ctx.get("shadow") else decided
 
 
 async def _apply_outcome(ctx: dict, outcome: ActionOutcome) -> None:
