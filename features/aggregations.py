@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from features.definitions import NEVER_S, FeatureDef
 from features.series import ewma_step, floored_std, saturate
@@ -114,7 +114,7 @@ class Derived:
 
 
 class Ewma(SeriesAgg):
-    fmt = "qdd"  # n, mean, var
+    fmt = "Idd"  # n, mean, var
 
     def __init__(self, d: FeatureDef, lateness_ms: int) -> None:
         super().__init__(d, lateness_ms)
@@ -144,7 +144,8 @@ class Ewma(SeriesAgg):
             # (unless the baseline is empty, e.g. after a version bump).
             if mode == FOLD_IN_ORDER or (mode == FOLD_LATE and not n):
                 st[o1], st[o2] = ewma_step(n, st[o1], st[o2], wm, v, t, half_life_s)
-                st[o] = n + 1
+                if n < U32_MAX:  # stored as u32; past warm-up the count is only shown
+                    st[o] = n + 1
 
         return step
 
@@ -180,21 +181,21 @@ class SinceLast(Derived):
 class Window(SeriesAgg):
     """``buckets`` time buckets of ``window_s / buckets`` seconds in a ring.
 
-    Per bucket: count, sum, min, max and the offset of its newest sample.  At
-    time t the window is bucket(t) and the ``buckets - 1`` before it; bucket(t)
-    is left out when it holds a sample newer than t (possible only when
-    serving a late sample), so served data is always <= t.
+    Per bucket: count, sum, min and max.  At time t the window is bucket(t) and
+    the ``buckets - 1`` before it that are still in the ring.  A late sample
+    (before the watermark) is served without its own bucket, which may hold
+    newer samples, so served data is always <= t.
     """
 
     def __init__(self, d: FeatureDef, lateness_ms: int) -> None:
         super().__init__(d, lateness_ms)
         self.n = d.buckets
         self.w = int(d.bucket_s * 1000)
-        self.fmt = f"q{self.n}I{self.n}d{self.n}d{self.n}d{self.n}I"
+        self.fmt = f"q{self.n}I{self.n}d{self.n}d{self.n}d"
 
     def fresh(self) -> list:
         n = self.n
-        return [NO_TIME, *[0] * n, *[0.0] * n, *[math.inf] * n, *[-math.inf] * n, *[0] * n]
+        return [NO_TIME, *[0] * n, *[0.0] * n, *[math.inf] * n, *[-math.inf] * n]
 
     def bind(self, offset: int) -> None:
         super().bind(offset)
@@ -203,37 +204,41 @@ class Window(SeriesAgg):
         self.s0 = self.c0 + n         # sums
         self.lo0 = self.s0 + n        # minima
         self.hi0 = self.lo0 + n       # maxima
-        self.t0 = self.hi0 + n        # newest sample's offset in its bucket
+        self.end = self.hi0 + n
 
-    def totals(self, st: list, t: int, wm: int) -> tuple[int, float, float, float]:
-        """Count, sum, min and max of the window at ``t`` (pure)."""
-        b, head, n = t // self.w, st[self.o], self.n
+    def totals(self, st: Sequence, t: int, wm: int, base: int) -> tuple[int, float, float,
+                                                                         float]:
+        """Count, sum, min and max of the window at ``t``, from the segment starting at
+        ``st[base]`` (``self.o`` in a full state; 0 in a segment read on its own)."""
+        n = self.n
+        b, head = t // self.w, st[base]
+        c0, s0, lo0, hi0 = base + 1, base + 1 + n, base + 1 + 2 * n, base + 1 + 3 * n
         if b == head and t >= wm:  # the common case: every bucket, nothing newer than t
-            return (sum(st[self.c0:self.s0]), sum(st[self.s0:self.lo0]),
-                    min(st[self.lo0:self.hi0]), max(st[self.hi0:self.t0]))
+            return (sum(st[c0:s0]), sum(st[s0:lo0]), min(st[lo0:hi0]),
+                    max(st[hi0:hi0 + n]))
+        last = min(b, head) if t >= wm else min(b - 1, head)
         cnt, total, lo, hi = 0, 0.0, math.inf, -math.inf
-        for bid in range(max(b, head) - n + 1, min(b, head) + 1):
+        for bid in range(max(b, head) - n + 1, last + 1):
             i = bid % n
-            c = st[self.c0 + i]
-            if c == 0 or (bid == b and st[self.t0 + i] > t - b * self.w):
-                continue
-            cnt += c
-            total += st[self.s0 + i]
-            lo = min(lo, st[self.lo0 + i])
-            hi = max(hi, st[self.hi0 + i])
+            c = st[c0 + i]
+            if c:
+                cnt += c
+                total += st[s0 + i]
+                lo = min(lo, st[lo0 + i])
+                hi = max(hi, st[hi0 + i])
         return cnt, total, lo, hi
 
     def _advance(self, st: list, b: int) -> None:
         head, n = st[self.o], self.n
         for bid in range(max(head + 1, b - n + 1), b + 1):
             i = bid % n
-            st[self.c0 + i], st[self.s0 + i], st[self.t0 + i] = 0, 0.0, 0
+            st[self.c0 + i], st[self.s0 + i] = 0, 0.0
             st[self.lo0 + i], st[self.hi0 + i] = math.inf, -math.inf
         st[self.o] = b
 
     def compile(self) -> Step:
         o, n, w = self.o, self.n, self.w
-        c0, s0, lo0, hi0, t0 = self.c0, self.s0, self.lo0, self.hi0, self.t0
+        c0, s0, lo0, hi0, end = self.c0, self.s0, self.lo0, self.hi0, self.end
         k_count, k_mean, k_min, k_max = self.d.outputs
         totals, advance = self.totals, self._advance
 
@@ -242,9 +247,9 @@ class Window(SeriesAgg):
             head = st[o]
             if b == head and t >= wm:
                 cnt = sum(st[c0:s0])
-                total, lo, hi = sum(st[s0:lo0]), min(st[lo0:hi0]), max(st[hi0:t0])
+                total, lo, hi = sum(st[s0:lo0]), min(st[lo0:hi0]), max(st[hi0:end])
             else:
-                cnt, total, lo, hi = totals(st, t, wm)
+                cnt, total, lo, hi = totals(st, t, wm, o)
             if cnt:
                 mean = total / cnt
                 out[k_count] = float(cnt)
@@ -267,9 +272,6 @@ class Window(SeriesAgg):
                 st[lo0 + i] = v
             if v > st[hi0 + i]:
                 st[hi0 + i] = v
-            off = t - b * w
-            if off > st[t0 + i]:
-                st[t0 + i] = off
 
         return step
 
@@ -301,7 +303,7 @@ class Quantile(SeriesAgg):
     def __init__(self, d: FeatureDef, lateness_ms: int) -> None:
         super().__init__(d, lateness_ms)
         self.k = d.samples
-        self.fmt = f"qH{self.k}f{self.k}I"
+        self.fmt = f"qB{self.k}f{self.k}I"
 
     def fresh(self) -> list:
         return [NO_TIME, 0, *[0.0] * self.k, *[0] * self.k]

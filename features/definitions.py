@@ -87,6 +87,8 @@ class FeatureDef:
     quantiles: tuple[float, ...] = ()      # quantile: which ones, in (0, 1)
     alpha: float = 0.0                     # seasonal: weight of a new week's hour
     over: str = ""                         # ratio: the window definition it divides
+    # How long the state lives without new data (event time for per-series state;
+    # the entity's hash expires after the longest of them).  0: no state of its own.
     ttl_s: int = DEFAULT_TTL_S
     version: int = 1
     description: str = ""
@@ -106,25 +108,25 @@ class FeatureDef:
 
 DEFAULT_DEFINITIONS: tuple[FeatureDef, ...] = (
     FeatureDef("ewma", Aggregation.ewma, ("n", "ewma_mean", "ewma_std", "zscore"),
-               window_s=600.0, ttl_s=DAY_S,
+               window_s=600.0,
                description="event-time EWMA baseline (10 min half-life, Welford warm-up); "
                            "z-score of the sample against it"),
-    FeatureDef("rate_of_change", Aggregation.rate, ("rate_of_change",),
+    FeatureDef("rate_of_change", Aggregation.rate, ("rate_of_change",), ttl_s=0,
                description="(value - previous value) / seconds since the previous sample"),
-    FeatureDef("seconds_since_last", Aggregation.since_last, ("seconds_since_last",),
+    FeatureDef("seconds_since_last", Aggregation.since_last, ("seconds_since_last",), ttl_s=0,
                description="seconds since the previous sample of the series"),
     FeatureDef("window_5m", Aggregation.window, ("count_5m", "mean_5m", "min_5m", "max_5m"),
                window_s=300.0, buckets=5, ttl_s=DAY_S,
                description="samples in the current minute and the 4 before it"),
     FeatureDef("recent_16", Aggregation.quantile, ("p50_last16", "p95_last16"),
-               samples=16, quantiles=(0.5, 0.95), ttl_s=DAY_S,
+               samples=16, quantiles=(0.5, 0.95),
                description="median and p95 of the 16 most recent samples (float32)"),
     FeatureDef("seasonal_hour_of_week", Aggregation.seasonal, ("seasonal_mean", "seasonal_z"),
-               window_s=WEEK_S, alpha=0.3, ttl_s=5 * WEEK_S,
+               window_s=WEEK_S, alpha=0.3, ttl_s=2 * WEEK_S,
                description="mean of this hour of the week (EW over weeks, float16); "
                            "z of the sample against it (EWMA mean until the hour is known)"),
     FeatureDef("error_ratio_5m", Aggregation.ratio, ("error_ratio_5m",),
-               sources=("errors", "requests"), over="window_5m",
+               sources=("errors", "requests"), over="window_5m", ttl_s=0,
                description="sum of errors / sum of requests over window_5m, on any metric "
                            "of an entity that reports both"),
     *(FeatureDef(f"seconds_since_{name}", Aggregation.since_event, (f"seconds_since_{name}",),

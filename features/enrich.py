@@ -107,8 +107,16 @@ class _Batch:
         return saturate(num / den) if den > 0 else 0.0
 
     def _window_sum(self, rec: EntityRecord, metric: str, window: str, t: int) -> float:
-        st = rec.state(metric, self.registry)
-        return rec.plans[metric].windows[window].totals(st, t, st[LAST_TS])[1]
+        st = rec.states.get(metric)
+        if st is None:
+            plan = self.registry.plan(metric)
+            peek = plan.peek_window(rec.blobs[metric], window)
+            if peek is not None:  # not decoded yet: read just its window
+                wm, seg = peek
+                return plan.windows[window].totals(seg, t, wm, 0)[1]
+            st = rec.state(metric, self.registry)
+        agg = rec.plans[metric].windows[window]
+        return agg.totals(st, t, st[LAST_TS], agg.o)[1]
 
     def event_features(self, ev: TelemetryEvent, rec: EntityRecord) -> Out:
         ctx = self.context(ev.entity)

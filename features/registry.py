@@ -34,6 +34,7 @@ from features.aggregations import (
     LAST_VALUE,
     LATE,
     SERVE_ONLY,
+    U32_MAX,
     Counter,
     Derived,
     EntityContext,
@@ -63,6 +64,7 @@ MAX_CACHED_METRICS = 65_536
 SERIES_FIELD_PREFIX = b"s1:"
 _HEAD = struct.Struct("<BB")
 _DIR = struct.Struct("<IH")
+_WM = struct.Struct("<q")
 
 # What observe() did with a sample (see MetricPlan.observe).
 IN_ORDER, LATE_FOLDED, TOO_LATE, DUPLICATE, REDELIVERED = range(5)
@@ -130,6 +132,14 @@ class MetricPlan:
                                                                     strict=True))
         fmt = f"<{len(self.header)}s{CORE_FORMAT}" + "".join(a.fmt for a in self.folding)
         self.struct = struct.Struct(fmt)
+        # byte offset of the watermark: state[0] is the header, core values follow
+        self.wm_at = len(self.header) + struct.calcsize("<" + CORE_FORMAT[:LAST_TS - 1])
+        at = len(self.header) + struct.calcsize("<" + CORE_FORMAT)
+        self.window_at: dict[str, tuple[int, struct.Struct]] = {}
+        for a, size in zip(self.folding, sizes, strict=True):
+            if isinstance(a, Window):
+                self.window_at[a.d.name] = (at, struct.Struct("<" + a.fmt))
+            at += size
         self.fresh_state: list = [self.header, *CORE_FRESH]
         for a in self.folding:
             a.bind(len(self.fresh_state))
@@ -152,6 +162,14 @@ class MetricPlan:
         if len(blob) == self.struct.size and blob.startswith(self.header):
             return list(self.struct.unpack(blob))
         return self._migrate(blob)
+
+    def peek_window(self, blob: bytes, name: str) -> tuple[int, tuple] | None:
+        """(watermark, window segment) read straight from a blob: a ratio needs only
+        the window of the other series, not its whole state (None: other layout)."""
+        if len(blob) != self.struct.size or not blob.startswith(self.header):
+            return None
+        at, seg = self.window_at[name]
+        return _WM.unpack_from(blob, self.wm_at)[0], seg.unpack_from(blob, at)
 
     def _migrate(self, blob: bytes) -> list:
         """State from a blob of another layout: the core and the segments whose tags
@@ -197,10 +215,10 @@ class MetricPlan:
             mode, outcome = SERVE_ONLY, DUPLICATE
         elif t < wm - self.lateness_ms:
             mode, outcome = SERVE_ONLY, TOO_LATE
-            st[DROPPED] += 1
+            st[DROPPED] = min(st[DROPPED] + 1, U32_MAX)
         else:
             mode, outcome = FOLD_LATE, LATE_FOLDED
-            st[LATE] += 1
+            st[LATE] = min(st[LATE] + 1, U32_MAX)
         out: Out = {"value": v}
         for step in self.steps:
             step(st, v, t, wm, out, mode)
@@ -329,8 +347,8 @@ def _check_window(d: FeatureDef, lateness_s: float) -> str | None:
 
 
 def _check_quantile(d: FeatureDef, lateness_s: float) -> str | None:
-    if not 1 <= d.samples <= 65535 or not all(0.0 <= q <= 1.0 for q in d.quantiles):
-        return "needs 1..65535 samples and quantiles in [0, 1]"
+    if not 1 <= d.samples <= 255 or not all(0.0 <= q <= 1.0 for q in d.quantiles):
+        return "needs 1..255 samples and quantiles in [0, 1]"
     return None
 
 

@@ -289,6 +289,21 @@ def _add_evidence_commands() -> None:
 _add_evidence_commands()
 
 
+# --- feature store: features list/show, bench features (features/cli.py) -------------------
+def _add_feature_commands() -> None:
+    from features.cli import bench_features, features
+
+    main.add_command(features)
+    group = main.commands.get("bench")
+    if not isinstance(group, click.Group):
+        group = click.Group("bench", help="Benchmarks.")
+        main.add_command(group)
+    group.add_command(bench_features, "features")
+
+
+_add_feature_commands()
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     main()

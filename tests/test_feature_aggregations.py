@@ -8,7 +8,7 @@ documented semantics with numpy, independently of features.aggregations:
   allowed lateness behind it is folded late; an exact repeat of the newest
   sample is a duplicate; anything older is dropped (and counted);
 * window: buckets (max(b, head) - N, min(b, head)] of the samples folded so far,
-  without bucket b if it holds a sample newer than t;
+  without bucket b when serving a late sample (t before the watermark);
 * quantile: the K newest (by event time) folded samples, float32, those <= t;
 * seasonal: per-hour means, closed once the watermark passes hour end +
   lateness, folded per hour-of-week slot with weight alpha (float16: ~1e-3);
@@ -173,7 +173,7 @@ def reference_window(folded, wm: int, t: int, d: FeatureDef) -> tuple[float, ...
     vs = np.array([s[1] for s in folded])
     ids = ts // w
     keep = (ids > max(b, head) - n) & (ids <= min(b, head))
-    if (ts[ids == b] > t).any():
+    if t < wm:  # a late sample: its own bucket may hold newer samples
         keep &= ids != b
     if not keep.any():
         return None
