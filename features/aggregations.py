@@ -477,7 +477,7 @@ class Seasonal(SeriesAgg):
 
 # Recent occurrences kept per discrete event name, so an event served a little
 # out of order still finds the latest occurrence at or before its time.
-RECENT_EVENTS = 4
+RECENT_EVENTS = 2
 FAILED_STATUSES = frozenset({"failed", "timeout"})
 
 

@@ -118,9 +118,9 @@ DEFAULT_DEFINITIONS: tuple[FeatureDef, ...] = (
     FeatureDef("window_5m", Aggregation.window, ("count_5m", "mean_5m", "min_5m", "max_5m"),
                window_s=300.0, buckets=5, ttl_s=DAY_S,
                description="samples in the current minute and the 4 before it"),
-    FeatureDef("recent_16", Aggregation.quantile, ("p50_last16", "p95_last16"),
-               samples=16, quantiles=(0.5, 0.95),
-               description="median and p95 of the 16 most recent samples (float32)"),
+    FeatureDef("recent_12", Aggregation.quantile, ("p50_last12", "p95_last12"),
+               samples=12, quantiles=(0.5, 0.95),
+               description="median and p95 of the 12 most recent samples (float32)"),
     FeatureDef("seasonal_hour_of_week", Aggregation.seasonal, ("seasonal_mean", "seasonal_z"),
                window_s=WEEK_S, alpha=0.3, ttl_s=2 * WEEK_S,
                description="mean of this hour of the week (EW over weeks, float16); "

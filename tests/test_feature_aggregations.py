@@ -43,7 +43,7 @@ from schemas.models import EventKind, TelemetryEvent
 MONDAY = 1_732_492_800_000  # 2024-11-25T00:00:00Z, a Monday
 L_MS = int(DEFAULT_REGISTRY.allowed_lateness_s * 1000)
 WINDOW = DEFAULT_REGISTRY.by_name["window_5m"]
-QUANT = DEFAULT_REGISTRY.by_name["recent_16"]
+QUANT = DEFAULT_REGISTRY.by_name["recent_12"]
 SEASON = DEFAULT_REGISTRY.by_name["seasonal_hour_of_week"]
 
 
@@ -250,18 +250,18 @@ def test_quantiles_match_numpy(order: str) -> None:
     served, outcomes, _ = feed(arrivals)
     refs = reference_quantiles(arrivals, outcomes, QUANT.samples, QUANT.quantiles)
     for f, ref in zip(served, refs, strict=True):
-        assert [f["p50_last16"], f["p95_last16"]] == pytest.approx(ref, rel=1e-12)
+        assert [f["p50_last12"], f["p95_last12"]] == pytest.approx(ref, rel=1e-12)
 
 
 def test_quantiles_keep_the_newest_samples_whatever_the_order() -> None:
     samples = sorted_stream(300, seed=7)
     probe = samples[-1][0] + 1
-    newest = np.float32([v for _, v in samples[-16:]])
+    newest = np.float32([v for _, v in samples[-QUANT.samples:]])
     for order in ("sorted", "shuffled"):
         _, _, st = feed(ORDERS[order](samples, 7))
         out = DEFAULT_REGISTRY.plan("m").observe(st, 0.0, probe)[0]
-        assert out["p50_last16"] == pytest.approx(float(np.quantile(newest, 0.5)), rel=1e-6)
-        assert out["p95_last16"] == pytest.approx(float(np.quantile(newest, 0.95)), rel=1e-6)
+        assert out["p50_last12"] == pytest.approx(float(np.quantile(newest, 0.5)), rel=1e-6)
+        assert out["p95_last12"] == pytest.approx(float(np.quantile(newest, 0.95)), rel=1e-6)
 
 
 # --- seasonal -------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def test_late_samples_are_served_only_data_at_or_before_their_time() -> None:
         f, outcomes, _ = feed(arrivals)
         assert outcomes[-1] == LATE_FOLDED
         served.append(f[-1])
-    bucketed = ("count_5m", "mean_5m", "min_5m", "max_5m", "p50_last16", "p95_last16",
+    bucketed = ("count_5m", "mean_5m", "min_5m", "max_5m", "p50_last12", "p95_last12",
                 "seasonal_mean")
     assert {k: served[0][k] for k in bucketed} == {k: served[1][k] for k in bucketed}
     assert served[0]["seasonal_mean"] != served[0]["ewma_mean"]  # from the profile
