@@ -39,7 +39,7 @@ AUDIT_DECISIONS = Gauge("ia_audit_decisions", "Decisions known to the audit log 
 AUDIT_HEAD_SEQ = Gauge("ia_audit_head_seq", "Sequence number of the audit chain's head")
 
 
-def serve(port: int) -> None:
-    """Expose ``/metrics`` on ``port`` (0 disables)."""
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Expose ``/metrics`` on ``host:port`` (port 0 disables)."""
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host)

@@ -58,8 +58,13 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=500, ge=1)
     batch_within_s: float = Field(default=0.02, gt=0)
+    # Longest a consumer fetch waits for data (Faust's own 1.5 s adds up to
+    # 1.5 s of latency on brokers that hold fetches until the wait expires).
+    fetch_max_wait_s: float = Field(default=0.01, gt=0)
     policy_file: Path | None = None
     metrics_port: int = Field(default=0, ge=0, description="0 disables the metrics endpoint")
+    # Address the metrics endpoint binds; containers need 0.0.0.0 to be scraped.
+    metrics_host: str = "127.0.0.1"
     run_dir: Path = Path(".ia")
     audit_dir: Path | None = Field(default=None, description="default: <run_dir>/audit")
     redis_prefix: str = "ia"

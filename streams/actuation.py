@@ -62,7 +62,7 @@ def build_actuator(settings: Settings) -> faust.App:
             ApprovalStore(client, settings.redis_prefix, ttl_s=settings.approval_ttl_s,
                           on_expiry=settings.approval_on_expiry),
             Verifier(client, settings.redis_prefix), notifier=notifier)
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, settings.metrics_host)
 
     _connect()
 

@@ -55,7 +55,7 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
                                        kill_switch=KillSwitch(client, settings.redis_prefix),
                                        pipeline_id=SHADOW_PIPELINE if shadow else "main")
         ctx["learner"] = FeedbackLearner(client, ctx["store"], settings.redis_prefix)
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, settings.metrics_host)
 
     _connect()
 
