@@ -23,9 +23,15 @@ import contextlib
 import math
 import struct
 from collections.abc import Callable, Sequence
+from math import sqrt
 
-from features.definitions import NEVER_S, FeatureDef
-from features.series import ewma_step, floored_std, saturate
+from features.definitions import NEVER_S, Aggregation, FeatureDef
+from features.series import (
+    ABSOLUTE_STD_FLOOR,
+    RELATIVE_STD_FLOOR,
+    ewma_step,
+    saturate,
+)
 
 # Core values at the start of every series state (after the layout header).
 LAST_VALUE, LAST_TS, LATE, DROPPED = 1, 2, 3, 4
@@ -131,8 +137,14 @@ class Ewma(SeriesAgg):
         def step(st: list, v: float, t: int, wm: int, out: Out, mode: int) -> None:
             n = st[o]
             if n:
-                mean = st[o1]
-                std = floored_std(mean, st[o2])
+                mean, var = st[o1], st[o2]
+                # series.floored_std, inlined (hot path)
+                std = sqrt(var) if var > 0.0 else 0.0
+                floor = (mean if mean >= 0.0 else -mean) * RELATIVE_STD_FLOOR
+                if floor < ABSOLUTE_STD_FLOOR:
+                    floor = ABSOLUTE_STD_FLOOR
+                if std < floor:
+                    std = floor
                 z = (v - mean) / std
                 out[k_n] = float(n)
                 out[k_mean] = mean
@@ -326,18 +338,32 @@ class Quantile(SeriesAgg):
         o, o1, k, v0, r0 = self.o, self.o + 1, self.k, self.v0, self.r0
         r1 = r0 + k
         named = tuple(zip(self.d.outputs, self.d.quantiles, strict=True))
+        # When all k samples are there (the steady state): where each quantile falls.
+        full = tuple((name, int(q * (k - 1)), q * (k - 1) - int(q * (k - 1)))
+                     for name, q in named)
         lateness, rebase = self.lateness_ms, self._rebase
 
         def step(st: list, v: float, t: int, wm: int, out: Out, mode: int) -> None:
             filled = st[o1]
-            if t >= wm:
-                xs = sorted(st[v0:v0 + filled])
+            if filled == k and t >= wm:
+                xs = sorted(st[v0:r0])
+                for name, lo, frac in full:  # quantile_sorted, inlined
+                    a = xs[lo]
+                    if frac == 0.0:
+                        out[name] = a
+                    else:
+                        b = xs[lo + 1]
+                        out[name] = a + (b - a) * frac if frac < 0.5 else \
+                            b - (b - a) * (1.0 - frac)
             else:
-                limit = t - st[o] + 1
-                xs = sorted(x for x, r in zip(st[v0:v0 + filled], st[r0:r0 + filled],
-                                              strict=True) if r <= limit)
-            for name, q in named:
-                out[name] = quantile_sorted(xs, q) if xs else v
+                if t >= wm:
+                    xs = sorted(st[v0:v0 + filled])
+                else:
+                    limit = t - st[o] + 1
+                    xs = sorted(x for x, r in zip(st[v0:v0 + filled], st[r0:r0 + filled],
+                                                  strict=True) if r <= limit)
+                for name, q in named:
+                    out[name] = quantile_sorted(xs, q) if xs else v
             if not mode:
                 return
             if st[o] == NO_TIME:
@@ -466,7 +492,8 @@ class Seasonal(SeriesAgg):
             mean = ldexp(raw, st[exp_at]) if raw == raw else (out[k_base] if k_base else v)
             std = out[k_std] if k_std else 0.0
             out[k_mean] = mean
-            out[k_z] = saturate((v - mean) / std) if std > 0.0 else 0.0
+            z = (v - mean) / std if std > 0.0 else 0.0
+            out[k_z] = z if -_FMAX <= z <= _FMAX else saturate(z)
             if mode:
                 fold(st, v, t)
 
@@ -509,17 +536,6 @@ class EntityContext:
         del seen[RECENT_EVENTS:]
         return ",".join(map(str, seen))
 
-    def latest(self, names: tuple[str, ...], t: int) -> int | None:
-        """The newest occurrence of any of ``names`` at or before ``t``."""
-        best = None
-        for name in names:
-            for ts in self.times.get(name, ()):
-                if ts <= t:
-                    if best is None or ts > best:
-                        best = ts
-                    break
-        return best
-
 
 def parse_last_action(raw: str) -> tuple[str, int] | None:
     """``{action_type}:{status}:{finished_at_ms}`` (streams.pipeline) -> (status, time)."""
@@ -530,49 +546,50 @@ def parse_last_action(raw: str) -> tuple[str, int] | None:
         return None
 
 
-class ContextFeature:
-    """One entity-level definition, served from an :class:`EntityContext`."""
-
-    def __init__(self, d: FeatureDef) -> None:
-        self.d = d
-
-    def serve(self, ctx: EntityContext, t: int, out: Out) -> None:
-        raise NotImplementedError
-
-    def neutral(self) -> Out:
-        """What an entity with no context at all is served."""
-        out: Out = {}
-        self.serve(EntityContext({}), 0, out)
-        return out
+ContextServe = Callable[[EntityContext, int, Out], None]
 
 
-class SinceEvent(ContextFeature):
-    def serve(self, ctx: EntityContext, t: int, out: Out) -> None:
-        seen = ctx.latest(self.d.sources, t)
-        out[self.d.outputs[0]] = NEVER_S if seen is None else (t - seen) / 1000.0
+def _latest(times: dict[str, list[int]], names: tuple[str, ...], t: int) -> int | None:
+    """The newest occurrence of any of ``names`` at or before ``t`` (lists newest first)."""
+    best = None
+    for name in names:
+        for ts in times.get(name, ()):
+            if ts <= t:
+                if best is None or ts > best:
+                    best = ts
+                break
+    return best
 
 
-class EventWithin(ContextFeature):
-    def serve(self, ctx: EntityContext, t: int, out: Out) -> None:
-        seen = ctx.latest(self.d.sources, t)
-        out[self.d.outputs[0]] = 1.0 if seen is not None and \
-            t - seen <= self.d.window_s * 1000 else 0.0
+def compile_context(defs: list[FeatureDef]) -> ContextServe:
+    """One function serving every entity-level definition (since_event, event_within,
+    counter, last_action) from an :class:`EntityContext` at event time t."""
+    since = tuple((d.outputs[0], d.sources) for d in defs
+                  if d.aggregation is Aggregation.since_event)
+    within = tuple((d.outputs[0], d.sources, d.window_s * 1000) for d in defs
+                   if d.aggregation is Aggregation.event_within)
+    counters = tuple(pair for d in defs if d.aggregation is Aggregation.counter
+                     for pair in zip(d.outputs, d.sources, strict=True))
+    actions = tuple(d.outputs for d in defs if d.aggregation is Aggregation.last_action)
 
-
-class Counter(ContextFeature):
-    def serve(self, ctx: EntityContext, t: int, out: Out) -> None:
-        for name, src in zip(self.d.outputs, self.d.sources, strict=True):
-            out[name] = ctx.counters.get(src, 0.0)
-
-
-class LastAction(ContextFeature):
-    def serve(self, ctx: EntityContext, t: int, out: Out) -> None:
-        k_age, k_failed, k_ok = self.d.outputs
+    def serve(ctx: EntityContext, t: int, out: Out) -> None:
+        times = ctx.times
+        for key, names in since:
+            seen = _latest(times, names, t) if times else None
+            out[key] = NEVER_S if seen is None else (t - seen) / 1000.0
+        for key, names, window_ms in within:
+            seen = _latest(times, names, t) if times else None
+            out[key] = 1.0 if seen is not None and t - seen <= window_ms else 0.0
+        counts = ctx.counters
+        for key, src in counters:
+            out[key] = counts.get(src, 0.0)
         last = ctx.last_action
-        if last is None or last[1] > t:  # none yet, or only one after this event
-            out[k_age], out[k_failed], out[k_ok] = NEVER_S, 0.0, 0.0
-            return
-        status, finished = last
-        out[k_age] = (t - finished) / 1000.0
-        out[k_failed] = 1.0 if status in FAILED_STATUSES else 0.0
-        out[k_ok] = 1.0 if status == "succeeded" else 0.0
+        for k_age, k_failed, k_ok in actions:
+            if last is None or last[1] > t:  # none yet, or only one after this event
+                out[k_age], out[k_failed], out[k_ok] = NEVER_S, 0.0, 0.0
+            else:
+                out[k_age] = (t - last[1]) / 1000.0
+                out[k_failed] = 1.0 if last[0] in FAILED_STATUSES else 0.0
+                out[k_ok] = 1.0 if last[0] == "succeeded" else 0.0
+
+    return serve

@@ -35,20 +35,17 @@ from features.aggregations import (
     LATE,
     SERVE_ONLY,
     U32_MAX,
-    Counter,
     Derived,
     EntityContext,
-    EventWithin,
     Ewma,
-    LastAction,
     Out,
     Quantile,
     Rate,
     Seasonal,
     SeriesAgg,
-    SinceEvent,
     SinceLast,
     Window,
+    compile_context,
 )
 from features.definitions import (
     ARITY,
@@ -75,9 +72,6 @@ _METRIC_AGGS = {Aggregation.ewma, Aggregation.window, Aggregation.quantile,
                 Aggregation.ratio}
 _KIND_OF = {Aggregation.since_event: Kind.event, Aggregation.event_within: Kind.event,
             Aggregation.counter: Kind.feedback, Aggregation.last_action: Kind.outcome}
-_CONTEXT_CLASSES: dict[Aggregation, type] = {
-    Aggregation.since_event: SinceEvent, Aggregation.event_within: EventWithin,
-    Aggregation.counter: Counter, Aggregation.last_action: LastAction}
 
 
 class DefinitionError(ValueError):
@@ -256,8 +250,8 @@ class FeatureRegistry:
         self._plan_of: dict[str, MetricPlan] = {}
         self.ratios = [Ratio(d, d.sources[0], d.sources[1], d.over) for d in self.defs
                        if d.aggregation is Aggregation.ratio]
-        self.context = [_CONTEXT_CLASSES[d.aggregation](d) for d in self.defs
-                        if d.aggregation in _CONTEXT_CLASSES]
+        self.context_defs = [d for d in self.defs if d.aggregation in _KIND_OF]
+        self._serve_context = compile_context(self.context_defs)
         self.tracked_events = frozenset(s for d in self.defs if d.kind is Kind.event
                                         for s in d.sources)
         self.ttl_s = max((d.ttl_s for d in self.defs), default=0)
@@ -280,16 +274,14 @@ class FeatureRegistry:
     def neutral_context(self) -> Out:
         """Context features of an entity with no context fields (the common case)."""
         out: Out = {}
-        for c in self.context:
-            out.update(c.neutral())
+        self._serve_context(EntityContext({}), 0, out)
         return out
 
     def serve_context(self, ctx: EntityContext | None, t: int, out: Out) -> None:
         if ctx is None:
             out.update(self.neutral_context)
-            return
-        for c in self.context:
-            c.serve(ctx, t, out)
+        else:
+            self._serve_context(ctx, t, out)
 
     def outputs(self) -> list[str]:
         return ["value", *(o for d in self.defs for o in d.outputs)]
