@@ -90,11 +90,13 @@ class DecisionEngine:
         feature store recognise records delivered again and not fold them twice."""
         records = await self.store.load(ev.entity for ev in events)
         self._states = {}
-        feats = enrich_events(events, records, positions)
         policy = self.policy()
         await observe_fleet(self.claims, policy, events)  # type: ignore[arg-type]
         decisions = []
-        for ev, f in zip(events, feats, strict=True):
+        for i, ev in enumerate(events):
+            # One event at a time: a level drift re-baselines the series' features
+            # from the next event on, wherever the batch boundaries fall.
+            (f,) = enrich_events((ev,), records, None if positions is None else (positions[i],))
             rec = records[ev.entity]
             earlier = rec.recall_decision(derive_decision_id(ev.event_id or "",
                                                              self.pipeline_id))

@@ -50,6 +50,12 @@ class FeedbackLearner:
                                     sort_keys=True), ex=REMEMBER_S)
             await pipe.execute()
 
+    async def entity_of(self, decision_id: str) -> str | None:
+        """The entity of a remembered action decision (a label may name only its id,
+        e.g. of a pending approval request, which has no outcome yet)."""
+        raw = await self.client.get(self._key("dfx", decision_id))
+        return json.loads(raw)["entity"] if raw is not None else None
+
     async def learn(self, decision_id: str, positive: bool) -> int | None:
         """Apply one label; return the new classifier version, or None if the decision
         is unknown (no action, expired) or has already taught."""

@@ -147,7 +147,7 @@ async def _apply_feedback(ctx: dict, fb: Feedback) -> None:
     entity = fb.entity
     if not entity:
         raw = await ctx["redis"].get(f"{store.prefix}:dec:{fb.decision_id}")
-        entity = raw.decode() if raw else None
+        entity = raw.decode() if raw else await ctx["learner"].entity_of(fb.decision_id)
     if not entity:
         log.warning("feedback for unknown decision %s ignored", fb.decision_id)
         metrics.FEEDBACK.labels("unmatched").inc()
