@@ -76,7 +76,7 @@ def _fmt(v: object) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
     return str(v)
 
 
@@ -117,7 +117,9 @@ def _dig(side: dict[str, Any], path: tuple[str, ...]) -> Any:
 def _delta(a: Any, b: Any) -> str:
     if isinstance(a, int | float) and isinstance(b, int | float):
         d = b - a
-        return f"{d:+.3f}" if isinstance(d, float) else f"{d:+d}"
+        if isinstance(d, int):
+            return f"{d:+d}"
+        return f"{d:+,.0f}" if abs(d) >= 100 else f"{d:+.4g}"
     return ""
 
 
@@ -132,27 +134,6 @@ def metrics_table(summary: dict[str, Any]) -> str:
                     f"<td>{_delta(a, b)}</td></tr>")
     return ("<table class='metrics'><thead><tr><th></th><th>baseline</th><th>candidate</th>"
             "<th>Δ</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
-
-
-def _grouped_bar(title: str, categories: list[str], base: list[float], cand: list[float],
-                 ytitle: str) -> go.Figure:
-    fig = go.Figure([
-        go.Bar(name="baseline", x=categories, y=base, marker_color=COLORS["baseline"]),
-        go.Bar(name="candidate", x=categories, y=cand, marker_color=COLORS["candidate"]),
-    ])
-    fig.update_layout(title=title, barmode="group", height=340, yaxis_title=ytitle,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 40})
-    return fig
-
-
-def confusion_figure(summary: dict[str, Any]) -> go.Figure | None:
-    qb, qc = summary["baseline"].get("quality"), summary["candidate"].get("quality")
-    if not qb or not qc:
-        return None
-    cats = ["windows detected", "windows missed", "true actions", "false actions"]
-    keys = ["detected_windows", "missed_windows", "true_actions", "false_actions"]
-    return _grouped_bar("Confusion summary (against labelled windows)", cats,
-                        [qb[k] for k in keys], [qc[k] for k in keys], "count")
 
 
 def confusion_table(summary: dict[str, Any]) -> str:
@@ -171,36 +152,68 @@ def confusion_table(summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def volume_figure(summary: dict[str, Any]) -> go.Figure:
+Bars = tuple[str, list[str], list[float], list[float]]  # title, categories, baseline, candidate
+
+
+def confusion_bars(summary: dict[str, Any]) -> Bars | None:
+    qb, qc = summary["baseline"].get("quality"), summary["candidate"].get("quality")
+    if not qb or not qc:
+        return None
+    keys = {"windows<br>detected": "detected_windows", "windows<br>missed": "missed_windows",
+            "true<br>actions": "true_actions", "false<br>actions": "false_actions"}
+    return ("Confusion summary (labelled windows)", list(keys),
+            [qb[k] for k in keys.values()], [qc[k] for k in keys.values()])
+
+
+def volume_bars(summary: dict[str, Any]) -> Bars:
     vb, vc = summary["baseline"]["volume"]["by_mode"], summary["candidate"]["volume"]["by_mode"]
     modes = sorted(set(vb) | set(vc)) or ["auto"]
-    return _grouped_bar("Decisions with an action, by mode", modes,
-                        [vb.get(m, 0) for m in modes], [vc.get(m, 0) for m in modes],
-                        "decisions")
+    return ("Decisions with an action, by mode", modes, [vb.get(m, 0) for m in modes],
+            [vc.get(m, 0) for m in modes])
 
 
-def guards_figure(summary: dict[str, Any]) -> go.Figure:
+def guard_bars(summary: dict[str, Any]) -> Bars:
     gb = summary["baseline"]["guard_interventions"]
     gc = summary["candidate"]["guard_interventions"]
     guards = sorted(set(gb) | set(gc)) or ["(none)"]
-    return _grouped_bar("Guard interventions", guards, [gb.get(g, 0) for g in guards],
-                        [gc.get(g, 0) for g in guards], "interventions")
+    return ("Guard interventions", guards, [gb.get(g, 0) for g in guards],
+            [gc.get(g, 0) for g in guards])
 
 
-def ttd_figure(inp: ReportInput) -> go.Figure | None:
-    if inp.labels is None:
-        return None
-    fig = go.Figure()
+def _ttd_boxes(inp: ReportInput) -> list[go.Box]:
+    boxes = []
     for side, rows in (("baseline", inp.base_rows), ("candidate", inp.cand_rows)):
-        found = [d for d in detections(rows, inp.labels) if d["detected_at"] is not None]
-        fig.add_trace(go.Box(
+        found = [d for d in detections(rows, inp.labels) if d["detected_at"] is not None] \
+            if inp.labels is not None else []
+        boxes.append(go.Box(
             name=side, y=[d["time_to_detect_s"] / 3600 for d in found], boxpoints="all",
-            jitter=0.4, pointpos=0, marker_color=COLORS[side],
+            jitter=0.4, pointpos=0, marker_color=COLORS[side], showlegend=False,
             text=[f"{d['entity']} window from {iso(d['start'])}" for d in found],
             hovertemplate="%{text}<br>%{y:.2f} h<extra></extra>"))
-    fig.update_layout(title="Time to detect (first action in a window - window start)",
-                      yaxis_title="hours", height=360, showlegend=False,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 40})
+    return boxes
+
+
+def overview_figure(inp: ReportInput) -> go.Figure:
+    """One full-width figure: confusion summary, actions by mode, guard interventions
+    and (with labels) time to detect."""
+    panels = [b for b in (confusion_bars(inp.summary), volume_bars(inp.summary),
+                          guard_bars(inp.summary)) if b is not None]
+    titles = [p[0] for p in panels]
+    if inp.labels is not None:
+        titles.append("Time to detect (h): first action in a window - its start")
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles,
+                        horizontal_spacing=0.06,
+                        column_widths=[0.3] + [0.7 / (len(titles) - 1)] * (len(titles) - 1))
+    for col, (_, cats, base, cand) in enumerate(panels, start=1):
+        for side, ys in (("baseline", base), ("candidate", cand)):
+            fig.add_trace(go.Bar(name=side, x=cats, y=ys, marker_color=COLORS[side],
+                                 legendgroup=side, showlegend=col == 1), row=1, col=col)
+    if inp.labels is not None:
+        for box in _ttd_boxes(inp):
+            fig.add_trace(box, row=1, col=len(titles))
+    fig.update_layout(barmode="group", height=400, legend={"orientation": "h", "y": -0.2},
+                      margin={"l": 50, "r": 20, "t": 60, "b": 40})
+    fig.update_annotations(font_size=12)
     return fig
 
 
@@ -325,8 +338,7 @@ padding:.25rem .5rem;text-align:left;vertical-align:top;font-size:.9rem}
 table.metrics td{text-align:right}caption{font-weight:bold;text-align:left}
 tr.added td:first-child{color:#2ca02c}tr.removed td:first-child{color:#d62728}
 tr.changed td:first-child{color:#9467bd}#render-errors{background:#fdd;padding:.5rem;
-border:1px solid #d62728}code{background:#f4f4f4;padding:0 .2rem}.grid{display:grid;
-grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:1rem}
+border:1px solid #d62728}code{background:#f4f4f4;padding:0 .2rem}
 """
 
 # Any script error shows up on the page (and in the DOM, for headless checks);
@@ -367,18 +379,8 @@ def _header(inp: ReportInput) -> str:
 
 
 def render(inp: ReportInput) -> str:
+    overview = _figure_html(overview_figure(inp), "overview")
     figs: list[str] = []
-
-    def add(fig: go.Figure | None) -> None:
-        if fig is not None:
-            figs.append(_figure_html(fig, f"plot-{len(figs)}"))
-
-    add(confusion_figure(inp.summary))
-    add(volume_figure(inp.summary))
-    add(guards_figure(inp.summary))
-    add(ttd_figure(inp))
-    overview = "".join(figs)
-    figs.clear()
     base_by, cand_by = _by_series(inp.base_rows), _by_series(inp.cand_rows)
     series = pick_series(inp)
     for i, key in enumerate(series):
@@ -390,7 +392,7 @@ def render(inp: ReportInput) -> str:
     body = (
         "<div id='render-errors' hidden></div>" + _header(inp)
         + "<h2>Summary</h2>" + metrics_table(inp.summary) + confusion_table(inp.summary)
-        + f"<div class='grid'>{overview}</div>"
+        + overview
         + "<h2>Decisions that differ</h2>" + changes_table(inp.changes)
         + "<h2>Series</h2>" + note + "".join(figs))
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -141,7 +141,7 @@ def test_backtest_cli_writes_summary_diff_and_report_byte_identically(
     assert sorted(d["kind"] for d in diff) == ["added", "changed", "removed"]
     html = runs[0]["report.html"].decode()
     assert "<script src" not in html and "<link" not in html  # self-contained
-    assert html.count("class=\"plotly-graph-div\"") >= 5
+    assert html.count("class=\"plotly-graph-div\"") == 1 + 3  # the overview + each series
 
 
 def row(entity: str, ts: int, acts: bool, mode: str = "auto",

@@ -83,7 +83,7 @@ def test_nab_backtest_report_renders_in_headless_chromium(tmp_path: Path) -> Non
     attrs = dict(re.findall(r'data-([a-z]+)="(\d+)"', body.group(1)))
     assert attrs.get("errors") == "0", re.search(r"render-errors[^<]*<", dom)
     plots = int(attrs["plots"])
-    assert plots >= 4 + summary["source"]["entities"]  # overview charts + every series
+    assert plots == 1 + summary["source"]["entities"]  # the overview + every series
     assert attrs["rendered"] == attrs["plots"], attrs
     console = [line for line in log.splitlines() if ":CONSOLE" in line]
     assert not [c for c in console if re.search(r"error|uncaught|failed", c, re.I)], console
