@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from ia.embedded import ensure_topics
 from ia.settings import Topics
 from ia.topic_slice import READER_GROUP, SliceSpec, read_slice
-from tests.kafka_client import read_topic
+from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, wait_until
 
 pytestmark = pytest.mark.integration
@@ -215,3 +215,36 @@ def test_replay_never_touches_production_state_or_an_actuator(
         finally:
             worker.stop()
             actuator.stop()
+
+
+def test_backtest_from_topic_with_labels_from_the_feedback_topic(infra, history,
+                                                                 tmp_path: Path) -> None:
+    """Feedback on production decisions labels the backtest: a true positive marks a
+    window around its decision, a false positive marks the entity as judged."""
+    prefix, topics = history["prefix"], history["topics"]
+    acting, quiet = tmp_path / "acting.yaml", tmp_path / "quiet.yaml"
+    acting.write_text(POLICY.format(url="http://127.0.0.1:9/never"))
+    quiet.write_text("version: 1\nrules: []\n")
+    out = tmp_path / "decisions.jsonl"
+    replay(infra, prefix, "--topic", topics.telemetry, "--output", str(out))
+    rows = lines(out)
+    spike = next(r for r in rows if r["entity"] == "rk-web-2" and r["ts"] == T0 + 250 * STEP)
+    calm = next(r for r in rows if r["entity"] == "rk-web-1" and r["ts"] == T0 + 250 * STEP)
+    feedback = [{"decision_id": spike["decision_id"], "label": "true_positive", "by": "sre",
+                 "at": 1}, {"decision_id": calm["decision_id"], "label": "false_positive",
+                            "by": "sre", "at": 1}]
+    produce(infra.kafka, topics.feedback, feedback)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "REDIS_URL": "redis://127.0.0.1:1/0",
+           "IA_TOPIC_PREFIX": prefix, "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-m", "ia.cli", "backtest", "--baseline", str(acting),
+                    "--candidate", str(quiet), "--topic", topics.telemetry,
+                    "--labels-from-feedback", "--label-tolerance", "60", "--no-html",
+                    "--out", str(tmp_path / "bt")], env=env, check=True, capture_output=True,
+                   timeout=300)
+    summary = json.loads((tmp_path / "bt" / "summary.json").read_text())
+    assert summary["labels"]["windows"] == 1 and summary["labels"]["entities"] == 2
+    base, cand = summary["baseline"]["quality"], summary["candidate"]["quality"]
+    assert (base["recall"], base["precision"], base["time_to_detect_s"]["median"]) == \
+        (1.0, 1.0, 60.0)
+    assert (cand["recall"], cand["precision"]) == (0.0, None)
+    assert (summary["diff"]["removed"], summary["diff"]["added"]) == (1, 0)
