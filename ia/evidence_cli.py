@@ -19,6 +19,12 @@ from ia.cli_options import history_options, range_options
 from ia.settings import Settings
 
 
+def kafka_bootstrap(settings: Settings) -> str:
+    from ia.replay_kafka import kafka_bootstrap as bootstrap
+
+    return bootstrap(settings)
+
+
 def _settings() -> Settings:
     return Settings()
 
@@ -39,7 +45,7 @@ def _feedback(settings: Settings) -> tuple[list, str]:
     from schemas.models import Feedback
     from schemas.serde import DecodeError, decode
 
-    bootstrap, _ = settings.require_endpoints()
+    bootstrap = kafka_bootstrap(settings)
     topic = settings.topics.feedback
     out = []
     for recs in read_slice(bootstrap, SliceSpec(topic)).values():
@@ -132,7 +138,7 @@ def record(topic: str, to_file: Path, **rng: Any) -> None:
     from ia.topic_slice import SliceError, read_slice
 
     settings = _settings()
-    bootstrap, _ = settings.require_endpoints()
+    bootstrap = kafka_bootstrap(settings)
     spec = slice_spec(topic, rng["from_time"], rng["to_time"], rng["from_offsets"],
                       rng["to_offsets"])
     try:
@@ -159,7 +165,7 @@ def _topic_decisions(settings: Settings, topic: str, kafka: dict[str, Any]) -> l
     from ia.shadow import decisions_of
     from ia.topic_slice import SliceError, read_slice
 
-    bootstrap, _ = settings.require_endpoints()
+    bootstrap = kafka_bootstrap(settings)
     spec = slice_spec(topic, kafka["from_time"], kafka["to_time"], kafka["from_offsets"],
                       kafka["to_offsets"])
     try:
@@ -176,13 +182,15 @@ def _topic_decisions(settings: Settings, topic: str, kafka: dict[str, Any]) -> l
 @click.option("--json", "as_json", is_flag=True, help="The comparison as JSON.")
 def shadow_report(labels_path: Path | None, as_json: bool, **kafka: Any) -> None:
     """Compare shadow decisions with production's over a time range (broker time)."""
-    from decisions.backtest import load_labels_file
+    from decisions.backtest import Row, load_labels_file
     from ia.shadow import compare_topics, format_report
 
     s = _settings()
     production = _topic_decisions(s, s.topics.decisions, kafka)
     candidate = _topic_decisions(s, s.topics.decisions_shadow, kafka)
-    labels = load_labels_file(labels_path, [], 0) if labels_path else None
+    # Feedback labels name production decisions, so they are resolved against those.
+    labels = load_labels_file(labels_path, [Row.of(d) for d in production], 300_000) \
+        if labels_path else None
     report = compare_topics(production, candidate, labels)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json
                else format_report(report))

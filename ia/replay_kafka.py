@@ -34,6 +34,14 @@ class ReplayError(click.ClickException):
     pass
 
 
+def kafka_bootstrap(settings: Settings) -> str:
+    """The broker address; unlike the worker, nothing here needs (or opens) Redis."""
+    if not settings.kafka_bootstrap_servers:
+        raise click.ClickException('KAFKA_BOOTSTRAP_SERVERS must be set (eval "$(ia up)" '
+                                   "starts an embedded broker)")
+    return settings.kafka_bootstrap_servers
+
+
 def slice_spec(topic: str, from_time: str | None = None, to_time: str | None = None,
                from_offsets: str | None = None, to_offsets: str | None = None) -> Any:
     from ia.topic_slice import SliceError, SliceSpec, parse_offsets
@@ -63,7 +71,7 @@ def load_history(settings: Settings, input_path: Path | None, fmt: str,
             if ranged:
                 raise click.UsageError("--from/--to/--from-offsets/--to-offsets need --topic")
             return from_file(input_path, fmt, entity, metric)
-        bootstrap, _ = settings.require_endpoints()
+        bootstrap = kafka_bootstrap(settings)
         spec = slice_spec(kafka["topic"], *(kafka.get(k) for k in
                                             ("from_time", "to_time", "from_offsets",
                                              "to_offsets")))
@@ -138,7 +146,7 @@ def run_replay(settings: Settings, history: History, variant: Variant,
         from ia import embedded
 
         check_output_topic(output_topic, settings.topics)
-        bootstrap, _ = settings.require_endpoints()
+        bootstrap = kafka_bootstrap(settings)
         embedded.ensure_topics(bootstrap, [output_topic], settings.topic_partitions)
         sink: FileSink | TopicSink = TopicSink(bootstrap, output_topic, settings.wire_format)
         n, acted = asyncio.run(_replay(history, variant, sink))
