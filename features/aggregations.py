@@ -6,10 +6,10 @@ Each aggregation here is bound to the offset of its segment and works on that
 list in place, so a batch unpacks a series once, touches plain floats per
 sample, and packs it once (one ``struct`` call each way).
 
-Every aggregation has two steps per sample: ``serve`` (features from the state
-*before* the sample; data with time <= t only) and ``fold`` (take the sample
-in).  ``fold`` is called for in-order samples and for late ones within the
-allowed lateness.  What is exact:
+Every aggregation compiles to one ``step`` per sample: serve the features
+from the state *before* the sample (data with time <= t only), then fold the
+sample in -- in-order samples, and late ones within the allowed lateness
+(:meth:`features.registry.MetricPlan.observe` decides which).  What is exact:
 
 * window, quantile, seasonal: the same result whatever the arrival order of
   samples within the allowed lateness (up to float rounding of sums).
