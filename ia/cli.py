@@ -304,6 +304,21 @@ def _add_feature_commands() -> None:
 _add_feature_commands()
 
 
+# --- benchmarks (ia/bench.py): `ia bench` runs the end-to-end benchmark; other benchmarks
+# are its subcommands. Keep this last: it adopts the subcommands of any `bench` group
+# registered above (e.g. `ia bench decisions` from ia/model_cli.py). ----------------------
+def _add_bench_commands() -> None:
+    from ia.bench import bench
+
+    earlier = main.commands.get("bench")
+    if isinstance(earlier, click.Group) and earlier is not bench:
+        for name, command in earlier.commands.items():
+            bench.add_command(command, name)
+    main.add_command(bench)
+
+
+_add_bench_commands()
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     main()

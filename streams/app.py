@@ -20,9 +20,35 @@ def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
 
 
+def _use_fetch_max_wait(app: faust.App, seconds: float) -> None:
+    """Make the app's Kafka consumer wait at most ``seconds`` for data per fetch.
+
+    Faust hard-codes 1.5 s, and a broker that answers a fetch only when that
+    wait expires (tansu does) then holds every record that arrives meanwhile
+    for up to 1.5 s.  A short wait costs a few idle fetches and bounds latency.
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    app.ia_fetch_max_wait_ms = max(1, round(seconds * 1000))  # type: ignore[attr-defined]
+    cls = driver.AIOKafkaConsumerThread
+    if getattr(cls, "_ia_fetch_wait_patched", False):
+        return
+    create = cls._create_worker_consumer
+
+    def create_worker_consumer(self, transport):  # type: ignore[no-untyped-def]
+        consumer = create(self, transport)
+        wait_ms = getattr(self.app, "ia_fetch_max_wait_ms", None)
+        if wait_ms is not None:
+            consumer._fetch_max_wait_ms = wait_ms
+        return consumer
+
+    cls._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+    cls._ia_fetch_wait_patched = True  # type: ignore[attr-defined]
+
+
 def make_app(settings: Settings, app_id: str) -> faust.App:
     bootstrap, _ = settings.require_endpoints()
-    return faust.App(
+    app = faust.App(
         app_id,
         broker=faust_broker_url(bootstrap),
         store="memory://",
@@ -37,6 +63,8 @@ def make_app(settings: Settings, app_id: str) -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
     )
+    _use_fetch_max_wait(app, settings.fetch_max_wait_s)
+    return app
 
 
 def raw_topic(app: faust.App, name: str) -> faust.TopicT:
@@ -70,3 +98,9 @@ async def confirm(futures: list) -> None:
     """Wait until every produced record is acknowledged by the broker."""
     if futures:
         await asyncio.gather(*futures)
+
+
+async def send_confirmed(topic: faust.TopicT,
+                         records: list[tuple[bytes | None, bytes]]) -> None:
+    """Send ``(key, value)`` records to ``topic`` and wait until all are acknowledged."""
+    await confirm([await topic.send(key=key, value=value) for key, value in records])
