@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from rich.table import Table
 from decisions.policy_source import builtin_policy_path
 from ia import embedded, simulator
 from ia.settings import Settings, Topics
-from ia.topics import read_all, record_count
+from ia.topics import read_all
 
 console = Console(stderr=True)
 EXECUTED = ("succeeded", "failed", "timeout")
@@ -91,9 +92,13 @@ async def _run_loop(stack: ExitStack, *, bootstrap: str, redis_url: str, topics:
         env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,
                "IA_TOPIC_PREFIX": topics.prefix, "IA_REDIS_PREFIX": topics.prefix,
                "IA_POLICY_FILE": str(builtin_policy_path("demo")),
-               "IA_SIMULATOR_URL": server.url, "IA_BATCH_WITHIN_S": "0.01"}
+               "IA_SIMULATOR_URL": server.url, "IA_BATCH_WITHIN_S": "0.01",
+               "IA_AUDIT_DIR": str(log_dir / "audit")}
+        audit_log = log_dir / "audit" / f"{topics.prefix}.audit.jsonl"
+        audit_log.unlink(missing_ok=True)  # a fresh broker and Redis start a fresh chain
         procs = [_spawn(["worker"], env, log_dir / "worker.log"),
-                 _spawn(["actuate"], env, log_dir / "actuator.log")]
+                 _spawn(["actuate"], env, log_dir / "actuator.log"),
+                 _spawn(["audit-writer"], env, log_dir / "audit-writer.log")]
         for p in procs:
             stack.callback(_stop, p)
         console.print(f"[bold]running[/] worker, actuator and a fleet simulation "
@@ -107,7 +112,18 @@ async def _run_loop(stack: ExitStack, *, bootstrap: str, redis_url: str, topics:
         console.print(f"[bold]drained[/] in {time.monotonic() - t0:.1f}s; stopping processes")
         for p in procs:
             _stop(p)
-        return sim
+        return {**sim, "audit": _verify_audit(env)}
+
+
+def _verify_audit(env: dict[str, str]) -> dict:
+    """Run `ia audit verify` on the demo's hash-chained log, as a user would."""
+    run = subprocess.run([sys.executable, "-m", "ia.cli", "audit", "verify", "--json"],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    try:
+        report = json.loads(run.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "problems": [run.stderr.strip()[-500:]]}
+    return report
 
 
 def _progress(p: dict) -> None:
@@ -124,9 +140,9 @@ async def _drain(bootstrap: str, topics: Topics, produced: int, procs: list,
     deadline = time.monotonic() + timeout_s
     decided, missing = 0, -1
     while time.monotonic() < deadline:
-        decided = await asyncio.to_thread(record_count, bootstrap, topics.decisions)
+        decisions = await asyncio.to_thread(read_all, bootstrap, topics.decisions)
+        decided = len({d["event_id"] for d in decisions})
         if decided >= produced:
-            decisions = await asyncio.to_thread(read_all, bootstrap, topics.decisions)
             outcomes = await asyncio.to_thread(read_all, bootstrap, topics.outcomes)
             # Decisions waiting for a human (needs_approval) have no outcome yet.
             acting = {d["decision_id"] for d in decisions
@@ -174,6 +190,8 @@ def summarise(sim: dict, decisions: list[dict], outcomes: list[dict]) -> dict:
         "incidents_remediated_by_action": sim["incidents_remediated_by_action"],
         "mttr_with_automation_seconds": round(sim["mttr_with_automation_seconds"], 1),
         "mttr_without_automation_seconds": round(sim["mttr_without_automation_seconds"], 1),
+        "audit_chain_ok": sim.get("audit", {}).get("ok"),
+        "audit_records": sim.get("audit", {}).get("records"),
         "decisions_by_mode": _count(d["mode"] for d in decisions),
         "incidents": [{k: i[k] for k in ("id", "type", "service", "time_to_detect_s",
                                          "remediated_by", "duration_s",
@@ -206,7 +224,8 @@ def _print_summary(s: dict) -> None:
     console.print(t)
     keys = ("events", "incidents_injected", "incidents_detected", "mttd_seconds",
             "actions_executed", "actions_succeeded", "actions_failed", "false_actions",
-            "mttr_with_automation_seconds", "mttr_without_automation_seconds", "wall_seconds")
+            "mttr_with_automation_seconds", "mttr_without_automation_seconds",
+            "audit_chain_ok", "audit_records", "wall_seconds")
     for k in keys:
         console.print(f"  {k:<34} {s.get(k)}")
 
