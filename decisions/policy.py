@@ -44,6 +44,7 @@ The guards themselves (what each one does, and their shared state) live in
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -319,7 +320,20 @@ def _render_target(template: str, entity: str, metric: str) -> str:
 
 
 def _globs(patterns: list[str], value: str) -> bool:
-    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+    return _compiled(tuple(patterns))(value) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(patterns: tuple[str, ...]):  # -> bound re.Pattern.fullmatch
+    """One regex per selector list: rules run once per event, so this is hot."""
+    if patterns == ("*",):
+        return _MATCH_ANY
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns),
+                      re.DOTALL).fullmatch
+
+
+def _MATCH_ANY(_value: str) -> bool:  # stands in for a compiled pattern
+    return True
 
 
 class Policy:
