@@ -568,18 +568,22 @@ def compile_context(defs: list[FeatureDef]) -> ContextServe:
                   if d.aggregation is Aggregation.since_event)
     within = tuple((d.outputs[0], d.sources, d.window_s * 1000) for d in defs
                    if d.aggregation is Aggregation.event_within)
+    # Each group of event names is looked up once per sample, whoever needs it.
+    groups = tuple(dict.fromkeys([names for _, names in since]
+                                 + [names for _, names, _ in within]))
     counters = tuple(pair for d in defs if d.aggregation is Aggregation.counter
                      for pair in zip(d.outputs, d.sources, strict=True))
     actions = tuple(d.outputs for d in defs if d.aggregation is Aggregation.last_action)
 
     def serve(ctx: EntityContext, t: int, out: Out) -> None:
         times = ctx.times
+        seen = {names: _latest(times, names, t) for names in groups} if times else {}
         for key, names in since:
-            seen = _latest(times, names, t) if times else None
-            out[key] = NEVER_S if seen is None else (t - seen) / 1000.0
+            ts = seen.get(names)
+            out[key] = NEVER_S if ts is None else (t - ts) / 1000.0
         for key, names, window_ms in within:
-            seen = _latest(times, names, t) if times else None
-            out[key] = 1.0 if seen is not None and t - seen <= window_ms else 0.0
+            ts = seen.get(names)
+            out[key] = 1.0 if ts is not None and t - ts <= window_ms else 0.0
         counts = ctx.counters
         for key, src in counters:
             out[key] = counts.get(src, 0.0)

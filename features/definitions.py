@@ -127,8 +127,8 @@ DEFAULT_DEFINITIONS: tuple[FeatureDef, ...] = (
                            "z of the sample against it (EWMA mean until the hour is known)"),
     FeatureDef("error_ratio_5m", Aggregation.ratio, ("error_ratio_5m",),
                sources=("errors", "requests"), over="window_5m", ttl_s=0,
-               description="sum of errors / sum of requests over window_5m, on any metric "
-                           "of an entity that reports both"),
+               description="sum of errors / sum of requests over window_5m, on samples "
+                           "of either, once an entity reports both"),
     *(FeatureDef(f"seconds_since_{name}", Aggregation.since_event, (f"seconds_since_{name}",),
                  kind=Kind.event, sources=(name,),
                  description=f"seconds since the last {name} event on this entity")

@@ -49,20 +49,22 @@ def context_features(rec: EntityRecord, ts: int,
     return out
 
 
-def is_redelivery(rec: EntityRecord, partition: int, offset: int, ts: int) -> bool:
-    """Whether the record at ``(partition, offset)`` is already in ``rec``'s state.
+def claim(rec: EntityRecord, partition: int, offset: int, ts: int) -> bool:
+    """Whether the record at ``(partition, offset)`` is new to ``rec`` (then it becomes the
+    entity's position), or already in its state (delivered again: serve, do not fold).
 
-    The entity's records come from one partition in offset order, so anything at
-    or below the last folded offset was folded -- unless its time is newer than
+    An entity's records come from one partition in offset order, so anything at or
+    below the last folded offset was folded -- unless its time is newer than
     anything folded, which means the offsets started again (a recreated topic)."""
     p = rec.position
-    return p is not None and p[0] == partition and offset <= p[1] and ts <= p[2]
-
-
-def _advance_position(rec: EntityRecord, partition: int, offset: int, ts: int) -> None:
-    p = rec.position
-    newest = max(ts, p[2]) if p is not None and p[0] == partition else ts
-    rec.put_position((partition, offset, newest))
+    if p is not None and p[0] == partition:
+        if offset <= p[1] and ts <= p[2]:
+            return False
+        rec.position = (partition, offset, ts if ts > p[2] else p[2])
+    else:
+        rec.position = (partition, offset, ts)
+    rec.dirty_position = True
+    return True
 
 
 class _Batch:
@@ -73,6 +75,8 @@ class _Batch:
         self.registry = registry
         self.contexts: dict[str, EntityContext | None] = {}
         self.counts = [0] * len(OUTCOMES)
+        self.neutral = registry.neutral_context
+        self.ratios = registry.ratios_by_metric
 
     def context(self, entity: str, create: bool = False) -> EntityContext | None:
         if entity in self.contexts:
@@ -85,20 +89,25 @@ class _Batch:
         return ctx
 
     def metric_features(self, ev: TelemetryEvent, rec: EntityRecord, fold: bool) -> Out:
-        metric = ev.metric
+        metric, t = ev.metric, ev.ts
         # Ratios first: from the series as they are, before this sample (or its series)
-        ratios = [(r, self.ratio(rec, r, ev.ts)) for r in self.registry.ratios
+        ratios = [(r.d.outputs[0], self.ratio(rec, r, t)) for r in self.ratios.get(metric, ())
                   if _has(rec, r.numerator) and _has(rec, r.denominator)]
         st = rec.states.get(metric)
         if st is None:
             st = rec.state(metric, self.registry)
-        feats, outcome = rec.plans[metric].observe(st, ev.value, ev.ts, fold)
+        feats, outcome = rec.plans[metric].observe(st, ev.value, t, fold)
         self.counts[outcome] += 1
         if outcome in _FOLDED:
             rec.dirty_series.add(metric)
-        for r, value in ratios:
-            feats[r.d.outputs[0]] = value
-        self.registry.serve_context(self.context(ev.entity), ev.ts, feats)
+        for name, value in ratios:
+            feats[name] = value
+        entity = ev.entity
+        ctx = self.contexts[entity] if entity in self.contexts else self.context(entity)
+        if ctx is None:
+            feats.update(self.neutral)
+        else:
+            self.registry.serve_context(ctx, t, feats)
         return feats
 
     def ratio(self, rec: EntityRecord, r: Ratio, t: int) -> float:
@@ -148,12 +157,7 @@ def enrich_events(events: Sequence[TelemetryEvent], records: dict[str, EntityRec
     out = []
     for i, ev in enumerate(events):
         rec = records[ev.entity]
-        fold = True
-        if positions is not None:
-            partition, offset = positions[i]
-            fold = not is_redelivery(rec, partition, offset, ev.ts)
-            if fold:
-                _advance_position(rec, partition, offset, ev.ts)
+        fold = True if positions is None else claim(rec, *positions[i], ev.ts)
         if ev.kind is EventKind.metric:
             out.append(batch.metric_features(ev, rec, fold))
         else:

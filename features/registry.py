@@ -250,6 +250,11 @@ class FeatureRegistry:
         self._plan_of: dict[str, MetricPlan] = {}
         self.ratios = [Ratio(d, d.sources[0], d.sources[1], d.over) for d in self.defs
                        if d.aggregation is Aggregation.ratio]
+        # A ratio is served on samples of its two metrics (the others would pay for
+        # reading two more series per sample).
+        self.ratios_by_metric = {m: tuple(r for r in self.ratios
+                                          if m in (r.numerator, r.denominator))
+                                 for r0 in self.ratios for m in (r0.numerator, r0.denominator)}
         self.context_defs = [d for d in self.defs if d.aggregation in _KIND_OF]
         self._serve_context = compile_context(self.context_defs)
         self.tracked_events = frozenset(s for d in self.defs if d.kind is Kind.event

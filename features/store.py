@@ -25,9 +25,9 @@ which of them are already in the state, so nothing is folded twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.exceptions import NoScriptError
@@ -47,27 +47,41 @@ STALE_PREFIXES = (b"m:",)
 Position = tuple[int, int, int]  # (partition, offset, newest event time folded)
 
 
-@dataclass
+@functools.lru_cache(maxsize=65_536)
+def series_field(metric: str) -> bytes:
+    return SERIES_FIELD_PREFIX + metric.encode()
+
+
 class EntityRecord:
-    # Packed series states as loaded, and the decoded (mutable) ones in use.
-    blobs: dict[str, bytes] = field(default_factory=dict)
-    states: dict[str, list] = field(default_factory=dict)
-    plans: dict[str, MetricPlan] = field(default_factory=dict)
-    dirty_series: set[str] = field(default_factory=set)
-    context: dict[str, str] = field(default_factory=dict)
-    dirty_context: set[str] = field(default_factory=set)
-    # Recent action decisions, oldest first, so a batch redelivered after a
-    # crash republishes exactly what was decided the first time.
-    decisions: dict[str, bytes] = field(default_factory=dict)
-    dirty_decisions: set[str] = field(default_factory=set)
-    dropped_decisions: set[str] = field(default_factory=set)
-    # Opaque, versioned anomaly-detector state per metric, saved with the
-    # features so the two never disagree after a crash or a rebalance.
-    detectors: dict[str, bytes] = field(default_factory=dict)
-    dirty_detectors: set[str] = field(default_factory=set)
-    position: Position | None = None
-    dirty_position: bool = False
-    stale: list[bytes] = field(default_factory=list)
+    """Everything stored for one entity, as loaded for a batch, plus what changed.
+
+    A plain class with slots: one is built per entity per batch, so construction
+    cost counts (a dataclass with default factories costs twice as much)."""
+
+    __slots__ = ("blobs", "context", "decisions", "detectors", "dirty_context",
+                 "dirty_decisions", "dirty_detectors", "dirty_position", "dirty_series",
+                 "dropped_decisions", "plans", "position", "stale", "states")
+
+    def __init__(self) -> None:
+        # Packed series states as loaded, and the decoded (mutable) ones in use.
+        self.blobs: dict[str, bytes] = {}
+        self.states: dict[str, list] = {}
+        self.plans: dict[str, MetricPlan] = {}
+        self.dirty_series: set[str] = set()
+        self.context: dict[str, str] = {}
+        self.dirty_context: set[str] = set()
+        # Recent action decisions, oldest first, so a batch redelivered after a
+        # crash republishes exactly what was decided the first time.
+        self.decisions: dict[str, bytes] = {}
+        self.dirty_decisions: set[str] = set()
+        self.dropped_decisions: set[str] = set()
+        # Opaque, versioned anomaly-detector state per metric, saved with the
+        # features so the two never disagree after a crash or a rebalance.
+        self.detectors: dict[str, bytes] = {}
+        self.dirty_detectors: set[str] = set()
+        self.position: Position | None = None
+        self.dirty_position = False
+        self.stale: list[bytes] = []
 
     # -- series state ------------------------------------------------------------------
 
@@ -118,10 +132,6 @@ class EntityRecord:
         self.detectors[metric] = blob
         self.dirty_detectors.add(metric)
 
-    def put_position(self, position: Position) -> None:
-        self.position = position
-        self.dirty_position = True
-
     def remember_decision(self, decision_id: str, ts: int, payload: bytes) -> None:
         """Keep a decision (its JSON) so a redelivered event gets it back verbatim."""
         if decision_id in self.decisions:
@@ -145,8 +155,7 @@ class EntityRecord:
     def changes(self) -> dict[bytes, bytes]:
         out = {}
         for m in self.dirty_series:
-            self.blobs[m] = out[SERIES_FIELD_PREFIX + m.encode()] = self.plans[m].encode(
-                self.states[m])
+            self.blobs[m] = out[series_field(m)] = self.plans[m].encode(self.states[m])
         if self.dirty_context:
             out.update({f"c:{c}".encode(): self.context[c].encode() for c in self.dirty_context})
         if self.dirty_decisions:
@@ -178,9 +187,9 @@ class EntityRecord:
     def from_items(cls, items: Iterable[tuple[bytes, bytes]]) -> EntityRecord:
         rec = cls()
         for k, v in items:
-            if k.startswith(SERIES_FIELD_PREFIX):
+            if k[:3] == SERIES_FIELD_PREFIX:
                 rec.blobs[k[3:].decode()] = v
-            elif k.startswith(b"c:"):
+            elif k[:2] == b"c:":
                 rec.context[k[2:].decode()] = v.decode()
             elif k == b"p":
                 part, off, ts = v.split(b":")
@@ -198,6 +207,12 @@ class EntityRecord:
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> EntityRecord:
         return cls.from_items(raw.items())
+
+
+def _pairs(flat: list[bytes]) -> Iterable[tuple[bytes, bytes]]:
+    """HGETALL's flat [field, value, field, value, ...] as pairs (no copies)."""
+    it = iter(flat)
+    return zip(it, it, strict=True)
 
 
 class FeatureStore(Protocol):
@@ -335,8 +350,8 @@ class RedisFeatureStore:
         if not names:
             return {}
         raws = await LOAD_SCRIPT(self.client, [self.key(e) for e in names], [])
-        return {e: EntityRecord.from_items(zip(raw[::2], raw[1::2], strict=True))
-                for e, raw in zip(names, raws, strict=True)}
+        return {e: EntityRecord.from_items(_pairs(raw)) for e, raw in zip(names, raws,
+                                                                          strict=True)}
 
     async def save(self, records: dict[str, EntityRecord]) -> None:
         keys: list[str] = []
