@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast faults bench lint clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required" >&2; exit 1; }
@@ -22,11 +22,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ia demo --json demo-summary.json
 
+# The fault suite's full trials (faults_long) run in `make faults`; `make test`
+# runs the same tests with fewer trials (faults_quick).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p tests.fault_support -m "not faults_long"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# kill -9 of workers and actuators (20 random points each), Redis crash and
+# restart, SIGTERM, hostile input; prints a summary (.ia/faults-summary.json).
+faults: $(STAMP)
+	IA_FAULT_TRIALS=$${IA_FAULT_TRIALS:-20} $(BIN)/python -m pytest -q -p tests.fault_support \
+	  -m "faults and not faults_quick" tests/test_faults.py tests/test_faults_hostile.py
+
+bench: $(STAMP)
+	$(BIN)/ia bench --json bench.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

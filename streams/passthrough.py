@@ -17,7 +17,7 @@ from streams.app import make_app, raw_topic, send_confirmed
 def build_passthrough(settings: Settings) -> faust.App:
     app = make_app(settings, settings.app_id)
     source = raw_topic(app, settings.topics.telemetry)
-    sink = raw_topic(app, settings.topics.decisions)
+    sink = settings.topics.decisions
     metrics.serve(settings.metrics_port, settings.metrics_host)
 
     @app.agent(source)
@@ -25,6 +25,6 @@ def build_passthrough(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.batch_size,
                                                within=settings.batch_within_s):
             metrics.EVENTS_IN.labels(settings.topics.telemetry).inc(len(events))
-            await send_confirmed(sink, [(ev.message.key, ev.message.value) for ev in events])
+            await send_confirmed(app, sink, [(ev.message.key, ev.message.value) for ev in events])
 
     return app

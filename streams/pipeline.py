@@ -26,7 +26,7 @@ from ia.settings import Settings
 from schemas.models import ActionOutcome, DeadLetter, Feedback
 from schemas.serde import DecodeError, decode, encode
 from schemas.validation import validate_record
-from streams.app import confirm, make_app, raw_topic, with_retry
+from streams.app import confirm, make_app, raw_topic, send_batched, with_retry
 
 log = logging.getLogger("ia.worker")
 
@@ -61,14 +61,14 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
 
     async def publish_batch(events: list) -> None:
         started = time.perf_counter()
-        valid, positions, futures = [], [], []
+        valid, positions, dead = [], [], []
         for ev in events:
             msg = ev.message
             rec = validate_record(msg.value, fmt=fmt, topic=msg.topic, partition=msg.partition,
                                   offset=msg.offset)
             if isinstance(rec, DeadLetter):
                 metrics.DLQ_RECORDS.labels(rec.reason).inc()
-                futures.append(await dlq_t.send(key=msg.key, value=encode(rec, "json")))
+                dead.append((msg.key, encode(rec, "json")))
             else:
                 valid.append(rec)
                 positions.append((msg.partition, msg.offset))
@@ -78,8 +78,10 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
                                    app) if valid else []
         metrics.STAGE_SECONDS.labels("decide").observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
-        for d in decided:
-            futures.append(await decisions_t.send(key=d.entity.encode(), value=encode(d, fmt)))
+        # Whole record batches per partition, confirmed before the batch is acknowledged.
+        futures = await send_batched(app, dlq_t.get_topic_name(), dead)
+        futures += await send_batched(app, decisions_t.get_topic_name(),
+                                      [(d.entity.encode(), encode(d, fmt)) for d in decided])
         await confirm(futures)
         now = time.time()
         metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t2)
