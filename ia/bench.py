@@ -65,14 +65,14 @@ TARGETS: dict[str, tuple[str, float, str]] = {
 
 @dataclass
 class BenchOptions:
-    events: int = 60_000
+    events: int = 30_000
     entities: int = 1_000
     rate: float = 5_000.0
     latency_s: float = 10.0
     actions: int = 300
     action_rate: float = 50.0
     scale: tuple[int, ...] = (1_000, 10_000, 100_000)
-    scale_events: int = 100_000
+    scale_events: int = 30_000
     partitions: int = 4
     batch_size: int = 500
 
@@ -201,7 +201,7 @@ class Bench:
         for _ in range(workers):
             run.start()
         # The same telemetry for every run: same seed, same entity names.
-        warm = max(2_000, entities)  # at least one event per entity before timing
+        warm = 2_000
         records = list(telemetry(warm + events, entities, run="bench"))
         self.log(f"  {name}: {workers} x {command}, {entities} entities, {events} events")
         counter = TopicCounter(self.infra.bootstrap, [run.topics.decisions, run.topics.dlq])
@@ -296,8 +296,9 @@ class Bench:
         try:
             for entities in o.scale:
                 before = _redis_mb(client)
+                # At least one event per entity, so every entity has state in Redis.
                 out, run = self.throughput(f"s{entities}", "worker", 1, entities,
-                                           o.scale_events, keep=True)
+                                           max(o.scale_events, entities), keep=True)
                 out["rss_peak_mb"] = round(_rss(run.procs[0].pid, "VmHWM"), 1)
                 out["redis_mb"] = round(_redis_mb(client) - before, 1)
                 run.stop()
