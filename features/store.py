@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from types import MappingProxyType
 from typing import Protocol
 
 from redis.exceptions import NoScriptError
@@ -45,6 +47,8 @@ MAX_REMEMBERED_DECISIONS = 8
 STALE_PREFIXES = (b"m:",)
 
 Position = tuple[int, int, int]  # (partition, offset, newest event time folded)
+_EMPTY: Mapping = MappingProxyType({})
+_NONE: AbstractSet = frozenset()
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -68,20 +72,22 @@ class EntityRecord:
         self.states: dict[str, list] = {}
         self.plans: dict[str, MetricPlan] = {}
         self.dirty_series: set[str] = set()
-        self.context: dict[str, str] = {}
-        self.dirty_context: set[str] = set()
+        # The rest is usually empty: shared read-only empties until first written
+        # (through the methods below), so building a record stays cheap.
+        self.context: Mapping[str, str] = _EMPTY
+        self.dirty_context: AbstractSet[str] = _NONE
         # Recent action decisions, oldest first, so a batch redelivered after a
         # crash republishes exactly what was decided the first time.
-        self.decisions: dict[str, bytes] = {}
-        self.dirty_decisions: set[str] = set()
-        self.dropped_decisions: set[str] = set()
+        self.decisions: Mapping[str, bytes] = _EMPTY
+        self.dirty_decisions: AbstractSet[str] = _NONE
+        self.dropped_decisions: AbstractSet[str] = _NONE
         # Opaque, versioned anomaly-detector state per metric, saved with the
         # features so the two never disagree after a crash or a rebalance.
-        self.detectors: dict[str, bytes] = {}
-        self.dirty_detectors: set[str] = set()
+        self.detectors: Mapping[str, bytes] = _EMPTY
+        self.dirty_detectors: AbstractSet[str] = _NONE
         self.position: Position | None = None
         self.dirty_position = False
-        self.stale: list[bytes] = []
+        self.stale: tuple[bytes, ...] = ()
 
     # -- series state ------------------------------------------------------------------
 
@@ -125,26 +131,31 @@ class EntityRecord:
     # -- context, decisions, detector state ----------------------------------------------
 
     def put_context(self, name: str, value: str) -> None:
-        self.context[name] = value
-        self.dirty_context.add(name)
+        self.context = {**self.context, name: value}
+        self.dirty_context = {*self.dirty_context, name}
 
     def put_detector(self, metric: str, blob: bytes) -> None:
-        self.detectors[metric] = blob
-        self.dirty_detectors.add(metric)
+        if self.detectors is _EMPTY:
+            self.detectors, self.dirty_detectors = {}, set()
+        self.detectors[metric] = blob  # type: ignore[index]
+        self.dirty_detectors.add(metric)  # type: ignore[attr-defined]
 
     def remember_decision(self, decision_id: str, ts: int, payload: bytes) -> None:
         """Keep a decision (its JSON) so a redelivered event gets it back verbatim."""
         if decision_id in self.decisions:
             return
+        decisions = dict(self.decisions)
+        dirty, dropped = set(self.dirty_decisions), set(self.dropped_decisions)
         # The event-time prefix orders decisions after a reload (hash field
         # order is not insertion order in Redis).
-        self.decisions[decision_id] = b"%020d|" % max(ts, 0) + payload
-        self.dirty_decisions.add(decision_id)
-        while len(self.decisions) > MAX_REMEMBERED_DECISIONS:
-            oldest = next(iter(self.decisions))
-            del self.decisions[oldest]
-            self.dirty_decisions.discard(oldest)
-            self.dropped_decisions.add(oldest)
+        decisions[decision_id] = b"%020d|" % max(ts, 0) + payload
+        dirty.add(decision_id)
+        while len(decisions) > MAX_REMEMBERED_DECISIONS:
+            oldest = next(iter(decisions))
+            del decisions[oldest]
+            dirty.discard(oldest)
+            dropped.add(oldest)
+        self.decisions, self.dirty_decisions, self.dropped_decisions = decisions, dirty, dropped
 
     def recall_decision(self, decision_id: str) -> bytes | None:
         raw = self.decisions.get(decision_id)
@@ -167,7 +178,7 @@ class EntityRecord:
         return out
 
     def deletions(self) -> list[bytes]:
-        return [f"d:{d}".encode() for d in self.dropped_decisions] + self.stale
+        return [f"d:{d}".encode() for d in self.dropped_decisions] + list(self.stale)
 
     def dirty(self) -> bool:
         return bool(self.dirty_series or self.dirty_context or self.dirty_decisions
@@ -176,32 +187,41 @@ class EntityRecord:
 
     def clean(self) -> None:
         self.dirty_series.clear()
-        self.dirty_context.clear()
-        self.dirty_decisions.clear()
-        self.dropped_decisions.clear()
-        self.dirty_detectors.clear()
+        self.dirty_context = self.dirty_decisions = self.dropped_decisions = _NONE
+        if self.dirty_detectors:
+            self.dirty_detectors = set()
         self.dirty_position = False
-        self.stale = []
+        self.stale = ()
 
     @classmethod
     def from_items(cls, items: Iterable[tuple[bytes, bytes]]) -> EntityRecord:
         rec = cls()
+        context: dict[str, str] = {}
+        decisions: dict[str, bytes] = {}
+        detectors: dict[str, bytes] = {}
+        stale = []
         for k, v in items:
             if k[:3] == SERIES_FIELD_PREFIX:
                 rec.blobs[k[3:].decode()] = v
             elif k[:2] == b"c:":
-                rec.context[k[2:].decode()] = v.decode()
+                context[k[2:].decode()] = v.decode()
             elif k == b"p":
                 part, off, ts = v.split(b":")
                 rec.position = (int(part), int(off), int(ts))
-            elif k.startswith(b"d:"):
-                rec.decisions[k[2:].decode()] = v
-            elif k.startswith(b"a:"):
-                rec.detectors[k[2:].decode()] = v
+            elif k[:2] == b"d:":
+                decisions[k[2:].decode()] = v
+            elif k[:2] == b"a:":
+                detectors[k[2:].decode()] = v
             elif k.startswith(STALE_PREFIXES):
-                rec.stale.append(k)
-        if len(rec.decisions) > 1:
-            rec.decisions = dict(sorted(rec.decisions.items(), key=lambda kv: kv[1][:20]))
+                stale.append(k)
+        if context:
+            rec.context = context
+        if decisions:
+            rec.decisions = dict(sorted(decisions.items(), key=lambda kv: kv[1][:20]))
+        if detectors:
+            rec.detectors, rec.dirty_detectors = detectors, set()
+        if stale:
+            rec.stale = tuple(stale)
         return rec
 
     @classmethod
