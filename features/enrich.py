@@ -78,13 +78,16 @@ class _Batch:
         self.neutral = registry.neutral_context
         self.ratios = registry.ratios_by_metric
 
-    def context(self, entity: str, create: bool = False) -> EntityContext | None:
-        if entity in self.contexts:
-            ctx = self.contexts[entity]
-        else:
+    def context(self, entity: str) -> EntityContext | None:
+        """The entity's parsed context (None: it has none, the common case)."""
+        if entity not in self.contexts:
             raw = self.records[entity].context
-            ctx = self.contexts[entity] = EntityContext(raw) if raw else None
-        if ctx is None and create:
+            self.contexts[entity] = EntityContext(raw) if raw else None
+        return self.contexts[entity]
+
+    def writable_context(self, entity: str) -> EntityContext:
+        ctx = self.context(entity)
+        if ctx is None:
             ctx = self.contexts[entity] = EntityContext({})
         return ctx
 
@@ -128,10 +131,11 @@ class _Batch:
         return agg.totals(st, t, st[LAST_TS], agg.o)[1]
 
     def event_features(self, ev: TelemetryEvent, rec: EntityRecord) -> Out:
+        """A discrete event: remember it (if some definition reads it), serve context.
+        Folding is idempotent (a set of recent times), so redelivery needs no check."""
         ctx = self.context(ev.entity)
         if ev.metric in self.registry.tracked_events:
-            ctx = self.context(ev.entity, create=True)
-            assert ctx is not None
+            ctx = self.writable_context(ev.entity)
             value = ctx.record_event(ev.metric, ev.ts)
             if value is not None:
                 rec.put_context(f"event:{ev.metric}", value)
