@@ -563,35 +563,52 @@ def _latest(times: dict[str, list[int]], names: tuple[str, ...], t: int) -> int 
 
 def compile_context(defs: list[FeatureDef]) -> ContextServe:
     """One function serving every entity-level definition (since_event, event_within,
-    counter, last_action) from an :class:`EntityContext` at event time t."""
+    counter, last_action) from an :class:`EntityContext` at event time t.
+
+    It starts from the neutral values (nothing happened, no counts) and overwrites
+    only what the entity has, which is usually one or two things."""
     since = tuple((d.outputs[0], d.sources) for d in defs
                   if d.aggregation is Aggregation.since_event)
     within = tuple((d.outputs[0], d.sources, d.window_s * 1000) for d in defs
                    if d.aggregation is Aggregation.event_within)
-    # Each group of event names is looked up once per sample, whoever needs it.
-    groups = tuple(dict.fromkeys([names for _, names in since]
-                                 + [names for _, names, _ in within]))
     counters = tuple(pair for d in defs if d.aggregation is Aggregation.counter
                      for pair in zip(d.outputs, d.sources, strict=True))
     actions = tuple(d.outputs for d in defs if d.aggregation is Aggregation.last_action)
+    neutral: Out = {key: NEVER_S for key, _ in since}
+    neutral.update({key: 0.0 for key, _, _ in within})
+    neutral.update({key: 0.0 for key, _ in counters})
+    neutral.update({k: v for keys in actions for k, v in zip(keys, (NEVER_S, 0.0, 0.0),
+                                                               strict=True)})
+    # For each event name, the definitions that read it.
+    readers: dict[str, tuple[tuple, tuple]] = {}
+    for name in {n for _, names in since for n in names} | \
+            {n for _, names, _ in within for n in names}:
+        readers[name] = (tuple((k, names) for k, names in since if name in names),
+                         tuple((k, names, w) for k, names, w in within if name in names))
 
     def serve(ctx: EntityContext, t: int, out: Out) -> None:
+        out.update(neutral)
         times = ctx.times
-        seen = {names: _latest(times, names, t) for names in groups} if times else {}
-        for key, names in since:
-            ts = seen.get(names)
-            out[key] = NEVER_S if ts is None else (t - ts) / 1000.0
-        for key, names, window_ms in within:
-            ts = seen.get(names)
-            out[key] = 1.0 if ts is not None and t - ts <= window_ms else 0.0
+        for name, occurred in times.items():
+            if not occurred or name not in readers:
+                continue
+            since_keys, within_keys = readers[name]
+            for key, names in since_keys:
+                ts = _latest(times, names, t)
+                if ts is not None:
+                    out[key] = (t - ts) / 1000.0
+            for key, names, window_ms in within_keys:
+                ts = _latest(times, names, t)
+                if ts is not None and t - ts <= window_ms:
+                    out[key] = 1.0
         counts = ctx.counters
-        for key, src in counters:
-            out[key] = counts.get(src, 0.0)
+        if counts:
+            for key, src in counters:
+                if src in counts:
+                    out[key] = counts[src]
         last = ctx.last_action
-        for k_age, k_failed, k_ok in actions:
-            if last is None or last[1] > t:  # none yet, or only one after this event
-                out[k_age], out[k_failed], out[k_ok] = NEVER_S, 0.0, 0.0
-            else:
+        if last is not None and last[1] <= t:  # an action at or before this event
+            for k_age, k_failed, k_ok in actions:
                 out[k_age] = (t - last[1]) / 1000.0
                 out[k_failed] = 1.0 if last[0] in FAILED_STATUSES else 0.0
                 out[k_ok] = 1.0 if last[0] == "succeeded" else 0.0
