@@ -21,6 +21,10 @@ fields only (``HINCRBY``, compare-and-set of ``c:last_action``), so they never
 race with the owner.  When a partition moves, or a worker restarts, records
 since the last committed offset are delivered again: ``p`` tells the new owner
 which of them are already in the state, so nothing is folded twice.
+
+The scripts touch many keys in one call, so the store needs one Redis node (or
+a primary with replicas), not a Redis Cluster.  A script runs atomically: a
+batch of 1000 entities holds Redis for about a millisecond.
 """
 
 from __future__ import annotations
@@ -315,7 +319,7 @@ for _, key in ipairs(KEYS) do
   a = a + 2 * nset
   if ndel > 0 then redis.call('HDEL', key, unpack(ARGV, a, a + ndel - 1)) end
   a = a + ndel
-  redis.call('EXPIRE', key, ttl)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
 return #KEYS
 """
