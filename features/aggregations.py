@@ -240,6 +240,15 @@ class Window(SeriesAgg):
                 hi = max(hi, st[hi0 + i])
         return cnt, total, lo, hi
 
+    def sum_at(self, head: int, sums: Sequence[float], t: int, wm: int) -> float:
+        """The window's sum at ``t`` from the ring's head and per-bucket sums alone
+        (what a ratio needs; empty buckets sum to 0, so counts are not needed)."""
+        b, n = t // self.w, self.n
+        if b == head and t >= wm:
+            return sum(sums)
+        last = min(b, head) if t >= wm else min(b - 1, head)
+        return sum(sums[bid % n] for bid in range(max(b, head) - n + 1, last + 1))
+
     def _advance(self, st: list, b: int) -> None:
         head, n = st[self.o], self.n
         for bid in range(max(head + 1, b - n + 1), b + 1):
@@ -579,28 +588,42 @@ def compile_context(defs: list[FeatureDef]) -> ContextServe:
     neutral.update({key: 0.0 for key, _ in counters})
     neutral.update({k: v for keys in actions for k, v in zip(keys, (NEVER_S, 0.0, 0.0),
                                                                strict=True)})
-    # For each event name, the definitions that read it.
-    readers: dict[str, tuple[tuple, tuple]] = {}
-    for name in {n for _, names in since for n in names} | \
-            {n for _, names, _ in within for n in names}:
-        readers[name] = (tuple((k, names) for k, names in since if name in names),
-                         tuple((k, names, w) for k, names, w in within if name in names))
+    # Definitions reading one event name (the usual case) are served per name
+    # present; the rest (several names) by looking each group up.
+    readers: dict[str, tuple[list, list]] = {}
+    for key, names in since:
+        if len(names) == 1:
+            readers.setdefault(names[0], ([], []))[0].append(key)
+    for key, names, window_ms in within:
+        if len(names) == 1:
+            readers.setdefault(names[0], ([], []))[1].append((key, window_ms))
+    multi_since = tuple((k, names) for k, names in since if len(names) > 1)
+    multi_within = tuple((k, names, w) for k, names, w in within if len(names) > 1)
 
     def serve(ctx: EntityContext, t: int, out: Out) -> None:
         out.update(neutral)
         times = ctx.times
         for name, occurred in times.items():
-            if not occurred or name not in readers:
+            spec = readers.get(name)
+            if spec is None:
                 continue
-            since_keys, within_keys = readers[name]
-            for key, names in since_keys:
-                ts = _latest(times, names, t)
-                if ts is not None:
-                    out[key] = (t - ts) / 1000.0
-            for key, names, window_ms in within_keys:
-                ts = _latest(times, names, t)
-                if ts is not None and t - ts <= window_ms:
-                    out[key] = 1.0
+            for ts in occurred:  # newest first: the latest at or before t
+                if ts <= t:
+                    age = t - ts
+                    for key in spec[0]:
+                        out[key] = age / 1000.0
+                    for key, window_ms in spec[1]:
+                        if age <= window_ms:
+                            out[key] = 1.0
+                    break
+        for key, names in multi_since:
+            ts = _latest(times, names, t)
+            if ts is not None:
+                out[key] = (t - ts) / 1000.0
+        for key, names, window_ms in multi_within:
+            ts = _latest(times, names, t)
+            if ts is not None and t - ts <= window_ms:
+                out[key] = 1.0
         counts = ctx.counters
         if counts:
             for key, src in counters:

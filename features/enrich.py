@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from features.aggregations import LAST_TS, EntityContext, Out
+from features.aggregations import EntityContext, Out
 from features.definitions import NEVER_S
 from features.registry import (
     DEFAULT_REGISTRY,
@@ -115,20 +115,18 @@ class _Batch:
 
     def ratio(self, rec: EntityRecord, r: Ratio, t: int) -> float:
         """sum(numerator) / sum(denominator) over the window at t (0 if no denominator)."""
-        num, den = (self._window_sum(rec, m, r.window, t) for m in (r.numerator, r.denominator))
+        num = self._window_sum(rec, r.numerator, r.window, t)
+        den = self._window_sum(rec, r.denominator, r.window, t)
         return saturate(num / den) if den > 0 else 0.0
 
     def _window_sum(self, rec: EntityRecord, metric: str, window: str, t: int) -> float:
         st = rec.states.get(metric)
-        if st is None:
-            plan = self.registry.plan(metric)
-            peek = plan.peek_window(rec.blobs[metric], window)
-            if peek is not None:  # not decoded yet: read just its window
-                wm, seg = peek
-                return plan.windows[window].totals(seg, t, wm, 0)[1]
+        if st is None:  # not decoded (yet): read just its window from the blob
+            total = self.registry.plan(metric).window_sum(rec.blobs[metric], window, t)
+            if total is not None:
+                return total
             st = rec.state(metric, self.registry)
-        agg = rec.plans[metric].windows[window]
-        return agg.totals(st, t, st[LAST_TS], agg.o)[1]
+        return rec.plans[metric].window_sum_of(st, window, t)
 
     def event_features(self, ev: TelemetryEvent, rec: EntityRecord) -> Out:
         """A discrete event: remember it (if some definition reads it), serve context.

@@ -129,10 +129,14 @@ class MetricPlan:
         # byte offset of the watermark: state[0] is the header, core values follow
         self.wm_at = len(self.header) + struct.calcsize("<" + CORE_FORMAT[:LAST_TS - 1])
         at = len(self.header) + struct.calcsize("<" + CORE_FORMAT)
-        self.window_at: dict[str, tuple[int, struct.Struct]] = {}
+        # For each window: one struct reading the watermark, the ring's head and the
+        # per-bucket sums straight from a blob (skipping everything in between).
+        self.window_sums: dict[str, struct.Struct] = {}
+        wm_end = self.wm_at + _WM.size
         for a, size in zip(self.folding, sizes, strict=True):
             if isinstance(a, Window):
-                self.window_at[a.d.name] = (at, struct.Struct("<" + a.fmt))
+                self.window_sums[a.d.name] = struct.Struct(
+                    f"<{self.wm_at}xq{at - wm_end}xq{4 * a.n}x{a.n}d")
             at += size
         self.fresh_state: list = [self.header, *CORE_FRESH]
         for a in self.folding:
@@ -157,13 +161,18 @@ class MetricPlan:
             return list(self.struct.unpack(blob))
         return self._migrate(blob)
 
-    def peek_window(self, blob: bytes, name: str) -> tuple[int, tuple] | None:
-        """(watermark, window segment) read straight from a blob: a ratio needs only
-        the window of the other series, not its whole state (None: other layout)."""
+    def window_sum(self, blob: bytes, name: str, t: int) -> float | None:
+        """Window ``name``'s sum at ``t``, read straight from a packed state: a ratio
+        needs only that of the other series, not its whole state (None: other layout)."""
         if len(blob) != self.struct.size or not blob.startswith(self.header):
             return None
-        at, seg = self.window_at[name]
-        return _WM.unpack_from(blob, self.wm_at)[0], seg.unpack_from(blob, at)
+        wm, head, *sums = self.window_sums[name].unpack_from(blob)
+        return self.windows[name].sum_at(head, sums, t, wm)
+
+    def window_sum_of(self, st: list, name: str, t: int) -> float:
+        """The same from a decoded state."""
+        w = self.windows[name]
+        return w.sum_at(st[w.o], st[w.s0:w.lo0], t, st[LAST_TS])
 
     def _migrate(self, blob: bytes) -> list:
         """State from a blob of another layout: the core and the segments whose tags
