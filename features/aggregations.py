@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from math import sqrt
 
 from features.definitions import NEVER_S, Aggregation, FeatureDef
@@ -522,13 +522,14 @@ class EntityContext:
 
     __slots__ = ("counters", "last_action", "times")
 
-    def __init__(self, context: dict[str, str]) -> None:
+    def __init__(self, context: Mapping[str, str]) -> None:
         self.times: dict[str, list[int]] = {}
         self.counters: dict[str, float] = {}
         self.last_action: tuple[str, int] | None = None  # (status, finished_at)
         for key, raw in context.items():
-            if key.startswith("event:"):
-                self.times[key[6:]] = [int(x) for x in raw.split(",") if x]
+            if key[:6] == "event:":
+                with contextlib.suppress(ValueError):  # unreadable: as if never seen
+                    self.times[key[6:]] = list(map(int, raw.split(","))) if raw else []
             elif key == "last_action":
                 self.last_action = parse_last_action(raw)
             else:
