@@ -73,7 +73,7 @@ class Workload:
     def __init__(self, opts: BenchOptions) -> None:
         self.opts = opts
         self.rng = random.Random(opts.seed)
-        self.entities = [f"bench-{i:06d}" for i in range(opts.entities)]
+        self.entities = [f"svc-{i:06d}" for i in range(opts.entities)]
         self.metrics = metric_names(opts.metrics)
         self.ts = LAST_HISTORY + 5_000
         self.offset = 10**9  # after the populated history's positions
@@ -205,7 +205,7 @@ async def single_series_memory(client, store: RedisFeatureStore, work: Workload,
     one = work.metrics[0].encode()
     single = {k: v for k, v in fields.items() if not k.startswith(b"s1:")
               or k == b"s1:" + one}
-    names = [f"single-{i}" for i in range(work.opts.memory_samples)]
+    names = [f"one-{i:06d}" for i in range(work.opts.memory_samples)]
     await populate(client, store, names, single)
     return await memory_per_series(client, [store.key(e) for e in names], 1)
 
@@ -218,7 +218,7 @@ async def detector_memory(client, store: RedisFeatureStore, work: Workload,
 
     blob = DetectorState().pack()
     with_detector = {**fields, **{b"a:" + m.encode(): blob for m in work.metrics}}
-    names = [f"detector-{i}" for i in range(work.opts.memory_samples)]
+    names = [f"det-{i:06d}" for i in range(work.opts.memory_samples)]
     await populate(client, store, names, with_detector)
     return await memory_per_series(client, [store.key(e) for e in names], len(work.metrics))
 
@@ -240,14 +240,15 @@ async def _scan_batches(client, pattern: str, size: int = 1000):
 
 
 async def run(client, opts: BenchOptions) -> dict[str, Any]:
-    prefix = f"ia-bench-{uuid.uuid4().hex[:8]}"
+    # Short, like the production prefix ("ia"): MEMORY USAGE counts the key's name.
+    prefix = f"b{uuid.uuid4().hex[:5]}"
     store = RedisFeatureStore(client, prefix)
     work = Workload(opts)
     try:
         await store.load_scripts()
         fields = template_fields(work)
         await populate(client, store, work.entities, fields)
-        result: dict[str, Any] = {"options": {**asdict(opts), "rounds": {
+        result: dict[str, Any] = {"redis_prefix": prefix, "options": {**asdict(opts), "rounds": {
             str(k): v for k, v in opts.rounds.items()}}, "environment": environment(),
             "series_state_bytes": DEFAULT_REGISTRY.plan(work.metrics[0]).size}
         sample = [store.key(e) for e in work.rng.sample(work.entities, opts.memory_samples)]

@@ -30,7 +30,7 @@ def test_bench_reports_every_figure_and_cleans_up(infra) -> None:
     assert "raw HGETALL" in report and "per (entity, metric)" in report
     r = redis.Redis.from_url(infra.redis_url)
     try:
-        assert not list(r.scan_iter(match="ia-bench-*", count=1000))
+        assert not list(r.scan_iter(match=f"{result['redis_prefix']}:*", count=1000))
     finally:
         r.close()
 
