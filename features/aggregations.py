@@ -480,7 +480,7 @@ class Seasonal(SeriesAgg):
 
     def compile(self) -> Step:
         o, exp_at, prof_at = self.o, self.o, self.o + 7
-        ha, ca, sa, hb, cb = o + 1, o + 2, o + 3, o + 4, o + 5
+        ha, ca, sa, hb, cb, sb = o + 1, o + 2, o + 3, o + 4, o + 5, o + 6
         k_mean, k_z = self.d.outputs
         k_base, k_std = self.baseline or ("", "")
         lateness, close_due, fold = self.lateness_ms, self._close_due, self._fold
@@ -492,10 +492,15 @@ class Seasonal(SeriesAgg):
                     (st[cb] and now >= (st[hb] + 1) * HOUR_MS + lateness):
                 close_due(st, now)
             hour = t // HOUR_MS
-            if mode == FOLD_IN_ORDER and st[ca] and st[ha] == hour:
-                st[ca] += 1  # the common case, inline: same hour as the last sample
-                st[sa] += v
-                mode = SERVE_ONLY
+            if mode == FOLD_IN_ORDER:  # the common case, inline: an hour already open
+                if st[ca] and st[ha] == hour:
+                    st[ca] += 1
+                    st[sa] += v
+                    mode = SERVE_ONLY
+                elif st[cb] and st[hb] == hour:
+                    st[cb] += 1
+                    st[sb] += v
+                    mode = SERVE_ONLY
             raw = unpack_from(st[prof_at], 2 * ((hour + THURSDAY_SLOT) % SLOTS))[0]
             # NaN: this hour of the week has not been seen yet.
             mean = ldexp(raw, st[exp_at]) if raw == raw else (out[k_base] if k_base else v)

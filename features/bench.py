@@ -167,22 +167,22 @@ async def time_batches(client, store: RedisFeatureStore, work: Workload, size: i
 
 async def stage_breakdown(store: RedisFeatureStore, work: Workload, size: int,
                           rounds: int) -> dict[str, float]:
-    """Where one batch's time goes: read, features, write (medians, us per event)."""
-    load, compute, save = [], [], []
+    """Where one batch's time goes: read, features, write (medians, us per event, wall
+    and this process's CPU)."""
+    samples: dict[str, list[float]] = {}
     for _ in range(rounds):
         events, positions = work.batch(size)
-        t0 = time.perf_counter()
+        marks = [(time.perf_counter(), time.process_time())]
         records = await store.load(ev.entity for ev in events)
-        t1 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         enrich_events(events, records, positions)
-        t2 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         await store.save(records)
-        t3 = time.perf_counter()
-        load.append(t1 - t0)
-        compute.append(t2 - t1)
-        save.append(t3 - t2)
-    return {name: round(statistics.median(xs) / size * 1e6, 2)
-            for name, xs in (("load", load), ("features", compute), ("save", save))}
+        marks.append((time.perf_counter(), time.process_time()))
+        for i, stage in enumerate(("load", "features", "save")):
+            samples.setdefault(stage, []).append(marks[i + 1][0] - marks[i][0])
+            samples.setdefault(f"{stage}_cpu", []).append(marks[i + 1][1] - marks[i][1])
+    return {name: round(statistics.median(xs) / size * 1e6, 2) for name, xs in samples.items()}
 
 
 async def unpipelined_hgetall(client, store: RedisFeatureStore, work: Workload,
