@@ -181,7 +181,7 @@ def wait_all_decided(bootstrap: str, topic: str, event_ids: list[str],
 
 
 def wait_outcomes(bootstrap: str, topic: str, decision_ids: set[str],
-                  timeout_s: float = 120.0) -> list[dict]:
+                  timeout_s: float = 300.0) -> list[dict]:
     pending = set(decision_ids)
 
     def done(new: list[dict]) -> bool:

@@ -104,7 +104,10 @@ def _assert_promises(loop: Loop, name: str, n: int, points: tuple[list[float], i
     assert not res.undecided, f"{len(res.undecided)} events without a decision\n{tail}"
     assert not res.executed_twice, f"actions executed more than once: {res.executed_twice}"
     unexplained = res.never_called - res.interrupted_and_reported()
-    assert not unexplained, f"actions neither run nor reported as interrupted: {unexplained}"
+    no_outcome = res.acting - set(res.outcomes)
+    assert not no_outcome, f"{len(no_outcome)} of {len(res.acting)} actions got no outcome"
+    assert not unexplained, f"actions neither run nor reported as interrupted: " \
+                            f"{[res.outcomes.get(d) for d in sorted(unexplained)[:5]]}"
     assert len(res.acting) >= n, "too few actions to have exercised the actuator"
     record(name, trials=n, seed=points[1], kill_points_s=points[0], events=res.events,
            undecided=0,
