@@ -68,9 +68,20 @@ def series_snapshot(rec: EntityRecord, metric: str, registry: FeatureRegistry) -
             "state_bytes": registry.plan(metric).size}
     if wm >= 0:
         feats, _ = registry.plan(metric).observe(st, st[LAST_VALUE], wm, fold=False)
+        feats.update(_ratios(rec, metric, wm, registry))
         registry.serve_context(EntityContext(rec.context) if rec.context else None, wm, feats)
         info["features"] = feats
     return info
+
+
+def _ratios(rec: EntityRecord, metric: str, t: int, registry: FeatureRegistry) -> dict:
+    out = {}
+    for r in registry.ratios_by_metric.get(metric, ()):
+        if {r.numerator, r.denominator} <= rec.metrics():
+            num, den = (registry.plan(m).window_sum_of(rec.state(m, registry), r.window, t)
+                        for m in (r.numerator, r.denominator))
+            out[r.d.outputs[0]] = num / den if den > 0 else 0.0
+    return out
 
 
 def entity_snapshot(entity: str, rec: EntityRecord, registry: FeatureRegistry,
