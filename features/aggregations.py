@@ -107,8 +107,6 @@ class SeriesAgg:
 class Derived:
     """A stateless per-series feature computed from the core values."""
 
-    ttl_ms = 0
-
     def __init__(self, d: FeatureDef) -> None:
         self.d = d
 
