@@ -77,6 +77,8 @@ class _Batch:
         self.counts = [0] * len(OUTCOMES)
         self.neutral = registry.neutral_context
         self.ratios = registry.ratios_by_metric
+        self.plan_of = registry.plan
+        self.serve_context = registry.serve_context
 
     def context(self, entity: str) -> EntityContext | None:
         """The entity's parsed context (None: it has none, the common case)."""
@@ -94,12 +96,18 @@ class _Batch:
     def metric_features(self, ev: TelemetryEvent, rec: EntityRecord, fold: bool) -> Out:
         metric, t = ev.metric, ev.ts
         # Ratios first: from the series as they are, before this sample (or its series)
-        ratios = [(r.d.outputs[0], self.ratio(rec, r, t)) for r in self.ratios.get(metric, ())
-                  if _has(rec, r.numerator) and _has(rec, r.denominator)]
+        rs = self.ratios.get(metric)
+        ratios = [(r.d.outputs[0], self.ratio(rec, r, t)) for r in rs
+                  if _has(rec, r.numerator) and _has(rec, r.denominator)] if rs else ()
         st = rec.states.get(metric)
-        if st is None:
-            st = rec.state(metric, self.registry)
-        feats, outcome = rec.plans[metric].observe(st, ev.value, t, fold)
+        if st is None:  # first sample of this series in the batch (rec.state, inlined)
+            plan = self.plan_of(metric)
+            blob = rec.blobs.get(metric)
+            st = rec.states[metric] = plan.decode(blob) if blob is not None else plan.new()
+            rec.plans[metric] = plan
+        else:
+            plan = rec.plans[metric]
+        feats, outcome = plan.observe(st, ev.value, t, fold)
         self.counts[outcome] += 1
         if outcome in _FOLDED:
             rec.dirty_series.add(metric)
@@ -110,7 +118,7 @@ class _Batch:
         if ctx is None:
             feats.update(self.neutral)
         else:
-            self.registry.serve_context(ctx, t, feats)
+            self.serve_context(ctx, t, feats)
         return feats
 
     def ratio(self, rec: EntityRecord, r: Ratio, t: int) -> float:
