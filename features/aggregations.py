@@ -19,7 +19,6 @@ sample in -- in-order samples, and late ones within the allowed lateness
 
 from __future__ import annotations
 
-import contextlib
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -531,13 +530,15 @@ class EntityContext:
         self.last_action: tuple[str, int] | None = None  # (status, finished_at)
         for key, raw in context.items():
             if key[:6] == "event:":
-                with contextlib.suppress(ValueError):  # unreadable: as if never seen
-                    self.times[key[6:]] = list(map(int, raw.split(","))) if raw else []
+                times = _times(raw)
+                if times is not None:
+                    self.times[key[6:]] = times
             elif key == "last_action":
                 self.last_action = parse_last_action(raw)
             else:
-                with contextlib.suppress(ValueError):  # a free-form note is not a counter
-                    self.counters[key] = float(raw)
+                number = _number(raw)
+                if number is not None:  # a free-form note is not a counter
+                    self.counters[key] = number
 
     def record_event(self, name: str, ts: int) -> str | None:
         """Remember an occurrence; the new field value, or None if nothing changed."""
@@ -548,6 +549,22 @@ class EntityContext:
         seen.sort(reverse=True)
         del seen[RECENT_EVENTS:]
         return ",".join(map(str, seen))
+
+
+# Plain try/except helpers rather than contextlib.suppress: parsing runs for every
+# entity with context in every batch, and a context manager costs more than it.
+def _times(raw: str) -> list[int] | None:
+    try:
+        return list(map(int, raw.split(","))) if raw else []
+    except ValueError:
+        return None  # unreadable: as if it never happened
+
+
+def _number(raw: str) -> float | None:
+    try:
+        return float(raw)
+    except ValueError:
+        return None
 
 
 def parse_last_action(raw: str) -> tuple[str, int] | None:
