@@ -22,7 +22,7 @@ from decisions.guards import (
     observe_fleet,
 )
 from decisions.policy import Policy, PolicyResult
-from features.enrich import enrich_events
+from features.enrich import Enricher
 from features.series import WARMUP_SAMPLES, rebaseline
 from features.store import EntityRecord, FeatureStore
 from schemas.models import (
@@ -93,10 +93,11 @@ class DecisionEngine:
         policy = self.policy()
         await observe_fleet(self.claims, policy, events)  # type: ignore[arg-type]
         decisions = []
+        enricher = Enricher(records)  # contexts parsed once per batch, counts reported once
         for i, ev in enumerate(events):
             # One event at a time: a level drift re-baselines the series' features
             # from the next event on, wherever the batch boundaries fall.
-            (f,) = enrich_events((ev,), records, None if positions is None else (positions[i],))
+            f = enricher.features(ev, None if positions is None else positions[i])
             rec = records[ev.entity]
             earlier = rec.recall_decision(derive_decision_id(ev.event_id or "",
                                                              self.pipeline_id))
@@ -109,6 +110,7 @@ class DecisionEngine:
             if d.action is not None:
                 rec.remember_decision(d.decision_id, d.ts, d.model_dump_json().encode())
             decisions.append(d)
+        enricher.finish()
         for (entity, metric), st in self._states.items():
             records[entity].put_detector(metric, st.pack())
         await self.store.save(records)

@@ -32,7 +32,8 @@ from features.store import EntityRecord, FeatureStore
 from ia import metrics
 from schemas.models import EventKind, TelemetryEvent
 
-__all__ = ["CONTEXT_EVENTS", "NEVER_S", "context_features", "enrich_batch", "enrich_events"]
+__all__ = ["CONTEXT_EVENTS", "NEVER_S", "Enricher", "context_features", "enrich_batch",
+           "enrich_events"]
 
 # Discrete events whose recency is a context feature (``seconds_since_<name>``):
 # an allow-list from the definitions, because event names come from producers
@@ -67,10 +68,14 @@ def claim(rec: EntityRecord, partition: int, offset: int, ts: int) -> bool:
     return True
 
 
-class _Batch:
-    """Per-batch caches: parsed entity contexts, and outcome counts."""
+class Enricher:
+    """Enrichment of one batch, one event at a time (:meth:`features`), with what the
+    batch shares: parsed entity contexts and outcome counts (:meth:`finish` reports
+    them).  For callers that act between events, e.g. the engine re-baselining a
+    series after a drift, so the next event of the series already sees it."""
 
-    def __init__(self, records: dict[str, EntityRecord], registry: FeatureRegistry) -> None:
+    def __init__(self, records: dict[str, EntityRecord],
+                 registry: FeatureRegistry = DEFAULT_REGISTRY) -> None:
         self.records = records
         self.registry = registry
         self.contexts: dict[str, EntityContext | None] = {}
@@ -149,10 +154,20 @@ class _Batch:
         self.registry.serve_context(ctx, ev.ts, feats)
         return feats
 
-    def report(self) -> None:
+    def features(self, ev: TelemetryEvent, position: tuple[int, int] | None = None) -> Out:
+        """Serve ``ev``'s features, then fold it into its entity's record."""
+        rec = self.records[ev.entity]
+        fold = True if position is None else claim(rec, *position, ev.ts)
+        if ev.kind is EventKind.metric:
+            return self.metric_features(ev, rec, fold)
+        return self.event_features(ev, rec)
+
+    def finish(self) -> None:
+        """Report the batch's late, dropped, duplicate and redelivered samples."""
         for outcome in (LATE_FOLDED, TOO_LATE, DUPLICATE, REDELIVERED):
             if self.counts[outcome]:
                 metrics.FEATURE_LATE_EVENTS.labels(OUTCOMES[outcome]).inc(self.counts[outcome])
+        self.counts = [0] * len(OUTCOMES)
 
 
 def _has(rec: EntityRecord, metric: str) -> bool:
@@ -163,16 +178,13 @@ def enrich_events(events: Sequence[TelemetryEvent], records: dict[str, EntityRec
                   positions: Sequence[tuple[int, int]] | None = None,
                   registry: FeatureRegistry = DEFAULT_REGISTRY) -> list[Out]:
     """Features for each event, in order, folding each into ``records``."""
-    batch = _Batch(records, registry)
-    out = []
-    for i, ev in enumerate(events):
-        rec = records[ev.entity]
-        fold = True if positions is None else claim(rec, *positions[i], ev.ts)
-        if ev.kind is EventKind.metric:
-            out.append(batch.metric_features(ev, rec, fold))
-        else:
-            out.append(batch.event_features(ev, rec))
-    batch.report()
+    batch = Enricher(records, registry)
+    features = batch.features
+    if positions is None:
+        out = [features(ev) for ev in events]
+    else:
+        out = [features(ev, where) for ev, where in zip(events, positions, strict=True)]
+    batch.finish()
     return out
 
 
