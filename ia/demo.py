@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from decisions.policy_source import builtin_policy_path
@@ -128,8 +129,9 @@ def _verify_audit(env: dict[str, str]) -> dict:
 
 def _progress(p: dict) -> None:
     active = ", ".join(f"{i['service']}:{i['type']}" for i in p["active_incidents"]) or "-"
+    active = escape(f"[{active}]")  # brackets would otherwise be read as rich markup
     console.print(f"  t+{p['elapsed_s'] / 60:5.1f} min  events {p['events_emitted']:>6}  "
-                  f"incidents {p['incidents_started']}  active [{active}]  "
+                  f"incidents {p['incidents_started']}  active {active}  "
                   f"actions {p['actions_received']} (remediating "
                   f"{p['actions_remediating']})")
 
