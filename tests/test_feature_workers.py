@@ -186,7 +186,9 @@ def test_partitions_moving_to_another_worker_keep_features_correct(infra, tmp_pa
         feeder.join()
         decided_all(infra, topics.decisions, records)
         assert events_in(ports[1]) > before  # the survivor took over a's partitions
-        assert redelivered(ports[1]) > 0  # a's uncommitted records, not folded twice
+        # Whether any of a's records were still uncommitted at the kill depends on
+        # timing (offsets commit every second), so redelivery is not asserted
+        # here; the state comparison below fails if any record was folded twice.
     finally:
         a.stop()
         b.stop()
