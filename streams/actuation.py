@@ -26,8 +26,8 @@ from decisions.policy_source import PolicySource
 from ia import metrics
 from ia.settings import Settings
 from schemas.models import ActionOutcome, ApprovalEvent, Decision, OutcomePhase
-from schemas.serde import DecodeError, decode, encode
-from streams.app import confirm, make_app, raw_topic, with_retry
+from schemas.serde import encode
+from streams.app import confirm, decode_events, make_app, raw_topic, with_retry
 
 log = logging.getLogger("ia.actuate")
 TICK_S = 0.5
@@ -88,13 +88,7 @@ def build_actuator(settings: Settings) -> faust.App:
     async def act(stream: faust.StreamT) -> None:
         async for events in stream.take_events(100, within=0.01):
             metrics.EVENTS_IN.labels(topics.decisions).inc(len(events))
-            decided = []
-            for ev in events:
-                try:
-                    decided.append(decode(ev.message.value, Decision, fmt))
-                except DecodeError as exc:
-                    log.error("undecodable decision at %s[%d]@%d: %s", ev.message.topic,
-                              ev.message.partition, ev.message.offset, exc)
+            decided = decode_events(events, Decision, fmt, "decision")
             todo = [d for d in decided if d.action is not None]
             if not todo:
                 continue
@@ -109,13 +103,7 @@ def build_actuator(settings: Settings) -> faust.App:
     async def settle_approvals(stream: faust.StreamT) -> None:
         async for events in stream.take_events(100, within=0.01):
             metrics.EVENTS_IN.labels(topics.approvals).inc(len(events))
-            answered = []
-            for ev in events:
-                try:
-                    answered.append(decode(ev.message.value, ApprovalEvent, fmt))
-                except DecodeError as exc:
-                    log.error("undecodable approval event at %s[%d]@%d: %s", ev.message.topic,
-                              ev.message.partition, ev.message.offset, exc)
+            answered = decode_events(events, ApprovalEvent, fmt, "approval event")
             results = await asyncio.gather(*(
                 with_retry("approve", lambda a=a: ctx["service"].on_approval(a), app)
                 for a in answered))

@@ -8,12 +8,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import faust
+from pydantic import BaseModel
 
 from ia.metrics import RETRIES
 from ia.settings import Settings
+from schemas.serde import DecodeError, decode
 
 log = logging.getLogger("ia.streams")
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def faust_broker_url(bootstrap: str) -> str:
@@ -146,3 +149,19 @@ async def send_confirmed(app: faust.App, topic: str,
                          records: Sequence[tuple[bytes | None, bytes]]) -> None:
     """Send ``(key, value)`` records to ``topic`` and wait until all are acknowledged."""
     await confirm(await send_batched(app, topic, records))
+
+
+def decode_events(events: list, model_cls: type[M], fmt: str, what: str) -> list[M]:
+    """Decode a batch of records of our own topics, logging (not raising on) bad ones.
+
+    These topics are written by ``ia`` itself, so an undecodable record is a
+    bug or a foreign writer: it is logged with its position and skipped.
+    """
+    out: list[M] = []
+    for ev in events:
+        try:
+            out.append(decode(ev.message.value, model_cls, fmt))
+        except DecodeError as exc:
+            log.error("undecodable %s at %s[%d]@%d: %s", what, ev.message.topic,
+                      ev.message.partition, ev.message.offset, exc)
+    return out

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from ia.embedded import free_port, redis_binary
+from tests.support import WebhookSink
 
 POLICY = """\
 version: 1
@@ -110,38 +110,12 @@ class Feeder(threading.Thread):
         return self.sent
 
 
-class SlowSink:
+class SlowSink(WebhookSink):
     """A webhook endpoint that takes ``delay_s`` per call and counts calls per Idempotency-Key,
     so a kill -9 often lands while an action is in flight."""
 
     def __init__(self, delay_s: float = 0.05) -> None:
-        self.calls: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # http.server's naming
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with sink.lock:
-                    sink.calls[self.headers.get("Idempotency-Key", "")] += 1
-                time.sleep(delay_s)
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> SlowSink:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(delay_s=delay_s)
 
 
 # --------------------------------------------------------------------------- reading

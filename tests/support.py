@@ -76,17 +76,23 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, every_s: f
 class WebhookSink:
     """A real HTTP endpoint that counts POSTs per Idempotency-Key."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, delay_s: float = 0.0) -> None:
         self.calls: Counter[str] = Counter()
         self.bodies: list[dict] = []
         self.status = status
+        self.delay_s = delay_s
+        # The server is threaded: concurrent actions must not lose counts.
+        self.lock = threading.Lock()
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                sink.calls[self.headers.get("Idempotency-Key", "")] += 1
-                sink.bodies.append(json.loads(body or b"{}"))
+                with sink.lock:
+                    sink.calls[self.headers.get("Idempotency-Key", "")] += 1
+                    sink.bodies.append(json.loads(body or b"{}"))
+                if sink.delay_s:
+                    time.sleep(sink.delay_s)
                 self.send_response(sink.status)
                 self.end_headers()
 

@@ -10,6 +10,7 @@ import pytest
 
 from ia.embedded import ensure_topics
 from ia.settings import Topics
+from ia.topics import record_count
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, wait_until
 
@@ -59,10 +60,10 @@ def test_kill9_worker_mid_stream_loses_nothing_and_acts_once(infra, tmp_path, to
             feeder.start()
             # Kill twice, each time while records are still flowing.
             for kill_at in (len(events) // 4, len(events) // 2):
-                wait_until(lambda n=kill_at: _count(infra.kafka, topics.decisions) >= n, 120,
+                wait_until(lambda n=kill_at: record_count(infra.kafka, topics.decisions) >= n, 120,
                            f"{kill_at} decisions before the kill")
                 worker.kill9()
-                assert _count(infra.kafka, topics.decisions) < len(events), "not mid-stream"
+                assert record_count(infra.kafka, topics.decisions) < len(events), "not mid-stream"
                 worker = IaProcess(["worker"], env, tmp_path / "worker.log").start()
             feeder.join()
 
@@ -99,18 +100,3 @@ def _feed(bootstrap: str, topic: str, events: list[dict]) -> None:
     for i in range(0, len(events), 200):
         produce(bootstrap, topic, events[i:i + 200], key=lambda r: r["entity"])
         time.sleep(0.05)
-
-
-def _count(bootstrap: str, topic: str) -> int:
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "counter"})
-    try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        total = 0
-        for p in meta.partitions:
-            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total += hi - lo
-        return total
-    finally:
-        c.close()
