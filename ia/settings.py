@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Longest a consumer fetch waits for data (Faust's own 1.5 s adds up to
     # 1.5 s of latency on brokers that hold fetches until the wait expires).
     fetch_max_wait_s: float = Field(default=0.01, gt=0)
+    # How often consumed offsets are committed: after a crash, records since the
+    # last commit are delivered again (the feature store detects and skips them).
+    commit_interval_s: float = Field(default=1.0, gt=0)
     policy_file: Path | None = None
     metrics_port: int = Field(default=0, ge=0, description="0 disables the metrics endpoint")
     # Address the metrics endpoint binds; containers need 0.0.0.0 to be scraped.

@@ -64,7 +64,7 @@ def make_app(settings: Settings, app_id: str) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         broker_commit_every=1000,
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.commit_interval_s,
         # Room for a whole batch of decisions per partition in one record batch.
         producer_max_batch_size=256 * 1024,
     )
