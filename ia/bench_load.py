@@ -127,6 +127,18 @@ def produce_paced(bootstrap: str, topic: str, records: Iterable[Record], rate: f
 # --------------------------------------------------------------------------- topics
 
 
+def consume_ready(consumer: Consumer, timeout_s: float, max_records: int = 10_000) -> list:
+    """The records available now, waiting at most ``timeout_s`` for the first one.
+
+    (librdkafka's batch ``consume`` waits for its whole timeout unless the batch
+    fills, which would add up to the timeout to every arrival time measured.)
+    """
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_records - 1, timeout=0)]
+
+
 class TopicCounter:
     """Records in a set of topics, counted by reading them in a thread.
 
@@ -149,8 +161,7 @@ class TopicCounter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._n += sum(1 for m in self.consumer.consume(10_000, timeout=0.05)
-                           if not m.error())
+            self._n += sum(1 for m in consume_ready(self.consumer, 0.05) if not m.error())
 
     def count(self) -> int:
         return self._n
@@ -218,8 +229,7 @@ class Tap:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = self._consumer.consume(10_000, timeout=0.3 if not self._idle.is_set()
-                                           else 0.05)
+            batch = consume_ready(self._consumer, 0.3 if not self._idle.is_set() else 0.05)
             now = time.time()
             if not batch:
                 self._idle.set()
