@@ -99,14 +99,14 @@ class DecisionEngine:
             # from the next event on, wherever the batch boundaries fall.
             f = enricher.features(ev, None if positions is None else positions[i])
             rec = records[ev.entity]
-            earlier = rec.recall_decision(derive_decision_id(ev.event_id or "",
-                                                             self.pipeline_id))
+            decision_id = derive_decision_id(ev.event_id or "", self.pipeline_id)
+            earlier = rec.recall_decision(decision_id)
             if earlier is not None:
                 # Redelivered after a crash: republish the original decision
                 # verbatim instead of re-deciding against newer state.
                 decisions.append(Decision.model_validate_json(earlier))
                 continue
-            d = await self._decide(ev, f, rec, policy)
+            d = await self._decide(ev, f, rec, policy, decision_id)
             if d.action is not None:
                 rec.remember_decision(d.decision_id, d.ts, d.model_dump_json().encode())
             decisions.append(d)
@@ -148,7 +148,7 @@ class DecisionEngine:
         return pred, max(0.0, min(1.0, confidence * factor))
 
     async def _decide(self, ev: TelemetryEvent, f: dict[str, float], rec: EntityRecord,
-                      policy: Policy) -> Decision:
+                      policy: Policy, decision_id: str) -> Decision:
         score, drift, drift_event = self._score(ev, f, rec)
         confidence = confidence_of(score, f)
         result = policy.evaluate(entity=ev.entity, metric=ev.metric, kind=ev.kind.value,
@@ -162,7 +162,6 @@ class DecisionEngine:
             result = policy.evaluate(entity=ev.entity, metric=ev.metric, kind=ev.kind.value,
                                      labels=ev.labels, features=f, score=score,
                                      confidence=confidence, drift=drift.value)
-        decision_id = derive_decision_id(ev.event_id or "", self.pipeline_id)
         mode = await self._guard(result, decision_id, ev)
         self.stats.events += 1
         self.stats.by_mode[mode.value] = self.stats.by_mode.get(mode.value, 0) + 1
@@ -171,7 +170,7 @@ class DecisionEngine:
                                                                   ev.event_id or ""),
             event_id=ev.event_id or "", entity=ev.entity, metric=ev.metric, value=ev.value,
             ts=ev.ts, decided_at=self.clock(ev), anomaly_score=round(score, 6),
-            confidence=round(confidence, 6), features={k: round(v, 6) for k, v in f.items()},
+            confidence=round(confidence, 6), features=f,
             model=self.detector.info, drift=drift, rule_trace=result.trace, action=result.action,
             mode=mode, policy_version=policy.version,
             explanation=explain(ev, f, score, drift_event, pred,

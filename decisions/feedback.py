@@ -85,10 +85,16 @@ class FeedbackClassifier:
             linear_model.LogisticRegression(optimizer=optim.SGD(0.05)),
         )
         self.version = 0
+        self._info: ModelInfo | None = None
+        self._info_version = -1
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(id="feedback-logreg", version=f"{FORMAT}.{self.version}")
+        # Asked for once per decision: built again only when the model has learnt.
+        if self._info is None or self._info_version != self.version:
+            self._info = ModelInfo(id="feedback-logreg", version=f"{FORMAT}.{self.version}")
+            self._info_version = self.version
+        return self._info
 
     def predict(self, x: dict[str, float]) -> Prediction:
         if self.version == 0:

@@ -309,6 +309,8 @@ class PolicyResult:
     guards: RuleGuards = field(default_factory=RuleGuards)
 
 
+# Series whose rule selection is remembered (per policy object; cleared when full).
+_SELECTION_CACHE = 100_000
 _PLACEHOLDER = re.compile(r"\{(entity|metric)\}")
 
 
@@ -343,6 +345,7 @@ class Policy:
         self.version = hashlib.sha256(text.encode()).hexdigest()[:12] if text else "inline"
         self._guards = {r.name: self._resolve(r) for r in doc.rules}
         self.fleet_labels = _fleet_labels(doc)
+        self._selections: dict[tuple[str, str, str], list[str | None]] = {}
 
     def _resolve(self, rule: Rule) -> RuleGuards:
         d = self.doc.defaults
@@ -394,17 +397,17 @@ class Policy:
                  features: dict[str, float], score: float, confidence: float,
                  drift: str) -> PolicyResult:
         trace: list[RuleTrace] = []
-        for rule in self.doc.rules:
-            reason = _mismatch(rule, entity, metric, kind, labels, features, score, confidence,
-                               drift)
+        selected = self._selection(entity, metric, kind)
+        for rule, unselected in zip(self.doc.rules, selected, strict=True):
+            reason = unselected or _mismatch(rule, labels, features, score, confidence, drift)
             if reason:
-                trace.append(RuleTrace(rule=rule.name, matched=False, reason=reason))
+                trace.append(_trace(rule.name, False, reason))
                 continue
             mode, ladder = _mode_of(rule, confidence)
             if mode is None:
-                trace.append(RuleTrace(rule=rule.name, matched=False, reason=ladder))
+                trace.append(_trace(rule.name, False, ladder))
                 continue
-            trace.append(RuleTrace(rule=rule.name, matched=True, reason=(
+            trace.append(_trace(rule.name, True, (
                 f"score {score:.3f} >= {rule.when.min_score}, "
                 f"confidence {confidence:.3f} >= {rule.when.min_confidence}" + ladder)))
             action = None
@@ -416,6 +419,18 @@ class Policy:
             return PolicyResult(rule.name, action, mode if action else Mode.none,
                                 trace, guards.cooldown_s, guards)
         return PolicyResult(None, None, Mode.none, trace)
+
+    def _selection(self, entity: str, metric: str, kind: str) -> list[str | None]:
+        """Per rule, why its kind/entity/metric selectors leave this series out (None:
+        selected).  Remembered per series: the globs are the same for every sample."""
+        key = (entity, metric, kind)
+        found = self._selections.get(key)
+        if found is None:
+            if len(self._selections) >= _SELECTION_CACHE:
+                self._selections.clear()  # bounded; rebuilt at the cost of a few globs
+            found = self._selections[key] = [_unselected(r, entity, metric, kind)
+                                             for r in self.doc.rules]
+        return found
 
 
 _RANK = {Mode.notify: 1, Mode.needs_approval: 2, Mode.auto: 3}
@@ -450,16 +465,25 @@ def _fleet_labels(doc: PolicyDocument) -> frozenset[str | None]:
     return frozenset(out)
 
 
-def _mismatch(rule: Rule, entity: str, metric: str, kind: str, labels: dict[str, str],
-              features: dict[str, float], score: float, confidence: float,
-              drift: str) -> str | None:
-    m, w = rule.match, rule.when
+def _trace(rule: str, matched: bool, reason: str) -> RuleTrace:
+    return RuleTrace(rule=rule, matched=matched, reason=reason)
+
+
+def _unselected(rule: Rule, entity: str, metric: str, kind: str) -> str | None:
+    m = rule.match
     if kind != m.kind:
         return f"kind {kind} is not {m.kind}"
     if not _globs(m.entity, entity):
         return "entity not selected"
     if not _globs(m.metric, metric):
         return "metric not selected"
+    return None
+
+
+def _mismatch(rule: Rule, labels: dict[str, str], features: dict[str, float], score: float,
+              confidence: float, drift: str) -> str | None:
+    """Why a rule whose selectors take the series does not match this sample."""
+    m, w = rule.match, rule.when
     for k, v in m.labels.items():
         if not _globs(v, labels.get(k, "")):
             return f"label {k} does not match {(v[0] if len(v) == 1 else v)!r}"
