@@ -1,8 +1,9 @@
 """The actuator process: decisions and approvals in -> actions -> outcomes out.
 
 A batch of decisions is handled concurrently (the executor serialises actions
-on the same target); the batch is acknowledged only after all its outcomes
-and approval requests are confirmed by the broker.  A timer does the
+on the same target), each outcome sent as soon as its action is done; the
+batch is acknowledged only after all its outcomes and approval requests are
+confirmed by the broker.  A timer does the
 periodic work (approval expiry, verification and compensation).  All the
 logic is in :class:`actuators.service.ActuatorService`.
 """
@@ -84,6 +85,10 @@ def build_actuator(settings: Settings) -> faust.App:
             futures.append(await topic.send(key=rec.entity.encode(), value=encode(rec, fmt)))
         return futures
 
+    async def act_on(decision: Decision) -> list:
+        records = await with_retry("actuate", lambda: ctx["service"].on_decision(decision), app)
+        return await publish(records)
+
     @app.agent(decisions_t)
     async def act(stream: faust.StreamT) -> None:
         async for events in stream.take_events(100, within=0.01):
@@ -92,10 +97,11 @@ def build_actuator(settings: Settings) -> faust.App:
             todo = [d for d in decided if d.action is not None]
             if not todo:
                 continue
-            results = await asyncio.gather(*(
-                with_retry("actuate", lambda d=d: ctx["service"].on_decision(d), app)
-                for d in todo))
-            futures = await publish([r for rs in results for r in rs])
+            # Each action's outcome is sent as soon as that action is done (a slow
+            # endpoint does not hold back the others'); the batch is acknowledged
+            # once every outcome is confirmed.
+            sent = await asyncio.gather(*(act_on(d) for d in todo))
+            futures = [f for fs in sent for f in fs]
             await confirm(futures)
             metrics.EVENTS_OUT.labels(topics.outcomes).inc(len(futures))
 
