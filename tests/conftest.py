@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from ia.embedded import EmbeddedStack
 
@@ -56,3 +57,12 @@ def redis_client(infra: Infra) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+async def aredis(infra: Infra) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(infra.redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from actuators.base import ActionFailed
 from actuators.builtin import CommandActuator, LogActuator, WebhookActuator
@@ -38,15 +37,6 @@ def decision(action_type: str = "webhook", target: str = "svc-a", mode: Mode = M
         entity=entity or target, metric="latency", value=900.0, ts=T0, decided_at=T0,
         anomaly_score=0.99, confidence=0.9, model=ModelInfo(id="zscore-hst", version="1.0.0"),
         action=Action(type=action_type, target=target, params=params), mode=mode)
-
-
-@pytest.fixture
-async def aredis(infra):
-    client = aioredis.from_url(infra.redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from actuators.approvals import ApprovalError, ApprovalStore, approval_id_for, normalise_id
@@ -51,15 +50,6 @@ def decision(mode: Mode = Mode.needs_approval, entity: str = "svc-a", **params: 
                     RuleTrace(rule="guard:cooldown", matched=False, reason="free")],
         action=Action(type="log", target=entity, params=params), mode=mode,
         policy_version="p1")
-
-
-@pytest.fixture
-async def aredis(infra):
-    client = aioredis.from_url(infra.redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

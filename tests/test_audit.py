@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from decisions.audit import (
     EMPTY,
@@ -265,15 +264,6 @@ def _outcome(i: int) -> ActionOutcome:
     return ActionOutcome(decision_id=f"dc-{i}", entity="svc-1", action_type="log",
                          target="svc-1", status=OutcomeStatus.succeeded, actuator="log",
                          started_at=T0, finished_at=T0 + 1, duration_ms=1.0)
-
-
-@pytest.fixture
-async def aredis(infra):
-    client = aioredis.from_url(infra.redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.integration

@@ -161,15 +161,6 @@ def test_features_list_cli() -> None:
     assert rows[0]["outputs"] == ["n", "ewma_mean", "ewma_std", "zscore"]
 
 
-@pytest.fixture
-async def aredis(infra):
-    client = aioredis.from_url(infra.redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 @pytest.mark.integration
 def test_features_show_cli(infra, topic_prefix) -> None:
     async def populate() -> None:

@@ -14,7 +14,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 
 from features.enrich import CONTEXT_EVENTS, NEVER_S, context_features, enrich_batch
 from features.registry import DEFAULT_REGISTRY
@@ -300,15 +299,6 @@ class CountingClient:
 
     def reset(self) -> None:
         self.executions, self.direct_calls, self.queued, self.calls = 0, 0, [], []
-
-
-@pytest.fixture
-async def aredis(infra):
-    client = aioredis.from_url(infra.redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def test_context_features_from_deploy_events() -> None:
