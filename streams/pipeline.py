@@ -24,9 +24,9 @@ from features.store import RedisFeatureStore
 from ia import metrics
 from ia.settings import Settings
 from schemas.models import ActionOutcome, DeadLetter, Feedback
-from schemas.serde import DecodeError, decode, encode
+from schemas.serde import encode
 from schemas.validation import validate_record
-from streams.app import confirm, make_app, raw_topic, send_batched, with_retry
+from streams.app import confirm, decode_events, make_app, raw_topic, send_batched, with_retry
 
 log = logging.getLogger("ia.worker")
 
@@ -101,25 +101,19 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
             metrics.BATCH_SIZE.observe(len(events))
             await publish_batch(events)
 
+    async def apply_each(stream: faust.StreamT, model_cls: type, what: str, apply) -> None:
+        """Apply each record of a feedback topic in turn (undecodable ones are logged)."""
+        async for event in stream.events():
+            for rec in decode_events([event], model_cls, fmt, what):
+                await with_retry("feedback", lambda r=rec: apply(ctx, r), app)
+
     @app.agent(outcomes_t)
     async def learn_from_outcomes(stream: faust.StreamT) -> None:
-        async for raw in stream:
-            try:
-                outcome = decode(raw, ActionOutcome, fmt)
-            except DecodeError as exc:
-                log.warning("ignoring undecodable outcome: %s", exc)
-                continue
-            await with_retry("feedback", lambda o=outcome: _apply_outcome(ctx, o), app)
+        await apply_each(stream, ActionOutcome, "outcome", _apply_outcome)
 
     @app.agent(feedback_t)
     async def learn_from_feedback(stream: faust.StreamT) -> None:
-        async for raw in stream:
-            try:
-                fb = decode(raw, Feedback, fmt)
-            except DecodeError as exc:
-                log.warning("ignoring undecodable feedback: %s", exc)
-                continue
-            await with_retry("feedback", lambda f=fb: _apply_feedback(ctx, f), app)
+        await apply_each(stream, Feedback, "feedback", _apply_feedback)
 
     app.ia_decide_agent = decide  # type: ignore[attr-defined]  # for test_context()
     return app

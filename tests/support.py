@@ -1,19 +1,18 @@
-"""Test support: run `ia` processes, and a webhook sink that counts side effects."""
+"""Test support: run `ia` processes, wait for conditions, and (re-exported from
+:mod:`ia.webhook_sink`) the webhook sink that counts side effects."""
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from ia.webhook_sink import WebhookSink as WebhookSink  # re-exported for the tests
 
 PR_SET_PDEATHSIG = 1
 
@@ -71,45 +70,6 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, every_s: f
             return
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-
-
-class WebhookSink:
-    """A real HTTP endpoint that counts POSTs per Idempotency-Key."""
-
-    def __init__(self, status: int = 200, delay_s: float = 0.0) -> None:
-        self.calls: Counter[str] = Counter()
-        self.bodies: list[dict] = []
-        self.status = status
-        self.delay_s = delay_s
-        # The server is threaded: concurrent actions must not lose counts.
-        self.lock = threading.Lock()
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with sink.lock:
-                    sink.calls[self.headers.get("Idempotency-Key", "")] += 1
-                    sink.bodies.append(json.loads(body or b"{}"))
-                if sink.delay_s:
-                    time.sleep(sink.delay_s)
-                self.send_response(sink.status)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> WebhookSink:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
