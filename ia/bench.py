@@ -560,8 +560,9 @@ def bench(ctx: click.Context, json_file: Path | None, quick: bool, events: int |
 @bench.command("passthrough", hidden=True)
 def passthrough() -> None:
     """The trivial pass-through agent the benchmark compares the pipeline with."""
-    from ia.cli import _run_faust, _settings
+    from ia.cli import _settings
+    from streams.app import run_faust
     from streams.passthrough import build_passthrough
 
     s = _settings()
-    _run_faust(build_passthrough(s), s)
+    run_faust(build_passthrough(s), s)

@@ -70,16 +70,6 @@ def _built(build, settings: Settings):
         raise click.ClickException(str(exc)) from None
 
 
-def _run_faust(app, settings: Settings) -> None:
-    from faust.worker import Worker
-
-    from ia import embedded
-
-    bootstrap, _ = settings.require_endpoints()
-    embedded.ensure_topics(bootstrap, settings.topics.all(), settings.topic_partitions)
-    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
-
-
 @main.command()
 @click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
               default=None, help="Policy YAML (default: $IA_POLICY_FILE or observe-only).")
@@ -89,6 +79,7 @@ def _run_faust(app, settings: Settings) -> None:
                    "decisions only to <prefix>.decisions.shadow; see `ia shadow`).")
 def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> None:
     """Run the pipeline: telemetry -> features -> model -> policy -> decisions."""
+    from streams.app import run_faust
     from streams.pipeline import build_worker
 
     s = _settings(policy_file=policy_file, metrics_port=metrics_port)
@@ -101,7 +92,7 @@ def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> 
         s = shadow_settings(s)
         embedded.ensure_topics(s.require_endpoints()[0], [s.topics.decisions_shadow],
                                s.topic_partitions)
-    _run_faust(_built(lambda st: build_worker(st, shadow=shadow), s), s)
+    run_faust(_built(lambda st: build_worker(st, shadow=shadow), s), s)
 
 
 @main.command()
@@ -111,9 +102,10 @@ def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> 
 def actuate(policy_file: Path | None, metrics_port: int | None) -> None:
     """Run the actuators: decisions -> actions -> outcomes."""
     from streams.actuation import build_actuator
+    from streams.app import run_faust
 
     s = _settings(policy_file=policy_file, metrics_port=metrics_port)
-    _run_faust(_built(build_actuator, s), s)
+    run_faust(_built(build_actuator, s), s)
 
 
 @main.command()

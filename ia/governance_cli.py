@@ -322,16 +322,6 @@ def story(decision_id: str, records) -> str:
 # --------------------------------------------------------------------------- processes
 
 
-def _run_faust(app, settings: Settings) -> None:
-    from faust.worker import Worker
-
-    from ia import embedded
-
-    bootstrap, _ = settings.require_endpoints()
-    embedded.ensure_topics(bootstrap, settings.topics.all(), settings.topic_partitions)
-    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
-
-
 @click.command("audit-writer")
 @click.option("--metrics-port", type=int, default=None)
 @click.option("--grace", "grace_s", type=float, default=300.0, show_default=True,
@@ -339,10 +329,11 @@ def _run_faust(app, settings: Settings) -> None:
                    "overdue (after the approval's expiry for needs_approval).")
 def audit_writer(metrics_port: int | None, grace_s: float) -> None:
     """Append every decision, approval and outcome to the hash-chained audit log."""
+    from streams.app import run_faust
     from streams.audit import build_audit_writer
 
     s = _settings(metrics_port=metrics_port)
-    _run_faust(build_audit_writer(s, grace_s=grace_s), s)
+    run_faust(build_audit_writer(s, grace_s=grace_s), s)
 
 
 @click.command("api")

