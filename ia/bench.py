@@ -219,26 +219,30 @@ class Bench:
 
     # ----------------------------------------------------------------- phases
 
-    def phase_throughput(self) -> Run:
+    def phase_throughput(self) -> tuple[Run, Run]:
         o = self.opts
-        trivial, _ = self.throughput("trivial", "passthrough", 1, o.entities, o.events)
+        trivial, plain = self.throughput("trivial", "passthrough", 1, o.entities, o.events,
+                                         keep=True)
         pipeline, run = self.throughput("pipe1", "worker", 1, o.entities, o.events, keep=True)
         self.result.update(trivial=trivial, pipeline=pipeline)
-        return run
+        return run, plain
 
     def phase_two_workers(self) -> None:
         o = self.opts
         two, _ = self.throughput("pipe2", "worker", 2, o.entities, o.events)
         self.result["two_workers"] = two
 
-    def phase_latency(self, run: Run) -> None:
+    def phase_latency(self, run: Run, trivial: Run) -> None:
         """At the offered load, and (if that is beyond the pipeline's capacity, where the
-        figure is queueing) at half the throughput the pipeline just showed."""
+        figure is queueing) at half the throughput the pipeline just showed; then the
+        trivial agent at that same load, as the baseline of what Faust alone costs."""
         o = self.opts
         self.result["latency"] = self._latency(run, o.rate, "lat")
         half = 0.5 * self.result["pipeline"]["events_per_s"]
         if 0 < half < o.rate:
             self.result["latency_at_half_capacity"] = self._latency(run, half, "half")
+            self.result["trivial_latency_at_half_capacity"] = self._latency(trivial, half,
+                                                                            "thalf")
 
     def _latency(self, run: Run, rate: float, tag: str) -> dict[str, Any]:
         from ia.bench_load import Tap, event_id_of, produce_paced, telemetry
@@ -323,11 +327,12 @@ class Bench:
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         with self.sink:
-            pipe1 = self.phase_throughput()
+            pipe1, trivial = self.phase_throughput()
             try:
-                self.phase_latency(pipe1)
+                self.phase_latency(pipe1, trivial)
             finally:
                 pipe1.stop()
+                trivial.stop()
             self.phase_actions()
             self.phase_two_workers()
             self.phase_scale()
@@ -348,6 +353,9 @@ def summarise(r: dict[str, Any], opts: BenchOptions) -> dict[str, Any]:
         "p99_event_to_decision_ms": r["latency"]["p99_ms"],
         "p99_event_to_decision_ms_at_half_capacity":
             r.get("latency_at_half_capacity", r["latency"])["p99_ms"],
+        # The trivial agent at the same load: the part of that figure Faust alone costs.
+        "p99_trivial_agent_ms_at_half_capacity":
+            r.get("trivial_latency_at_half_capacity", {}).get("p99_ms"),
         "p50_decision_to_outcome_ms": r["actions"]["p50_ms"],
         "p95_decision_to_outcome_ms": r["actions"]["p95_ms"],
         "p99_decision_to_outcome_ms": r["actions"]["p99_ms"],
@@ -382,6 +390,8 @@ def format_table(s: dict[str, Any]) -> str:
         (f"  at half the pipeline's capacity "
          f"({ph.get('latency_at_half_capacity', ph['latency'])['offered_events_per_s']:,.0f}/s)"
          " p99 (ms)", f"{s['p99_event_to_decision_ms_at_half_capacity']:.0f}", ""),
+        ("  the trivial agent at that load p99 (ms)",
+         _num(s["p99_trivial_agent_ms_at_half_capacity"]), ""),
         ("decision -> outcome (webhook) p50/p95/p99 (ms)", _p(s, "decision_to_outcome"),
          _target(s, "p99_decision_to_outcome_ms")),
         ("2 workers (events/s)", f"{s['two_workers_events_per_s']:,.0f}", ""),
@@ -471,6 +481,10 @@ def _ratio(a: float, b: float) -> float:
 
 def _met(value: float, comparison: str, bound: float) -> bool:
     return value >= bound if comparison == ">=" else value <= bound
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def _target(s: dict[str, Any], key: str) -> str:

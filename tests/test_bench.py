@@ -48,6 +48,20 @@ def test_summary_has_the_issue_keys_and_judges_targets():
     assert "NOT MET" in table and "faust-streaming" in table
 
 
+def test_latency_below_capacity_is_reported_next_to_the_trivial_agents():
+    opts = BenchOptions(scale=(1000, 100000))
+    phases = _phases(pipeline=900.0, p99=150.0)
+    assert summarise(phases, opts)["p99_trivial_agent_ms_at_half_capacity"] is None
+    half = {**phases["latency"], "offered_events_per_s": 450.0}
+    phases.update(latency_at_half_capacity={**half, "p99_ms": 80.0},
+                  trivial_latency_at_half_capacity={**half, "p99_ms": 30.0})
+    s = summarise(phases, opts)
+    assert s["p99_event_to_decision_ms_at_half_capacity"] == 80.0
+    assert s["p99_trivial_agent_ms_at_half_capacity"] == 30.0
+    row = next(line for line in format_table(s).splitlines() if "trivial agent at" in line)
+    assert row.split()[-1] == "30"
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) in (50.0, 51.0)
