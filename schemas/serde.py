@@ -391,7 +391,8 @@ def _as_bytes(data: object) -> bytes:
 
 def _encode_json(model: BaseModel) -> bytes:
     try:
-        return model.model_dump_json().encode("utf-8")
+        # Straight to UTF-8 bytes (model_dump_json would build a str to encode again).
+        return model.__pydantic_serializer__.to_json(model)
     except (PydanticSerializationError, UnicodeError) as exc:
         raise EncodeError("json_encode", str(exc)) from exc
 
