@@ -287,6 +287,12 @@ class Bench:
             probe += produce_all(self.infra.bootstrap, run.topics.telemetry,
                                  action_events(1, run="probe", start=probe))
             time.sleep(0.5)
+        # Then a few seconds of steady actions, all answered, before timing: a
+        # consumer group that has just formed may still rebalance once (a pause
+        # of seconds on tansu) and that is start-up, not the steady state.
+        warm = list(action_events(30, run="probe", start=probe))
+        probe += produce_paced(self.infra.bootstrap, run.topics.telemetry, warm, 10.0, {})
+        _wait(lambda: len(ready_tap.received) >= probe, 120, "warm-up actions", every_s=0.2)
         ready_tap.close()
         tap = Tap(self.infra.bootstrap, {run.topics.decisions: b'"event_id":"act-act-',
                                          run.topics.outcomes: None})
