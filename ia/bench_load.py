@@ -22,7 +22,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
+
+from ia.topics import from_beginning
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 METRICS = ("cpu_pct", "latency_ms")
@@ -149,13 +151,8 @@ class TopicCounter:
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
         self._n = 0
         self._stop = threading.Event()
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "ia-bench-count",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 10,
-                                  "log.connection.close": False})
-        self.consumer.assign([
-            TopicPartition(t, p, OFFSET_BEGINNING)
-            for t in topics
-            for p in self.consumer.list_topics(t, timeout=10).topics[t].partitions])
+        self.consumer = from_beginning(bootstrap, topics, "ia-bench-count",
+                                       **{"fetch.wait.max.ms": 10})
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -217,13 +214,8 @@ class Tap:
         self.markers = markers
         self._idle = threading.Event()
         self._stop = threading.Event()
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "ia-bench-tap",
-                                   "enable.auto.commit": False, "fetch.wait.max.ms": 5,
-                                   "log.connection.close": False})
-        self._consumer.assign([
-            TopicPartition(t, p, OFFSET_BEGINNING)
-            for t in markers
-            for p in self._consumer.list_topics(t, timeout=10).topics[t].partitions])
+        self._consumer = from_beginning(bootstrap, list(markers), "ia-bench-tap",
+                                        **{"fetch.wait.max.ms": 5})
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 

@@ -17,6 +17,17 @@ def _consumer(bootstrap: str) -> Consumer:
                      "enable.partition.eof": True})
 
 
+def from_beginning(bootstrap: str, topics: list[str], group: str = "ia-reader",
+                   **config: object) -> Consumer:
+    """A consumer assigned to every partition of ``topics`` from the first record: it
+    joins no group and commits nothing (``config``: further librdkafka settings)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                  "enable.auto.commit": False, "log.connection.close": False, **config})
+    c.assign([TopicPartition(t, p, OFFSET_BEGINNING)
+              for t in topics for p in c.list_topics(t, timeout=10).topics[t].partitions])
+    return c
+
+
 def record_count(bootstrap: str, topic: str) -> int:
     """Approximate records in ``topic`` (sum of watermark ranges); cheap, may lag."""
     c = _consumer(bootstrap)

@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,26 +144,26 @@ def read_json(bootstrap: str, topic: str, *, until: Any, timeout_s: float = 180.
     return out
 
 
-def wait_all_decided(bootstrap: str, topic: str, event_ids: list[str],
-                     timeout_s: float = 240.0) -> list[dict]:
-    pending = set(event_ids)
+def wait_for_ids(bootstrap: str, topic: str, field: str, ids: Iterable[str],
+                 timeout_s: float = 240.0) -> list[dict]:
+    """Records of ``topic`` from the beginning until every id in ``ids`` appeared in ``field``."""
+    pending = set(ids)
 
     def done(new: list[dict]) -> bool:
-        pending.difference_update(d["event_id"] for d in new)
+        pending.difference_update(r[field] for r in new)
         return not pending
 
     return read_json(bootstrap, topic, until=done, timeout_s=timeout_s)
+
+
+def wait_all_decided(bootstrap: str, topic: str, event_ids: list[str],
+                     timeout_s: float = 240.0) -> list[dict]:
+    return wait_for_ids(bootstrap, topic, "event_id", event_ids, timeout_s)
 
 
 def wait_outcomes(bootstrap: str, topic: str, decision_ids: set[str],
                   timeout_s: float = 300.0) -> list[dict]:
-    pending = set(decision_ids)
-
-    def done(new: list[dict]) -> bool:
-        pending.difference_update(o["decision_id"] for o in new)
-        return not pending
-
-    return read_json(bootstrap, topic, until=done, timeout_s=timeout_s)
+    return wait_for_ids(bootstrap, topic, "decision_id", decision_ids, timeout_s)
 
 
 @dataclass
