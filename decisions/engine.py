@@ -33,6 +33,7 @@ from schemas.models import (
     TelemetryEvent,
     derive_decision_id,
 )
+from schemas.serde import encode
 
 
 def wall_clock_ms() -> int:
@@ -108,7 +109,7 @@ class DecisionEngine:
                 continue
             d = await self._decide(ev, f, rec, policy, decision_id)
             if d.action is not None:
-                rec.remember_decision(d.decision_id, d.ts, d.model_dump_json().encode())
+                rec.remember_decision(d.decision_id, d.ts, encode(d, "json"))
             decisions.append(d)
         enricher.finish()
         for (entity, metric), st in self._states.items():

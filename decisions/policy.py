@@ -401,13 +401,13 @@ class Policy:
         for rule, unselected in zip(self.doc.rules, selected, strict=True):
             reason = unselected or _mismatch(rule, labels, features, score, confidence, drift)
             if reason:
-                trace.append(_trace(rule.name, False, reason))
+                trace.append(RuleTrace(rule=rule.name, matched=False, reason=reason))
                 continue
             mode, ladder = _mode_of(rule, confidence)
             if mode is None:
-                trace.append(_trace(rule.name, False, ladder))
+                trace.append(RuleTrace(rule=rule.name, matched=False, reason=ladder))
                 continue
-            trace.append(_trace(rule.name, True, (
+            trace.append(RuleTrace(rule=rule.name, matched=True, reason=(
                 f"score {score:.3f} >= {rule.when.min_score}, "
                 f"confidence {confidence:.3f} >= {rule.when.min_confidence}" + ladder)))
             action = None
@@ -463,10 +463,6 @@ def _fleet_labels(doc: PolicyDocument) -> frozenset[str | None]:
                 and br.fleet_size is None:
             out.add(br.group_label)
     return frozenset(out)
-
-
-def _trace(rule: str, matched: bool, reason: str) -> RuleTrace:
-    return RuleTrace(rule=rule, matched=matched, reason=reason)
 
 
 def _unselected(rule: Rule, entity: str, metric: str, kind: str) -> str | None:
