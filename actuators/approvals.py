@@ -21,13 +21,13 @@ import hashlib
 import json
 import time
 
-from schemas.models import (
+from ia.schemas.models import (
     ApprovalEvent,
     ApprovalStatus,
     Decision,
     ExpiryPolicy,
 )
-from schemas.serde import decode, encode
+from ia.schemas.serde import decode, encode
 
 KEEP_S = 30 * 24 * 3600  # how long a resolved approval stays readable
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from schemas.models import Action, Decision
+from ia.schemas.models import Action, Decision
 
 
 class ActionFailed(Exception):

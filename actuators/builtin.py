@@ -16,9 +16,9 @@ from tenacity import (
     wait_exponential,
 )
 
-from actuators.approvals import approval_id_for
-from actuators.base import ActionFailed
-from schemas.models import Action, Decision
+from ia.actuators.approvals import approval_id_for
+from ia.actuators.base import ActionFailed
+from ia.schemas.models import Action, Decision
 
 log = logging.getLogger("ia.actuators")
 

@@ -9,7 +9,7 @@ Guarantees, all backed by Redis so they hold across actuator processes:
   repeating a restart or rollback is worse than reporting it as unknown.
   Approved, rejected and expired approvals settle through the same claim,
   so a decision gets one action outcome whatever path it takes.
-* **Execution-time guards** (:class:`decisions.guards.ExecutionGuard`): right
+* **Execution-time guards** (:class:`ia.decisions.guards.ExecutionGuard`): right
   before running, the kill switch, the circuit breaker and the blast radius
   are checked again (decision-time state can be stale); every outcome is fed
   back to the breaker and the error budgets.
@@ -31,8 +31,8 @@ from collections.abc import Mapping
 
 from redis.exceptions import LockError
 
-from actuators.base import ActionFailed, Actuator
-from schemas.models import (
+from ia.actuators.base import ActionFailed, Actuator
+from ia.schemas.models import (
     Action,
     ActionOutcome,
     ApprovalEvent,
@@ -139,7 +139,7 @@ class ActionExecutor:
         if self.guard is not None and decision.action is not None:
             # The worker may have made this decision the breaker's half-open probe:
             # a probe that will never run must not hold the breaker until it times out.
-            from decisions.guards import breaker_key
+            from ia.decisions.guards import breaker_key
 
             await self.guard.store.breaker_release_probe(breaker_key(decision.action),
                                                          decision.decision_id)

@@ -13,11 +13,11 @@ whose ``name`` equals the entry point's name.  A package adds one with::
     class PagerDutyActuator:
         name = "pagerduty"
 
-        def __init__(self, ctx):          # ctx: actuators.registry.ActuatorContext
+        def __init__(self, ctx):          # ctx: ia.actuators.registry.ActuatorContext
             self.timeout_s = ctx.timeout_s
 
         async def execute(self, action, decision) -> str:
-            ...                           # raise actuators.base.ActionFailed on failure
+            ...                           # raise ia.actuators.base.ActionFailed on failure
             return "incident opened"
 
 Policies then use ``action: {type: pagerduty, ...}``.  The executor gives a
@@ -35,8 +35,8 @@ import logging
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 
-from actuators.base import Actuator
-from actuators.builtin import (
+from ia.actuators.base import Actuator
+from ia.actuators.builtin import (
     CommandActuator,
     LogActuator,
     NotifyActuator,

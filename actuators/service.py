@@ -5,7 +5,7 @@ Flow of one decision with an action:
 
 * ``auto`` → executed once (:class:`~actuators.executor.ActionExecutor`); if
   the action declares a verification it is scheduled
-  (:mod:`actuators.verification`);
+  (:mod:`ia.actuators.verification`);
 * ``needs_approval`` → an approval request is stored and announced
   (``requested`` on ``ia.approvals``); nothing runs yet.  ``approved`` runs
   the action through the same executor (outcome carries ``approval_id`` and
@@ -30,11 +30,11 @@ import time
 
 from pydantic import BaseModel
 
-from actuators.approvals import ApprovalStore
-from actuators.base import Actuator
-from actuators.executor import ActionExecutor
-from actuators.verification import SpecError, Verifier, spec_of
-from schemas.models import (
+from ia.actuators.approvals import ApprovalStore
+from ia.actuators.base import Actuator
+from ia.actuators.executor import ActionExecutor
+from ia.actuators.verification import SpecError, Verifier, spec_of
+from ia.schemas.models import (
     ActionOutcome,
     ApprovalEvent,
     ApprovalStatus,

@@ -29,9 +29,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from features.store import RedisFeatureStore
-from schemas.models import Action, Decision
-from schemas.serde import decode, encode
+from ia.features.store import RedisFeatureStore
+from ia.schemas.models import Action, Decision
+from ia.schemas.serde import decode, encode
 
 
 class SpecError(ValueError):
@@ -126,7 +126,7 @@ class Verifier:
         """(samples seen, last value) of one series in the worker's feature store.
 
         The only place that knows the store's layout: the worker keeps one
-        hash per entity with the per-metric state (:mod:`features.store`).
+        hash per entity with the per-metric state (:mod:`ia.features.store`).
         """
         rec = (await self.store.load([entity]))[entity]
         state = rec.series.get(metric)

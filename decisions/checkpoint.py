@@ -5,7 +5,7 @@ One Redis hash per model, ``{prefix}:model:{name}``, with fields ``version``
 one ``MULTI`` under ``WATCH``, so a reader sees either the old or the new
 version, never a mix, and two writers cannot lose each other's update (the
 loser re-reads and re-applies).  Per-series detector state does not live
-here: it is saved with each entity's features (see ``features.store``).
+here: it is saved with each entity's features (see ``ia.features.store``).
 """
 
 from __future__ import annotations

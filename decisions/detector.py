@@ -31,7 +31,7 @@ afterwards (score before learn: no look-ahead).  The layers, in order:
    the signed residual z (level) and the raw score (dispersion).  A level drift
    re-centres the level on the sample and makes the seasonal profile relearn;
    a dispersion drift re-estimates the scales from their fast versions.  See
-   :mod:`decisions.drift` for the bound on how long a shift stays anomalous.
+   :mod:`ia.decisions.drift` for the bound on how long a shift stays anomalous.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import struct
 from array import array
 from dataclasses import dataclass, field
 
-from decisions.drift import PH_FIELDS, PageHinkleyParams, ph_update
-from schemas.models import DriftState, ModelInfo
+from ia.decisions.drift import PH_FIELDS, PageHinkleyParams, ph_update
+from ia.schemas.models import DriftState, ModelInfo
 
 STATE_FORMAT = 1
 SEASON_SLOTS = 168  # hours of the week

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from river import drift
 
-from schemas.models import DriftState
+from ia.schemas.models import DriftState
 
 # How many samples after a detection the series reports ``drift``.
 DRIFT_HOLD_SAMPLES = 10

@@ -11,21 +11,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from decisions.detector import AdaptiveDetector, DetectorState
-from decisions.explain import explain
-from decisions.feedback import FeedbackClassifier, Prediction, action_trust, classifier_inputs
-from decisions.guards import (
+from ia.decisions.detector import AdaptiveDetector, DetectorState
+from ia.decisions.explain import explain
+from ia.decisions.feedback import FeedbackClassifier, Prediction, action_trust, classifier_inputs
+from ia.decisions.guards import (
     ClaimStore,
     KillSwitch,
     MemoryKillSwitch,
     apply_guards,
     observe_fleet,
 )
-from decisions.policy import Policy, PolicyResult
-from features.enrich import Enricher
-from features.series import WARMUP_SAMPLES, rebaseline
-from features.store import EntityRecord, FeatureStore
-from schemas.models import (
+from ia.decisions.policy import Policy, PolicyResult
+from ia.features.enrich import Enricher
+from ia.features.series import WARMUP_SAMPLES, rebaseline
+from ia.features.store import EntityRecord, FeatureStore
+from ia.schemas.models import (
     Decision,
     DriftState,
     EventKind,
@@ -33,7 +33,7 @@ from schemas.models import (
     TelemetryEvent,
     derive_decision_id,
 )
-from schemas.serde import encode
+from ia.schemas.serde import encode
 
 
 def wall_clock_ms() -> int:
@@ -71,14 +71,14 @@ class DecisionEngine:
                  detector: AdaptiveDetector | None = None) -> None:
         self.policy = policy
         self.store = store
-        # Guard state (decisions.guards.GuardStore); named for its first guard, the cooldown.
+        # Guard state (ia.decisions.guards.GuardStore); named for its first guard, the cooldown.
         self.claims = claims
         self.kill_switch = kill_switch or MemoryKillSwitch()
         self.clock = clock or (lambda _ev: wall_clock_ms())
         self.pipeline_id = pipeline_id
         self.detector = detector or AdaptiveDetector()
         # Shared "will this action be useful?" model; the worker swaps in newer
-        # checkpoints (decisions.checkpoint) between batches.
+        # checkpoints (ia.decisions.checkpoint) between batches.
         self.feedback = feedback or FeedbackClassifier()
         self._states: dict[tuple[str, str], DetectorState] = {}
         self.stats = EngineStats()
@@ -180,7 +180,7 @@ class DecisionEngine:
 
     async def _guard(self, result: PolicyResult, decision_id: str,
                      ev: TelemetryEvent) -> Mode:
-        """All guards, in one place (decisions.guards.apply_guards)."""
+        """All guards, in one place (ia.decisions.guards.apply_guards)."""
         verdict = await apply_guards(result, decision_id=decision_id, ts=ev.ts,
                                      now=self.clock(ev), labels=ev.labels,
                                      store=self.claims,  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Explanations: the few features that made a decision, in words and numbers.
 
-The detector's evidence has three parts (see :mod:`decisions.detector`): the
+The detector's evidence has three parts (see :mod:`ia.decisions.detector`): the
 surprise of this sample's residual (``score_point``), of the recent run of
 residuals (``score_window``) and a value outside the series' range
 (``out_of_range``).  Their shares of the evidence rank them; the feedback
@@ -10,8 +10,8 @@ proposed.  Everything is rounded, so replay stays byte-identical.
 
 from __future__ import annotations
 
-from decisions.feedback import Prediction
-from schemas.models import Explanation, FeatureContribution, ModelInfo, TelemetryEvent
+from ia.decisions.feedback import Prediction
+from ia.schemas.models import Explanation, FeatureContribution, ModelInfo, TelemetryEvent
 
 EVIDENCE = ("score_point", "score_window", "out_of_range")
 TOP_DETECTOR_FEATURES = 3

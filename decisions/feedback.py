@@ -15,7 +15,7 @@ bar for that entity and action even before the shared model generalises.
 
 The model is shared by every worker: each label is applied as an optimistic
 read-modify-write of one Redis hash (``WATCH``/``MULTI``), so every update is
-a new, atomically written, numbered version (see :mod:`decisions.checkpoint`),
+a new, atomically written, numbered version (see :mod:`ia.decisions.checkpoint`),
 and workers pick up new versions on their next batch.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from river import compose, linear_model, optim, preprocessing
 
-from schemas.models import Decision, FeatureContribution, ModelInfo
+from ia.schemas.models import Decision, FeatureContribution, ModelInfo
 
 # Bumped when the input features or the pickled model layout change; an older
 # checkpoint is then ignored (the model starts afresh) rather than misread.

@@ -1,6 +1,6 @@
 """Guards: everything that stands between a policy decision and an actuator.
 
-The policy says *what* to do and how autonomously (:mod:`decisions.policy`);
+The policy says *what* to do and how autonomously (:mod:`ia.decisions.policy`);
 the guards say whether it may happen *now*.  All of them run in one place,
 :func:`apply_guards`, called by the decision engine for every decision that
 carries an action, in this order:
@@ -52,10 +52,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from schemas.models import Action, Decision, Mode, RuleTrace, TelemetryEvent
+from ia.schemas.models import Action, Decision, Mode, RuleTrace, TelemetryEvent
 
 if TYPE_CHECKING:
-    from decisions.policy import BlastRadius, CircuitBreaker, Policy, PolicyResult
+    from ia.decisions.policy import BlastRadius, CircuitBreaker, Policy, PolicyResult
 
 log = logging.getLogger("ia.guards")
 
@@ -824,7 +824,7 @@ class ExecutionGuard:
         self.clock = clock
 
     def _settings(self, decision: Decision):
-        from decisions.policy import CircuitBreaker, RuleGuards
+        from ia.decisions.policy import CircuitBreaker, RuleGuards
 
         if self.policy is None:
             return RuleGuards(circuit_breaker=CircuitBreaker())

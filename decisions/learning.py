@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import logging
 
-from decisions.checkpoint import RedisModelStore
-from decisions.engine import DecisionEngine
-from decisions.feedback import FeedbackClassifier, inputs_of
-from features.store import RedisFeatureStore
-from schemas.models import Decision
+from ia.decisions.checkpoint import RedisModelStore
+from ia.decisions.engine import DecisionEngine
+from ia.decisions.feedback import FeedbackClassifier, inputs_of
+from ia.features.store import RedisFeatureStore
+from ia.schemas.models import Decision
 
 log = logging.getLogger("ia.learning")
 MODEL_NAME = "feedback"

@@ -24,7 +24,7 @@ and reports errors with the file and line::
         cost: 10
 
 The guards themselves (what each one does, and their shared state) live in
-:mod:`decisions.guards`; the policy only resolves which apply to a decision
+:mod:`ia.decisions.guards`; the policy only resolves which apply to a decision
 (:class:`RuleGuards`).
 
 >>> p = Policy.from_text('''
@@ -61,7 +61,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.models import Action, Mode, RuleTrace
+from ia.schemas.models import Action, Mode, RuleTrace
 
 
 class PolicyError(ValueError):
@@ -117,7 +117,7 @@ class When(_Strict):
 
 
 class ActionSpec(_Strict):
-    # Bounds of schemas.models.Action, so a loadable policy cannot fail at evaluation.
+    # Bounds of ia.schemas.models.Action, so a loadable policy cannot fail at evaluation.
     type: str = Field(min_length=1, max_length=256)
     target: str = Field(default="{entity}", min_length=1)
     params: dict[str, str] = Field(default_factory=dict)

@@ -15,7 +15,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from decisions.policy import Policy, PolicyError
+from ia.decisions.policy import Policy, PolicyError
 
 log = logging.getLogger("ia.policy")
 CHECK_EVERY_S = 1.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from schemas.models import Decision, Mode, RuleTrace
+from ia.schemas.models import Decision, Mode, RuleTrace
 
 PIPELINE_ID = "shadow"
 TRACE_RULE = "shadow"

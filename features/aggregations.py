@@ -1,6 +1,6 @@
 """Aggregations over one series' samples, in event time, on a flat state list.
 
-A series' whole state is one flat Python list (see :class:`features.registry.
+A series' whole state is one flat Python list (see :class:`ia.features.registry.
 MetricPlan`): a few core values, then one segment per stateful definition.
 Each aggregation here is bound to the offset of its segment and works on that
 list in place, so a batch unpacks a series once, touches plain floats per
@@ -9,7 +9,7 @@ sample, and packs it once (one ``struct`` call each way).
 Every aggregation compiles to one ``step`` per sample: serve the features
 from the state *before* the sample (data with time <= t only), then fold the
 sample in -- in-order samples, and late ones within the allowed lateness
-(:meth:`features.registry.MetricPlan.observe` decides which).  What is exact:
+(:meth:`ia.features.registry.MetricPlan.observe` decides which).  What is exact:
 
 * window, quantile, seasonal: the same result whatever the arrival order of
   samples within the allowed lateness (up to float rounding of sums).
@@ -24,8 +24,8 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from math import sqrt
 
-from features.definitions import NEVER_S, Aggregation, FeatureDef
-from features.series import (
+from ia.features.definitions import NEVER_S, Aggregation, FeatureDef
+from ia.features.series import (
     ABSOLUTE_STD_FLOOR,
     RELATIVE_STD_FLOOR,
     ewma_step,
@@ -568,7 +568,7 @@ def _number(raw: str) -> float | None:
 
 
 def parse_last_action(raw: str) -> tuple[str, int] | None:
-    """``{action_type}:{status}:{finished_at_ms}`` (streams.pipeline) -> (status, time)."""
+    """``{action_type}:{status}:{finished_at_ms}`` (ia.streams.worker) -> (status, time)."""
     parts = raw.rsplit(":", 2)
     try:
         return parts[1], int(parts[2])

@@ -4,7 +4,7 @@ A :class:`FeatureDef` says what a feature is computed from (``kind`` and
 ``sources``), how (``aggregation`` and its window or parameters), what it is
 called (``outputs``), how long its state lives (``ttl_s``) and which
 ``version`` of it wrote the state.  :data:`DEFAULT_DEFINITIONS` is the set the
-worker and replay use; :mod:`features.registry` compiles it into per-metric
+worker and replay use; :mod:`ia.features.registry` compiles it into per-metric
 plans, so the online path (Redis) and replay (memory) run the same code.
 
 Changing what a definition computes means bumping its ``version``: its stored
@@ -78,7 +78,7 @@ class FeatureDef:
     # Metric or event names this reads; "*" is every metric.
     sources: tuple[str, ...] = ("*",)
     # Only "entity" today: every feature is keyed by the event's entity, which
-    # is also the telemetry partition key (see features.store: one writer).
+    # is also the telemetry partition key (see ia.features.store: one writer).
     entity_key: str = "entity"
     # Window length, EWMA half-life or recency horizon, in event-time seconds.
     window_s: float = 0.0

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from features.aggregations import EntityContext, Out
-from features.definitions import NEVER_S
-from features.registry import (
+from ia.core import metrics
+from ia.features.aggregations import EntityContext, Out
+from ia.features.definitions import NEVER_S
+from ia.features.registry import (
     DEFAULT_REGISTRY,
     DUPLICATE,
     IN_ORDER,
@@ -27,10 +28,9 @@ from features.registry import (
     FeatureRegistry,
     Ratio,
 )
-from features.series import saturate
-from features.store import EntityRecord, FeatureStore
-from ia import metrics
-from schemas.models import EventKind, TelemetryEvent
+from ia.features.series import saturate
+from ia.features.store import EntityRecord, FeatureStore
+from ia.schemas.models import EventKind, TelemetryEvent
 
 __all__ = ["CONTEXT_EVENTS", "NEVER_S", "Enricher", "context_features", "enrich_batch",
            "enrich_events"]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from features.aggregations import (
+from ia.features.aggregations import (
     CORE_FORMAT,
     CORE_FRESH,
     DROPPED,
@@ -47,7 +47,7 @@ from features.aggregations import (
     Window,
     compile_context,
 )
-from features.definitions import (
+from ia.features.definitions import (
     ARITY,
     DEFAULT_ALLOWED_LATENESS_S,
     DEFAULT_DEFINITIONS,

@@ -1,7 +1,7 @@
 """Per-(entity, metric) EWMA statistics, computed in event time.
 
 :func:`ewma_step` and :func:`std_of` are the one definition of the EWMA
-baseline: the online/replay hot path (:mod:`features.aggregations`) and the
+baseline: the online/replay hot path (:mod:`ia.features.aggregations`) and the
 pure :func:`observe` below both call them, so they cannot disagree.
 
 :class:`SeriesState` is the EWMA part of a series' state as a value (what the

@@ -9,7 +9,7 @@ entity and idle entities expire as a unit (TTL refreshed on every write)::
         c:event:{name}  recent occurrences of a discrete event ("t1,t2,..", newest first)
         c:{tp,fp,...}   feedback counters; c:last_action "type:status:finished_at"
         p               "partition:offset:ts" of the last telemetry record folded
-        a:{metric}      packed anomaly-detector state (decisions.detector)
+        a:{metric}      packed anomaly-detector state (ia.decisions.detector)
         d:{decision_id} a recent decision that carried an action (JSON)
 
 Concurrency model: telemetry is keyed by entity, so one partition -- and
@@ -40,9 +40,9 @@ from typing import Protocol
 
 from redis.exceptions import NoScriptError
 
-from features.aggregations import DROPPED, LAST_TS, LAST_VALUE, LATE
-from features.registry import DEFAULT_REGISTRY, SERIES_FIELD_PREFIX, FeatureRegistry, MetricPlan
-from features.series import SeriesState
+from ia.features.aggregations import DROPPED, LAST_TS, LAST_VALUE, LATE
+from ia.features.registry import DEFAULT_REGISTRY, SERIES_FIELD_PREFIX, FeatureRegistry, MetricPlan
+from ia.features.series import SeriesState
 
 STATE_VERSION = "v1"
 DEFAULT_TTL_S = DEFAULT_REGISTRY.ttl_s

@@ -1,6 +1,6 @@
 """Human views of the feature store: the definitions, and one entity's state.
 
-Used by ``ia features list`` and ``ia features show`` (features.cli); no
+Used by ``ia features list`` and ``ia features show`` (ia.cli.features); no
 Redis here, so both are testable on memory records.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from features.aggregations import DROPPED, LAST_TS, LAST_VALUE, LATE, EntityContext
-from features.definitions import FeatureDef
-from features.registry import FeatureRegistry
-from features.store import EntityRecord
+from ia.features.aggregations import DROPPED, LAST_TS, LAST_VALUE, LATE, EntityContext
+from ia.features.definitions import FeatureDef
+from ia.features.registry import FeatureRegistry
+from ia.features.store import EntityRecord
 
 
 def _window(d: FeatureDef) -> str:

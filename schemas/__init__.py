@@ -5,8 +5,8 @@ mirrors them for validation in Python, ``serde`` reads and writes them, and
 ``compat`` guards their evolution against the published ``avro/history``.
 """
 
-from schemas.compat import check_backward_compatible, compatibility_report
-from schemas.models import (
+from ia.schemas.compat import check_backward_compatible, compatibility_report
+from ia.schemas.models import (
     CONTRACTS,
     Action,
     ActionOutcome,
@@ -27,7 +27,7 @@ from schemas.models import (
     derive_decision_id,
     derive_event_id,
 )
-from schemas.serde import (
+from ia.schemas.serde import (
     DECODE_REASONS,
     FORMATS,
     Codec,

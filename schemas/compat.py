@@ -18,7 +18,7 @@ reader using the *new* schema resolve every datum written with the *old* one?
   reader branch that matches the writer type is used and must resolve.
 
 ``python_avro=True`` (the default) additionally reports resolutions that the
-spec allows but avro-python's ``DatumReader`` -- the reader ``schemas.serde``
+spec allows but avro-python's ``DatumReader`` -- the reader ``ia.schemas.serde``
 uses -- does not perform (a changed namespace, field aliases, string <-> bytes,
 promotions inside arrays and maps, a writer union read as a non-union),
 because an incompatibility discovered in a consumer at runtime is the thing
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import avro.schema
 
-from schemas.serde import SCHEMA_NAMES, history_refs, load_schema
+from ia.schemas.serde import SCHEMA_NAMES, history_refs, load_schema
 
 SchemaLike = avro.schema.Schema | Mapping[str, object] | str
 

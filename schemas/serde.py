@@ -35,7 +35,7 @@ import avro.schema
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from schemas.models import (
+from ia.schemas.models import (
     ActionOutcome,
     ApprovalEvent,
     DeadLetter,

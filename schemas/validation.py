@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import time
 
-from schemas.models import DeadLetter, TelemetryEvent
-from schemas.serde import DecodeError, decode
+from ia.schemas.models import DeadLetter, TelemetryEvent
+from ia.schemas.serde import DecodeError, decode
 
 # Keep dead letters bounded even when the offending record is huge; the
 # original bytes are kept up to this size, which covers any sane event.

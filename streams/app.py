@@ -11,9 +11,9 @@ from typing import TypeVar
 import faust
 from pydantic import BaseModel
 
-from ia.metrics import RETRIES
-from ia.settings import Settings
-from schemas.serde import DecodeError, decode
+from ia.core.metrics import RETRIES
+from ia.core.settings import Settings
+from ia.schemas.serde import DecodeError, decode
 
 log = logging.getLogger("ia.streams")
 T = TypeVar("T")
@@ -184,7 +184,7 @@ def run_faust(app: faust.App, settings: Settings) -> None:
     """Run a Faust app in this process until it is stopped (its topics created first)."""
     from faust.worker import Worker
 
-    from ia import embedded
+    from ia.runtime import embedded
 
     bootstrap, _ = settings.require_endpoints()
     embedded.ensure_topics(bootstrap, settings.topics.all(), settings.topic_partitions)

@@ -1,7 +1,7 @@
 """The audit writer: decisions, approvals and outcomes -> the hash-chained audit log.
 
 One agent consumes the three topics as one stream and appends each batch
-through :class:`decisions.audit_store.AuditWriter` (the chain needs a single
+through :class:`ia.governance.audit_store.AuditWriter` (the chain needs a single
 writer: a Redis lease makes a second ``ia audit-writer`` wait as a standby).
 A batch is acknowledged only after its records are fsynced and the head is
 committed; a timer renews the lease and exports the completeness metrics.
@@ -16,11 +16,11 @@ import time
 import faust
 import redis.asyncio as aioredis
 
-from decisions.audit import AuditError
-from decisions.audit_store import AuditWriter, SourceRecord
-from ia import metrics
-from ia.settings import Settings
-from streams.app import make_app
+from ia.core import metrics
+from ia.core.settings import Settings
+from ia.governance.audit import AuditError
+from ia.governance.audit_store import AuditWriter, SourceRecord
+from ia.streams.app import make_app
 
 log = logging.getLogger("ia.audit")
 

@@ -19,7 +19,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from ia.embedded import EmbeddedStack
+from ia.runtime.embedded import EmbeddedStack
 
 
 @dataclass(frozen=True)

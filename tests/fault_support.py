@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from ia.embedded import free_port, redis_binary
+from ia.runtime.embedded import free_port, redis_binary
 from tests.support import WebhookSink
 
 POLICY = """\
@@ -213,7 +213,7 @@ class Progress:
     """Counts records of a topic as they arrive (a reader thread), to time the faults."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        from ia.bench_load import TopicCounter
+        from ia.bench.load import TopicCounter
 
         self._counter = TopicCounter(bootstrap, [topic])
 

@@ -1,5 +1,5 @@
 """Test support: run `ia` processes, wait for conditions, and (re-exported from
-:mod:`ia.webhook_sink`) the webhook sink that counts side effects."""
+:mod:`ia.bench.webhook_sink`) the webhook sink that counts side effects."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ia.webhook_sink import WebhookSink as WebhookSink  # re-exported for the tests
+from ia.bench.webhook_sink import WebhookSink as WebhookSink  # re-exported for the tests
 
 PR_SET_PDEATHSIG = 1
 

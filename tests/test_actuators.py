@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from actuators.base import ActionFailed
-from actuators.builtin import CommandActuator, LogActuator, WebhookActuator
-from actuators.executor import ActionExecutor
-from actuators.registry import build_actuators
-from schemas.models import Action, Decision, Mode, ModelInfo, OutcomeStatus
+from ia.actuators.base import ActionFailed
+from ia.actuators.builtin import CommandActuator, LogActuator, WebhookActuator
+from ia.actuators.executor import ActionExecutor
+from ia.actuators.registry import build_actuators
+from ia.schemas.models import Action, Decision, Mode, ModelInfo, OutcomeStatus
 from tests.support import WebhookSink
 
 pytestmark = pytest.mark.integration

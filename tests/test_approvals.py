@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from actuators.approvals import ApprovalError, ApprovalStore, approval_id_for, normalise_id
-from actuators.base import ActionFailed
-from actuators.builtin import LogActuator, NotifyActuator, slack_escape
-from actuators.executor import ActionExecutor
-from actuators.registry import ActuatorContext, build_actuators, discover, load_plugins
-from actuators.service import ActuatorService
-from actuators.verification import SpecError, Verifier, spec_of
-from ia.api import ApprovalDesk, build_api, load_tokens
-from schemas.models import (
+from ia.actuators.approvals import ApprovalError, ApprovalStore, approval_id_for, normalise_id
+from ia.actuators.base import ActionFailed
+from ia.actuators.builtin import LogActuator, NotifyActuator, slack_escape
+from ia.actuators.executor import ActionExecutor
+from ia.actuators.registry import ActuatorContext, build_actuators, discover, load_plugins
+from ia.actuators.service import ActuatorService
+from ia.actuators.verification import SpecError, Verifier, spec_of
+from ia.governance.api import ApprovalDesk, build_api, load_tokens
+from ia.schemas.models import (
     Action,
     ActionOutcome,
     ApprovalEvent,
@@ -240,7 +240,7 @@ async def test_verification_recovered_failed_and_compensated(aredis, topic_prefi
 
 
 async def test_kill_switch_stops_approved_actions(aredis, topic_prefix, store) -> None:
-    from decisions.guards import ExecutionGuard, KillSwitch
+    from ia.decisions.guards import ExecutionGuard, KillSwitch
 
     act = Recorder()
     ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5,

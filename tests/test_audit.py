@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from decisions.audit import (
+from ia.governance.audit import (
     EMPTY,
     GENESIS,
     AuditError,
@@ -28,8 +28,8 @@ from decisions.audit import (
     seal,
     verify,
 )
-from decisions.audit_store import AuditWriter, RedisAuditState, SourceRecord
-from schemas.models import (
+from ia.governance.audit_store import AuditWriter, RedisAuditState, SourceRecord
+from ia.schemas.models import (
     Action,
     ActionOutcome,
     ApprovalEvent,
@@ -40,7 +40,7 @@ from schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
-from schemas.serde import encode
+from ia.schemas.serde import encode
 
 T0 = 1_732_700_000_000
 
@@ -330,7 +330,7 @@ async def test_approval_events_are_recorded(aredis, tmp_path: Path) -> None:
 
 
 def test_story_tells_event_features_models_rules_guards_approval_and_outcomes() -> None:
-    from ia.governance_cli import story
+    from ia.cli.governance import story
 
     d = _decision(7, True).model_dump(mode="json")
     d["mode"] = "needs_approval"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from decisions.backtest import (
+from ia.offline.backtest import (
     BacktestError,
     Labels,
     Row,
@@ -25,7 +25,7 @@ from decisions.backtest import (
     volume,
     windows_from_json,
 )
-from schemas.models import Feedback, TelemetryEvent
+from ia.schemas.models import Feedback, TelemetryEvent
 
 T0 = 1_700_000_000_000
 STEP = 60_000

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from ia.bench import Bench, BenchOptions, Infra, format_table, summarise
-from ia.bench_load import Tap, percentile, telemetry
+from ia.bench.e2e import Bench, BenchOptions, Infra, format_table, summarise
+from ia.bench.load import Tap, percentile, telemetry
 
 KEYS = {"trivial_events_per_s", "pipeline_events_per_s", "pipeline_vs_trivial",
         "p99_event_to_decision_ms", "p99_decision_to_outcome_ms", "two_workers_vs_one",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ia.embedded import ensure_topics
-from ia.settings import Topics
+from ia.core.settings import Topics
+from ia.runtime.embedded import ensure_topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
 
@@ -189,7 +189,7 @@ def test_worker_metrics_endpoint(loop):
     """The worker's Prometheus endpoint counts what it did."""
     import httpx
 
-    from ia.embedded import free_port
+    from ia.runtime.embedded import free_port
 
     port = free_port()
     env = {**loop["env"], "IA_METRICS_PORT": str(port)}

@@ -3,7 +3,7 @@
 Nothing here needs a Docker engine: the compose file, the Prometheus and
 Grafana provisioning, the dashboards and the policy are parsed and
 cross-checked against each other and against the code (settings, CLI,
-metrics registered by ``ia.metrics``). ``docker compose config`` runs too
+metrics registered by ``ia.core.metrics``). ``docker compose config`` runs too
 when the docker CLI and its compose plugin are installed (no engine needed).
 """
 
@@ -23,10 +23,10 @@ import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
-import ia.metrics
-from decisions.policy import Policy
+import ia.core.metrics
 from ia.cli import main as cli_main
-from ia.settings import Settings, Topics
+from ia.core.settings import Settings, Topics
+from ia.decisions.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = ROOT / "compose"
@@ -129,12 +129,12 @@ def published_ports(service: dict) -> dict[int, int]:
 
 
 def _ia_metric_families() -> set[str]:
-    return {d.name for obj in vars(ia.metrics).values()
+    return {d.name for obj in vars(ia.core.metrics).values()
             if isinstance(obj, MetricWrapperBase) for d in obj.describe()}
 
 
 def registered_metric_names() -> set[str]:
-    """Sample names Prometheus sees for the metrics ``ia.metrics`` registers."""
+    """Sample names Prometheus sees for the metrics ``ia.core.metrics`` registers."""
     suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count",
                                                                  "_created"],
                 "gauge": [""], "summary": ["", "_sum", "_count", "_created"], "info": ["_info"],
@@ -412,7 +412,8 @@ def test_dashboards() -> None:
                 names = promql_metric_names(t["expr"])
                 assert names, f"{file}: {p['title']!r}: no metric in {t['expr']!r}"
                 unknown = names - known
-                assert not unknown, f"{file}: {p['title']!r}: {sorted(unknown)} not in ia.metrics"
+                assert not unknown, \
+                    f"{file}: {p['title']!r}: {sorted(unknown)} not in ia.core.metrics"
                 used |= names
     # The dashboards show what they promise; metrics added since only warn.
     assert {"ia_outcomes_total", "ia_feedback_total", "ia_decisions_total",

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from ia.embedded import ensure_topics
-from ia.settings import Topics
-from ia.topics import record_count
+from ia.core.kafka import record_count
+from ia.core.settings import Topics
+from ia.runtime.embedded import ensure_topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, wait_until
 

@@ -9,16 +9,16 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
-from decisions.detector import AdaptiveDetector, DetectorConfig
-from decisions.drift import DriftMonitor
-from decisions.engine import DecisionEngine, confidence_of
-from decisions.guards import MemoryClaimStore, RedisClaimStore
-from decisions.model import SURPRISE_AT_ONE, SpineDetector, tail_surprise, zscore_score
-from decisions.policy import Policy
-from features.enrich import enrich_events
-from features.series import WARMUP_SAMPLES
-from features.store import EntityRecord, MemoryFeatureStore
-from schemas.models import (
+from ia.bench.baselines import SURPRISE_AT_ONE, SpineDetector, tail_surprise, zscore_score
+from ia.decisions.detector import AdaptiveDetector, DetectorConfig
+from ia.decisions.drift import DriftMonitor
+from ia.decisions.engine import DecisionEngine, confidence_of
+from ia.decisions.guards import MemoryClaimStore, RedisClaimStore
+from ia.decisions.policy import Policy
+from ia.features.enrich import enrich_events
+from ia.features.series import WARMUP_SAMPLES
+from ia.features.store import EntityRecord, MemoryFeatureStore
+from ia.schemas.models import (
     Decision,
     DriftState,
     EventKind,

@@ -15,16 +15,16 @@ from collections import defaultdict
 import httpx
 import pytest
 
-from decisions.checkpoint import RedisModelStore
-from decisions.detector import DetectorState
-from decisions.feedback import FeedbackClassifier, inputs_of
-from decisions.learning import MODEL_NAME
-from decisions.policy import Policy
-from decisions.replay import replay_engine
-from features.store import EntityRecord, RedisFeatureStore
-from ia.embedded import ensure_topics, free_port
-from ia.settings import Topics
-from schemas.models import Decision, TelemetryEvent
+from ia.core.settings import Topics
+from ia.decisions.checkpoint import RedisModelStore
+from ia.decisions.detector import DetectorState
+from ia.decisions.feedback import FeedbackClassifier, inputs_of
+from ia.decisions.learning import MODEL_NAME
+from ia.decisions.policy import Policy
+from ia.features.store import EntityRecord, RedisFeatureStore
+from ia.offline.replay import replay_engine
+from ia.runtime.embedded import ensure_topics, free_port
+from ia.schemas.models import Decision, TelemetryEvent
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, wait_until
 

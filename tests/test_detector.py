@@ -8,9 +8,9 @@ import random
 import pytest
 from river import drift as river_drift
 
-from decisions.detector import AdaptiveDetector, DetectorConfig, DetectorState
-from decisions.drift import PageHinkleyParams, ph_update
-from schemas.models import DriftState
+from ia.decisions.detector import AdaptiveDetector, DetectorConfig, DetectorState
+from ia.decisions.drift import PageHinkleyParams, ph_update
+from ia.schemas.models import DriftState
 
 T0 = 1_700_000_000_000
 STEP = 60_000

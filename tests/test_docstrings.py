@@ -9,7 +9,7 @@ import pkgutil
 import pytest
 
 PACKAGES = ("schemas", "features", "decisions", "actuators")
-EXTRA = ("ia.webhook_sink",)
+EXTRA = ("ia.bench.webhook_sink",)
 
 
 def modules() -> list[str]:

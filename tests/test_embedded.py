@@ -17,8 +17,8 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
-from ia import embedded
-from ia.embedded import (
+from ia.runtime import embedded
+from ia.runtime.embedded import (
     BinaryNotFoundError,
     EmbeddedStack,
     StartupError,
@@ -163,7 +163,8 @@ def test_detached_stack_survives_the_starting_process(tmp_path: Path) -> None:
     """What `ia up` relies on: the services outlive it and `$(ia up)` returns."""
     run_dir = tmp_path / "ia"
     script = (
-        "import sys; from ia.embedded import up; print('\\n'.join(up(sys.argv[1]).env_lines()))"
+        "import sys; from ia.runtime.embedded import up; "
+        "print('\\n'.join(up(sys.argv[1]).env_lines()))"
     )
     cmd = (
         f'eval "$({shlex.quote(sys.executable)} -c {shlex.quote(script)} {run_dir})"; '
@@ -215,7 +216,7 @@ def test_children_die_with_parent_on_sigkill(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import json, time
-        from ia.embedded import EmbeddedStack
+        from ia.runtime.embedded import EmbeddedStack
         with EmbeddedStack({str(tmp_path / "run")!r}) as s:
             print(json.dumps([s.broker_pid, s.redis_pid]), flush=True)
             time.sleep(120)

@@ -15,11 +15,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ia.embedded import ensure_topics
-from ia.settings import Topics
-from schemas.models import DeadLetter, TelemetryEvent
-from schemas.serde import DECODE_REASONS, encode
-from schemas.validation import validate_record
+from ia.core.settings import Topics
+from ia.runtime.embedded import ensure_topics
+from ia.schemas.models import DeadLetter, TelemetryEvent
+from ia.schemas.serde import DECODE_REASONS, encode
+from ia.schemas.validation import validate_record
 from tests.fault_support import Progress, record
 from tests.support import IaProcess, ia_env
 

@@ -2,7 +2,7 @@
 
 Streams arrive sorted, shuffled within the allowed lateness, and with a few
 samples later than that.  The references below are written from the
-documented semantics with numpy, independently of features.aggregations:
+documented semantics with numpy, independently of ia.features.aggregations:
 
 * acceptance: a sample newer than the watermark is in order; one at most the
   allowed lateness behind it is folded late; an exact repeat of the newest
@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from features.aggregations import HOUR_MS, hour_of_week
-from features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef
-from features.enrich import enrich_batch, enrich_events
-from features.registry import (
+from ia.features.aggregations import HOUR_MS, hour_of_week
+from ia.features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef
+from ia.features.enrich import enrich_batch, enrich_events
+from ia.features.registry import (
     DEFAULT_REGISTRY,
     DUPLICATE,
     IN_ORDER,
@@ -36,9 +36,9 @@ from features.registry import (
     TOO_LATE,
     FeatureRegistry,
 )
-from features.series import DEFAULT_HALF_LIFE_S, SeriesState, features_before, fold
-from features.store import EntityRecord, MemoryFeatureStore
-from schemas.models import EventKind, TelemetryEvent
+from ia.features.series import DEFAULT_HALF_LIFE_S, SeriesState, features_before, fold
+from ia.features.store import EntityRecord, MemoryFeatureStore
+from ia.schemas.models import EventKind, TelemetryEvent
 
 MONDAY = 1_732_492_800_000  # 2024-11-25T00:00:00Z, a Monday
 L_MS = int(DEFAULT_REGISTRY.allowed_lateness_s * 1000)

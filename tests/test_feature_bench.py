@@ -9,7 +9,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from features.bench import BenchOptions, format_report, run_bench
+from ia.bench.features import BenchOptions, format_report, run_bench
 from ia.cli import main
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 
-from features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef, Kind
-from features.enrich import enrich_batch, enrich_events
-from features.registry import DEFAULT_REGISTRY, DefinitionError, FeatureRegistry, segment_tag
-from features.store import EntityRecord, MemoryFeatureStore, RedisFeatureStore
 from ia.cli import main
-from schemas.models import EventKind, TelemetryEvent
+from ia.features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef, Kind
+from ia.features.enrich import enrich_batch, enrich_events
+from ia.features.registry import DEFAULT_REGISTRY, DefinitionError, FeatureRegistry, segment_tag
+from ia.features.store import EntityRecord, MemoryFeatureStore, RedisFeatureStore
+from ia.schemas.models import EventKind, TelemetryEvent
 
 T0 = 1_732_492_800_000
 # Read by the detector, the feedback classifier, confidence and policies: these

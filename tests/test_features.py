@@ -15,9 +15,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from features.enrich import CONTEXT_EVENTS, NEVER_S, context_features, enrich_batch
-from features.registry import DEFAULT_REGISTRY
-from features.series import (
+from ia.features.enrich import CONTEXT_EVENTS, NEVER_S, context_features, enrich_batch
+from ia.features.registry import DEFAULT_REGISTRY
+from ia.features.series import (
     ABSOLUTE_STD_FLOOR,
     DEFAULT_HALF_LIFE_S,
     RELATIVE_STD_FLOOR,
@@ -29,8 +29,8 @@ from features.series import (
     rebaseline,
     std_of,
 )
-from features.store import EntityRecord, MemoryFeatureStore, RedisFeatureStore
-from schemas.models import EventKind, TelemetryEvent
+from ia.features.store import EntityRecord, MemoryFeatureStore, RedisFeatureStore
+from ia.schemas.models import EventKind, TelemetryEvent
 
 T0 = 1_732_700_000_000
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from decisions.engine import DecisionEngine
-from decisions.guards import (
+from ia.decisions.engine import DecisionEngine
+from ia.decisions.guards import (
     ExecutionGuard,
     KillSwitch,
     MemoryGuardStore,
@@ -26,10 +26,10 @@ from decisions.guards import (
     record_outcome,
     rule_of,
 )
-from decisions.policy import Policy, PolicyError
-from decisions.policy_source import PolicySource
-from features.store import MemoryFeatureStore
-from schemas.models import Action, Decision, Mode, ModelInfo, RuleTrace, TelemetryEvent
+from ia.decisions.policy import Policy, PolicyError
+from ia.decisions.policy_source import PolicySource
+from ia.features.store import MemoryFeatureStore
+from ia.schemas.models import Action, Decision, Mode, ModelInfo, RuleTrace, TelemetryEvent
 
 T0 = 1_700_000_000_000
 SPIKE = {"zscore": 9.0, "value": 99.0}
@@ -385,7 +385,7 @@ async def test_blast_radius_concurrency_and_share_of_fleet() -> None:
         is Mode.auto
     # share of the fleet: 25% of 8 entities seen = 2 in flight
     eng_policy = p
-    from decisions.guards import observe_fleet
+    from ia.decisions.guards import observe_fleet
     await observe_fleet(store, eng_policy, [
         TelemetryEvent(entity=f"db-{i}", metric="mem", value=1, ts=T0, labels={"service": "db"})
         for i in range(8)])
@@ -663,7 +663,7 @@ def test_policy_source_notices_a_rewrite_with_the_same_mtime(tmp_path: Path,
                                                               monkeypatch) -> None:
     import os
 
-    import decisions.policy_source as policy_source
+    import ia.decisions.policy_source as policy_source
 
     monkeypatch.setattr(policy_source, "CHECK_EVERY_S", 0.0)
     path = tmp_path / "p.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from decisions.evaluate import default_scorer, evaluate_nab, score_file, write_scores
+from ia.offline.evaluate import default_scorer, evaluate_nab, score_file, write_scores
 
 NAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "nab"
 pytestmark = pytest.mark.skipif(

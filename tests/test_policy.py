@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import decisions.policy_source as policy_source
-from decisions.policy import Policy, PolicyError
-from decisions.policy_source import PolicySource, builtin_policy_path
-from schemas.models import Mode
+import ia.decisions.policy_source as policy_source
+from ia.decisions.policy import Policy, PolicyError
+from ia.decisions.policy_source import PolicySource, builtin_policy_path
+from ia.schemas.models import Mode
 
 NORMAL = {"zscore": 0.2, "value": 10.0}
 SPIKE_UP = {"zscore": 9.0, "value": 99.0}

@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from ia.embedded import ensure_topics
-from ia.recording import RawRecord, parse_record, read_recording, record_line, write_recording
+from ia.offline.recording import (
+    RawRecord,
+    parse_record,
+    read_recording,
+    record_line,
+    write_recording,
+)
+from ia.runtime.embedded import ensure_topics
 
 T0 = 1_700_000_000_000
 STEP = 30_000

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from decisions.policy import Policy
-from decisions.replay import replay_file
+from ia.decisions.policy import Policy
+from ia.offline.replay import replay_file
 
 POLICY = """\
 version: 1

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, TypeAdapter
 
-from schemas import (
+from ia.schemas import (
     CONTRACTS,
     DECODE_REASONS,
     FORMATS,
@@ -57,7 +57,7 @@ from schemas import (
     load_schema,
     schema_name,
 )
-from schemas.serde import AVRO_DIR, HISTORY_DIR, _SpecDatumReader, history_refs
+from ia.schemas.serde import AVRO_DIR, HISTORY_DIR, _SpecDatumReader, history_refs
 
 T0 = 1_732_700_000_000  # a realistic epoch-millis timestamp
 

@@ -14,14 +14,21 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer
 
-from decisions.backtest import Row
-from decisions.policy import Policy, PolicyError
-from decisions.shadow import as_shadow, intended_mode
-from ia.embedded import ensure_topics
-from ia.settings import Settings, Topics
-from ia.shadow import Places, PromotionError, PromotionLog, promote, rollback, shadow_settings
-from ia.topic_slice import SliceSpec, read_slice
-from schemas.models import Action, Decision, Mode, ModelInfo
+from ia.core.settings import Settings, Topics
+from ia.decisions.policy import Policy, PolicyError
+from ia.decisions.shadow import as_shadow, intended_mode
+from ia.offline.backtest import Row
+from ia.offline.shadow import (
+    Places,
+    PromotionError,
+    PromotionLog,
+    promote,
+    rollback,
+    shadow_settings,
+)
+from ia.offline.topic_slice import SliceSpec, read_slice
+from ia.runtime.embedded import ensure_topics
+from ia.schemas.models import Action, Decision, Mode, ModelInfo
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
 

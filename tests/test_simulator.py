@@ -15,8 +15,9 @@ import httpx
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from features.series import WARMUP_SAMPLES, SeriesState, observe
-from ia.simulator import (
+from ia.features.series import WARMUP_SAMPLES, SeriesState, observe
+from ia.schemas.models import EventKind, TelemetryEvent
+from ia.sim.simulator import (
     INCIDENT_TYPES,
     MAGNITUDE,
     MANUAL_RECOVERY_S,
@@ -30,7 +31,6 @@ from ia.simulator import (
     drive,
     make_schedule,
 )
-from schemas.models import EventKind, TelemetryEvent
 
 STEP_MS = 10_000
 ONSET_S = 1200  # 20 simulated minutes: well past the warm-up

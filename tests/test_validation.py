@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import json
 
-from schemas.models import DeadLetter, TelemetryEvent
-from schemas.validation import MAX_FUTURE_SKEW_MS, validate_record
+from ia.schemas.models import DeadLetter, TelemetryEvent
+from ia.schemas.validation import MAX_FUTURE_SKEW_MS, validate_record
 
 NOW = 1_800_000_000_000
 

@@ -1,0 +1,6 @@
+import logging
+
+from ia.cli import main
+
+logging.basicConfig(level=logging.WARNING)
+main()

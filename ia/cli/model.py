@@ -1,0 +1,104 @@
+"""Model commands: ``ia replay``, ``ia eval nab``, ``ia bench decisions``.
+
+None of them needs Kafka or Redis: they run the decision code on files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ia.cli.options import history_options, replay_output_options, wants_history_replay
+
+
+@click.command()
+@click.option("--input", "input_path", default=None,
+              type=click.Path(exists=True, path_type=Path),
+              help="Events file, a recording (`ia record`) or a NAB directory.")
+@click.option("--output", "output_path", default=None,
+              type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "nab-csv", "recording", "nab"]),
+              default="jsonl", show_default=True,
+              help="JSON lines of TelemetryEvent (or a recording), timestamp,value CSV, "
+                   "or a NAB directory.")
+@click.option("--entity", default=None, help="Entity of a nab-csv file (default: file stem).")
+@click.option("--metric", default=None, help="Metric of a nab-csv file (default: value).")
+@click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Policy YAML, or a backtest config (policy + detector) "
+                                 "(default: observe only, no rules).")
+@history_options
+@replay_output_options
+def replay(input_path: Path | None, output_path: Path | None, fmt: str, entity: str | None,
+           metric: str | None, policy_file: Path | None, **kafka: Any) -> None:
+    """Replay events through features, model and policy offline (event-time clock).
+
+    Writes one JSON line per input event; the same input gives byte-identical output.
+    With --topic, history comes from Kafka (ia/offline/replay_kafka.py): own consumer, no
+    commits, memory state, no actuator; decisions to --output or --output-topic.
+    """
+    from ia.decisions.policy import Policy
+    from ia.offline.replay import replay_file
+
+    if input_path is None or wants_history_replay(input_path, fmt, kafka):
+        from ia.offline.replay_kafka import replay_command
+
+        replay_command(input_path, output_path, fmt, entity, metric, policy_file, **kafka)
+        return
+    if output_path is None:
+        raise click.UsageError("--output is required")
+    policy = Policy.from_file(policy_file) if policy_file else None
+    n = replay_file(input_path, output_path, fmt, entity, metric, policy)
+    click.echo(f"replayed {n} events -> {output_path}", err=True)
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Evaluate the detector on benchmarks."""
+
+
+@eval_group.command(name="nab")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=Path("../shared/data/nab"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".ia/nab-scores"), show_default=True)
+@click.option("--scorer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="nab_score.py (default: tools/ next to the data's shared/).")
+def eval_nab(data_dir: Path, out_dir: Path, scorer: Path | None) -> None:
+    """Replay every NAB file, write score CSVs, score them with nab_score.py."""
+    from ia.offline.evaluate import evaluate_nab
+
+    result = evaluate_nab(data_dir, out_dir, scorer)
+    click.echo(result.report.rstrip())
+    click.echo(f"\nreplayed {result.files} files, {result.rows} rows; score CSVs in {out_dir}")
+    for profile, value in result.scores.items():
+        click.echo(f"{profile}: {value:.2f}")
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks printed with ratios against a baseline measured in the same run."""
+
+
+@bench.command(name="decisions")
+@click.option("--series", type=int, default=1000, show_default=True)
+@click.option("--events-per-series", "per_series", type=int, default=30, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write the figures as JSON.")
+def bench_decisions_cmd(series: int, per_series: int, repeat: int,
+                        json_file: Path | None) -> None:
+    """Scoring + learning cost per event per series, vs River HalfSpaceTrees."""
+    from ia.bench.decisions import bench_decisions, format_bench
+
+    result = bench_decisions(series, per_series, repeat)
+    click.echo(format_bench(result))
+    if json_file:
+        json_file.write_text(json.dumps(result, indent=2) + "\n")
+    sys.exit(0)
+
+
+COMMANDS = [replay, eval_group, bench]

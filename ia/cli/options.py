@@ -1,0 +1,62 @@
+"""Command-line options shared by replay, backtest, record and shadow (click only, so
+``ia`` starts fast)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+KAFKA_OPTIONS = ("topic", "from_time", "to_time", "from_offsets", "to_offsets",
+                 "output_topic", "full")
+
+
+def _apply(f: Callable, options: list[Callable]) -> Callable:
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def range_options(f: Callable) -> Callable:
+    """``--from/--to/--from-offsets/--to-offsets``: which part of a topic's history."""
+    return _apply(f, [
+        click.option("--from", "from_time", default=None,
+                     help="First record: broker time, ISO 8601 (UTC), epoch ms or -2h."),
+        click.option("--to", "to_time", default=None, help="Last record: broker time."),
+        click.option("--from-offsets", default=None,
+                     help="PARTITION:OFFSET[,...]: start there; unlisted partitions are "
+                          "not read."),
+        click.option("--to-offsets", default=None,
+                     help="PARTITION:OFFSET[,...]: stop before these offsets."),
+    ])
+
+
+def history_options(f: Callable) -> Callable:
+    """``--topic`` and its range: history read from Kafka (own consumer, no commits)."""
+    return click.option("--topic", default=None,
+                        help="Read this topic's history from Kafka (own consumer, no "
+                             "consumer group, no commits).")(range_options(f))
+
+
+def replay_output_options(f: Callable) -> Callable:
+    return _apply(f, [
+        click.option("--output-topic", default=None,
+                     help="Publish decisions to this replay topic (never a *.decisions "
+                          "topic an actuator reads)."),
+        click.option("--full", is_flag=True,
+                     help="Write whole Decision records (JSON) instead of compact lines."),
+    ])
+
+
+def wants_history_replay(input_path: Path | None, fmt: str, kafka: dict[str, Any]) -> bool:
+    """Whether ``ia replay`` needs this module (a topic, a recording, a NAB tree, or a
+    topic/full output) rather than the plain file replay of ia.offline.replay."""
+    from ia.offline.recording import is_recording
+
+    if any(kafka.get(k) for k in KAFKA_OPTIONS) or fmt in ("recording", "nab"):
+        return True
+    if input_path is None:
+        return False
+    return input_path.is_dir() or is_recording(input_path)

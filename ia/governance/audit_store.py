@@ -1,0 +1,279 @@
+"""The audit log's single writer, with its head, lease and source offsets in Redis.
+
+Protocol of one batch (so a crash at any point leaves a log that either
+verifies or is repaired on restart without losing or duplicating records):
+
+1. seal the batch in memory after the current head;
+2. ``pending`` := the batch's last ``seq:hash`` (only if the head is unchanged);
+3. append the lines to the file and ``fsync``;
+4. atomically: head := pending, delete pending, record the source offsets.
+
+On start, :func:`ia.governance.audit.recover` commits a batch that was written
+completely and cuts off one that was not; its source records were not
+acknowledged, so Kafka delivers them again.  Source offsets (topic/partition
+→ last offset recorded) make redelivered records that *were* committed be
+skipped, so nothing is recorded twice.  A lease (``SET NX`` with a TTL, renewed
+by the writer) keeps a second writer from forking the chain, and every head
+update is a compare-and-set as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ia.governance.audit import (
+    AuditError,
+    AuditFile,
+    Chain,
+    Completeness,
+    Head,
+    Record,
+    is_actionable,
+    observations,
+    recover,
+    scan,
+)
+from ia.schemas.models import ActionOutcome, ApprovalEvent, Decision
+from ia.schemas.serde import DecodeError, decode
+
+log = logging.getLogger("ia.audit")
+
+LEASE_TTL_MS = 15_000
+
+_BEGIN = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return cur end
+redis.call('SET', KEYS[2], ARGV[2])
+return 'OK'
+"""
+
+_COMMIT = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return cur end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2]) end
+redis.call('DEL', KEYS[2])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+return 'OK'
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+MODELS = {"decision": Decision, "approval": ApprovalEvent, "outcome": ActionOutcome}
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One record consumed from a topic: ``kind`` is decision, approval or outcome."""
+
+    kind: str
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+
+    @property
+    def src(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RedisAuditState:
+    """Head, in-flight batch, source offsets and writer lease of one log."""
+
+    def __init__(self, client, prefix: str = "ia") -> None:
+        self.client = client
+        base = f"{prefix}:audit"
+        self.head_key, self.pending_key = f"{base}:head", f"{base}:pending"
+        self.offsets_key, self.lease_key = f"{base}:offsets", f"{base}:lease"
+        self._begin = client.register_script(_BEGIN)
+        self._commit = client.register_script(_COMMIT)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    async def heads(self) -> tuple[Head | None, Head | None]:
+        head, pending = await self.client.mget(self.head_key, self.pending_key)
+        return Head.decode(head), Head.decode(pending)
+
+    async def offsets(self) -> dict[str, int]:
+        raw = await self.client.hgetall(self.offsets_key)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def begin(self, expected: Head | None, pending: Head) -> None:
+        res = await self._begin(keys=[self.head_key, self.pending_key],
+                                args=[expected.encode() if expected else "", pending.encode()])
+        if res not in (b"OK", "OK"):
+            raise AuditError(f"the stored head moved ({res!r}): another writer is active")
+
+    async def commit(self, expected: Head | None, new: Head | None,
+                     offsets: dict[str, int]) -> None:
+        """If the head is ``expected``: head := ``new`` (kept if None), record ``offsets``."""
+        args: list[str | int] = [expected.encode() if expected else "",
+                                 new.encode() if new else ""]
+        for k, v in offsets.items():
+            args += [k, v]
+        res = await self._commit(keys=[self.head_key, self.pending_key, self.offsets_key],
+                                 args=args)
+        if res not in (b"OK", "OK"):
+            raise AuditError(f"the stored head moved ({res!r}): another writer is active")
+
+    async def acquire(self, owner: str, ttl_ms: int = LEASE_TTL_MS) -> bool:
+        return bool(await self.client.set(self.lease_key, owner, nx=True, px=ttl_ms))
+
+    async def renew(self, owner: str, ttl_ms: int = LEASE_TTL_MS) -> bool:
+        return bool(await self._renew(keys=[self.lease_key], args=[owner, ttl_ms]))
+
+    async def release(self, owner: str) -> None:
+        await self._release(keys=[self.lease_key], args=[owner])
+
+    async def adopt(self, head: Head) -> None:
+        """Store ``head`` as the head of a log whose head was lost (operator action)."""
+        await self.client.set(self.head_key, head.encode())
+        await self.client.delete(self.pending_key)
+
+
+def _offsets_of(records: list[Record]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for rec in records:
+        spans = [(k, hi) for k, (_lo, hi) in rec.data.get("offsets", {}).items()] \
+            if rec.kind == "observations" else []
+        if rec.src:
+            topic, _, off = rec.src.rpartition("/")
+            spans.append((topic, int(off)))
+        for key, off in spans:
+            out[key] = max(out.get(key, -1), int(off))
+    return out
+
+
+class AuditWriter:
+    """Appends decisions, approvals and outcomes to the chain, once each."""
+
+    def __init__(self, client, path: Path, *, prefix: str = "ia", fmt: str = "json",
+                 all_decisions: bool = False, grace_ms: int = 300_000,
+                 owner: str | None = None) -> None:
+        self.state = RedisAuditState(client, prefix)
+        self.file = AuditFile(path)
+        self.fmt = fmt
+        self.all_decisions = all_decisions
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.completeness = Completeness(grace_ms)
+        self.chain = Chain()
+        self.offsets: dict[str, int] = {}
+        self.committed: Head | None = None
+        self.written = {"decision": 0, "observations": 0, "approval": 0, "outcome": 0}
+        self.undecodable = 0
+        self._dirty = True
+
+    async def start(self, wait_s: float = 0.0) -> None:
+        """Take the lease (waiting up to ``wait_s``), then repair and load the log."""
+        deadline = time.monotonic() + wait_s
+        while not await self.state.acquire(self.owner):
+            if time.monotonic() >= deadline:
+                raise AuditError("another audit writer holds the lease "
+                                 f"({self.state.lease_key}); only one may write the chain")
+            await asyncio.sleep(0.5)
+        try:
+            await self._recover()
+            self.completeness = Completeness(self.completeness.grace_ms)
+            result = await asyncio.to_thread(scan, self.file.path, self.completeness.add)
+            if not result.ok:  # pragma: no cover - recover() verified it just now
+                raise AuditError("; ".join(result.problems))
+        except BaseException:
+            await self.state.release(self.owner)
+            raise
+
+    async def _recover(self) -> None:
+        head, pending = await self.state.heads()
+        new_head, finished = await asyncio.to_thread(recover, self.file.path, head, pending)
+        offsets = await self.state.offsets()
+        if finished:
+            batch = _offsets_of(finished)
+            await self.state.commit(head if head and head.seq else None, new_head, batch)
+            offsets.update(batch)
+            log.warning("audit: committed an interrupted batch up to seq %d", new_head.seq)
+        elif pending is not None:
+            await self.state.client.delete(self.state.pending_key)
+        self.chain = Chain(new_head)
+        self.committed = new_head if new_head.seq else None
+        self.offsets = offsets
+        self._dirty = False
+
+    async def renew(self) -> None:
+        if not await self.state.renew(self.owner):
+            raise AuditError("lost the audit writer lease; stopping so the chain cannot fork")
+
+    async def close(self) -> None:
+        await self.state.release(self.owner)
+
+    def _entries(self, items: list[SourceRecord], now: int) -> tuple[list, dict[str, int]]:
+        entries: list[tuple[int, str, str, str, dict]] = []
+        quiet: list[dict] = []
+        quiet_offsets: dict[str, list[int]] = {}
+        offsets: dict[str, int] = {}
+        for item in items:
+            key = f"{item.topic}/{item.partition}"
+            if item.offset <= self.offsets.get(key, -1) or item.offset <= offsets.get(key, -1):
+                continue  # already recorded (redelivery after a crash)
+            offsets[key] = item.offset
+            try:
+                model = decode(item.value, MODELS[item.kind], self.fmt)
+            except DecodeError as exc:
+                self.undecodable += 1
+                log.warning("audit: undecodable %s at %s: %s", item.kind, item.src, exc)
+                continue
+            data = model.model_dump(mode="json")
+            if item.kind == "decision" and not (self.all_decisions or is_actionable(data)):
+                quiet.append(data)
+                span = quiet_offsets.setdefault(key, [item.offset, item.offset])
+                span[0], span[1] = min(span[0], item.offset), max(span[1], item.offset)
+                continue
+            entries.append((now, item.kind, data["decision_id"], item.src, data))
+        if quiet:
+            summary = observations(quiet)
+            summary["offsets"] = quiet_offsets
+            entries.append((now, "observations", "", "", summary))
+        return entries, offsets
+
+    async def write(self, items: list[SourceRecord]) -> list[Record]:
+        """Record a batch; returns the sealed records (empty if all were seen before)."""
+        if self._dirty:
+            await self._recover()
+        entries, offsets = self._entries(items, _now_ms())
+        if not offsets:
+            return []
+        expected = self.committed
+        chain = Chain(self.chain.head)
+        records = chain.extend(entries)
+        try:
+            if records:
+                await self.state.begin(expected, chain.head)
+                await asyncio.to_thread(self.file.append, records)
+            await self.state.commit(expected, chain.head if records else None, offsets)
+        except BaseException:
+            self._dirty = True  # a partial append must be repaired before the next batch
+            raise
+        self.chain = chain
+        self.committed = chain.head if chain.head.seq else None
+        self.offsets.update(offsets)
+        for rec in records:
+            self.completeness.add(rec)
+            self.written[rec.kind] += 1
+        return records

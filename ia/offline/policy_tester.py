@@ -1,0 +1,266 @@
+"""``ia policy test``: which rules would fire and which guards would intervene, without acting.
+
+Each line of the input (JSON Lines) is one of:
+
+* a **telemetry event** (the ``ia.telemetry`` contract).  It goes through the
+  real decision engine (features, model, drift, policy, guards) with memory
+  stores and event time as the clock, exactly as offline replay does, so a
+  model warm-up applies: feed enough history for scores to mean something.
+* a **scored event**: a telemetry event plus ``score`` and optionally
+  ``confidence`` (default: the score), ``drift`` (default ``stable``) and
+  ``features`` (e.g. ``{"zscore": 4}`` for ``direction`` rules; ``value``
+  is always added).  The model is skipped, so single lines can exercise rules.
+* an **outcome**: ``{"outcome": {"action_type": ..., "target": ..., "status":
+  "failed", "rule": ..., "at": ms}}`` feeds the circuit breaker and the error
+  budgets, as an actuator's outcome would (``at`` defaults to the last event's
+  time).
+
+Guard state starts empty and is kept in memory; nothing is executed and no
+broker or Redis is contacted.  Blast-radius slots are assumed to be held for
+``action_seconds`` of event time (an action's duration), and the kill switch
+is off unless ``paused``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from ia.decisions.engine import DecisionEngine
+from ia.decisions.guards import MemoryGuardStore, MemoryKillSwitch, apply_guards, budget_scopes
+from ia.decisions.policy import BlastRadius, Policy
+from ia.features.store import MemoryFeatureStore
+from ia.schemas.models import (
+    Action,
+    Decision,
+    DriftState,
+    Mode,
+    ModelInfo,
+    TelemetryEvent,
+    derive_decision_id,
+)
+
+PIPELINE_ID = "policy-test"
+_SCORED_KEYS = ("score", "confidence", "drift", "features")
+
+
+@dataclass
+class LineResult:
+    line: int
+    kind: str                       # event | scored | outcome | error
+    decision: Decision | None = None
+    error: str | None = None
+    outcome: dict | None = None
+
+    @property
+    def rule(self) -> str | None:
+        if self.decision is None:
+            return None
+        fired = [t.rule for t in self.decision.rule_trace
+                 if t.matched and not t.rule.startswith("guard:")]
+        return fired[-1] if fired else None
+
+    @property
+    def guards(self) -> list[tuple[str, str]]:
+        if self.decision is None:
+            return []
+        return [(t.rule[6:], t.reason) for t in self.decision.rule_trace
+                if t.matched and t.rule.startswith("guard:")]
+
+    def to_json(self) -> dict:
+        out: dict = {"line": self.line, "kind": self.kind}
+        if self.error:
+            out["error"] = self.error
+        if self.outcome:
+            out["outcome"] = self.outcome
+        d = self.decision
+        if d is not None:
+            out.update(entity=d.entity, metric=d.metric, value=d.value, ts=d.ts,
+                       score=d.anomaly_score, confidence=d.confidence, rule=self.rule,
+                       action=d.action.model_dump(mode="json") if d.action else None,
+                       mode=d.mode.value,
+                       guards=[{"guard": g, "reason": r} for g, r in self.guards],
+                       trace=[t.model_dump(mode="json") for t in d.rule_trace])
+        return out
+
+
+@dataclass
+class Report:
+    source: str
+    policy: Policy
+    lines: list[LineResult] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[LineResult]:
+        return [r for r in self.lines if r.kind == "error"]
+
+    def summary(self) -> dict:
+        decided = [r for r in self.lines if r.decision is not None]
+        return {
+            "policy": self.policy.source, "policy_version": self.policy.version,
+            "input": self.source, "events": len(decided),
+            "outcomes": sum(r.kind == "outcome" for r in self.lines),
+            "errors": len(self.errors),
+            "rules_fired": dict(Counter(r.rule for r in decided if r.rule)),
+            "guards_intervened": dict(Counter(g for r in decided for g, _ in r.guards)),
+            "modes": dict(Counter(r.decision.mode.value for r in decided if r.decision)),
+        }
+
+
+def _with_lease(policy: Policy, seconds: float) -> Policy:
+    """The policy with every blast-radius lease set to ``seconds`` (the modelled duration)."""
+    doc = policy.doc
+
+    def fix(br: object) -> object:
+        return br.model_copy(update={"lease_s": seconds}) if isinstance(br, BlastRadius) else br
+
+    defaults = doc.defaults.model_copy(update={"blast_radius": fix(doc.defaults.blast_radius)})
+    new = doc.model_copy(update={
+        "defaults": defaults,
+        "rules": [r.model_copy(update={"blast_radius": fix(r.blast_radius)}) for r in doc.rules],
+    })
+    out = Policy(new, policy.source)
+    out.version = policy.version
+    return out
+
+
+class PolicyTester:
+    def __init__(self, policy: Policy, *, paused: bool = False,
+                 action_seconds: float = 30.0) -> None:
+        self.policy = policy
+        self._effective = _with_lease(policy, action_seconds)
+        self.store = MemoryGuardStore()
+        self.kill_switch = MemoryKillSwitch(paused=paused)
+        self.engine = DecisionEngine(lambda: self._effective, MemoryFeatureStore(), self.store,
+                                     clock=lambda ev: ev.ts, pipeline_id=PIPELINE_ID,
+                                     kill_switch=self.kill_switch)
+        self.last_ts = 0
+
+    async def run(self, lines: Iterable[str], source: str = "<input>") -> Report:
+        report = Report(source, self.policy)
+        for n, raw in enumerate(lines, 1):
+            if not raw.strip() or raw.lstrip().startswith("#"):
+                continue
+            report.lines.append(await self.line(n, raw, source))
+        return report
+
+    async def line(self, n: int, raw: str, source: str) -> LineResult:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            return LineResult(n, "error", error=f"{source}:{n}: not JSON: {exc}")
+        if not isinstance(data, dict):
+            return LineResult(n, "error", error=f"{source}:{n}: expected a JSON object")
+        try:
+            if "outcome" in data:
+                return await self._outcome(n, data["outcome"])
+            if "score" in data:
+                return await self._scored(n, data)
+            ev = TelemetryEvent.model_validate(data)
+        except (ValidationError, ValueError, TypeError, KeyError) as exc:
+            return LineResult(n, "error", error=f"{source}:{n}: invalid input: {_first(exc)}")
+        (decision,) = await self.engine.process([ev])
+        self.last_ts = max(self.last_ts, ev.ts)
+        return LineResult(n, "event", decision=decision)
+
+    async def _scored(self, n: int, data: dict) -> LineResult:
+        extra = {k: data.pop(k) for k in _SCORED_KEYS if k in data}
+        ev = TelemetryEvent.model_validate(data)
+        score = float(extra["score"])
+        confidence = float(extra.get("confidence", score))
+        if not (0 <= score <= 1 and 0 <= confidence <= 1):
+            raise ValueError("score and confidence must be within [0, 1]")
+        drift = DriftState(extra.get("drift", "stable"))
+        feats = {str(k): float(v) for k, v in dict(extra.get("features") or {}).items()}
+        feats.setdefault("value", ev.value)
+        result = self._effective.evaluate(entity=ev.entity, metric=ev.metric,
+                                          kind=ev.kind.value, labels=ev.labels, features=feats,
+                                          score=score, confidence=confidence, drift=drift.value)
+        decision_id = derive_decision_id(ev.event_id or "", PIPELINE_ID)
+        verdict = await apply_guards(result, decision_id=decision_id, ts=ev.ts, now=ev.ts,
+                                     labels=ev.labels, store=self.store,
+                                     kill_switch=self.kill_switch)
+        self.last_ts = max(self.last_ts, ev.ts)
+        decision = Decision(
+            decision_id=decision_id, correlation_id=ev.event_id or "", event_id=ev.event_id or "",
+            entity=ev.entity, metric=ev.metric, value=ev.value, ts=ev.ts, decided_at=ev.ts,
+            anomaly_score=score, confidence=confidence, features=feats,
+            model=ModelInfo(id="given", version="-"), drift=drift, rule_trace=result.trace,
+            action=result.action, mode=verdict.mode, policy_version=self.policy.version)
+        return LineResult(n, "scored", decision=decision)
+
+    async def _outcome(self, n: int, o: object) -> LineResult:
+        if not isinstance(o, dict):
+            raise ValueError("outcome must be an object")
+        action = Action(type=str(o["action_type"]), target=str(o["target"]))
+        status = str(o.get("status", "failed"))
+        at = int(o.get("at", self.last_ts))
+        ok = status in ("succeeded", "verified")
+        rule = o.get("rule")
+        member = str(o.get("decision_id", f"outcome-line-{n}"))
+        await self.store.record_result(f"{action.type}:{action.target}",
+                                       budget_scopes(action.type, rule), member, ok, at)
+        return LineResult(n, "outcome", outcome={"action_type": action.type,
+                                                 "target": action.target, "status": status,
+                                                 "at": at})
+
+
+def _first(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        e = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+    if isinstance(exc, KeyError):
+        return f"missing {exc}"
+    return str(exc)
+
+
+def format_report(report: Report, show_all: bool = False) -> str:
+    """The human-readable report: one block per interesting line, then a summary."""
+    out = [f"policy {report.policy.source} (version {report.policy.version}); "
+           f"input {report.source}"]
+    for r in report.lines:
+        where = f"{report.source}:{r.line}"
+        if r.kind == "error":
+            out.append(f"{r.error}")
+            continue
+        if r.kind == "outcome":
+            o = r.outcome or {}
+            out.append(f"{where}  outcome {o['status']} of {o['action_type']} on {o['target']}")
+            continue
+        d = r.decision
+        assert d is not None
+        if not show_all and r.rule is None and not r.guards:
+            continue
+        out.append(f"{where}  {d.entity} {d.metric}={d.value:g} ts={d.ts}  "
+                   f"score {d.anomaly_score:.3f} confidence {d.confidence:.3f}")
+        if r.rule is None:
+            out.append("    no rule fired")
+        else:
+            fired = next(t for t in reversed(d.rule_trace) if t.rule == r.rule)
+            act = "no action"
+            if d.action:
+                act = f"{d.action.type} {d.action.target}" + (
+                    f" {d.action.params}" if d.action.params else "")
+            out.append(f"    rule {r.rule} fired: {act}  ({fired.reason})")
+        for g, reason in r.guards:
+            out.append(f"    guard:{g} intervened: {reason}")
+        for t in d.rule_trace:
+            if t.rule.startswith("guard:") and not t.matched:
+                out.append(f"    {t.rule}: {t.reason}")
+        out.append(f"    => mode {d.mode.value}" + (
+            "" if d.mode in (Mode.none,) else (" (would execute)" if d.mode is Mode.auto
+                                              else " (would not execute)")))
+    s = report.summary()
+
+    def fmt(c: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
+
+    out.append(f"summary: {s['events']} events, {s['outcomes']} outcomes, {s['errors']} errors; "
+               f"rules fired: {fmt(s['rules_fired'])}; guards intervened: "
+               f"{fmt(s['guards_intervened'])}; modes: {fmt(s['modes'])}")
+    return "\n".join(out)
+
