@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
+from ia.core import clock
+from ia.core.errors import Conflict, IaError, NotFound
 from ia.schemas.models import (
     ApprovalEvent,
     ApprovalStatus,
@@ -59,8 +60,16 @@ return 'ok'
 """
 
 
-class ApprovalError(Exception):
+class ApprovalError(IaError):
     """An approval that cannot be answered (unknown, already resolved or expired)."""
+
+
+class ApprovalNotFound(ApprovalError, NotFound):
+    """No approval request has this id."""
+
+
+class ApprovalConflict(ApprovalError, Conflict):
+    """The request exists but has expired or was already answered."""
 
 
 def approval_id_for(decision_id: str) -> str:
@@ -73,9 +82,6 @@ def normalise_id(some_id: str) -> str:
     """Accept an approval id or the decision id it belongs to."""
     return some_id if some_id.startswith("ap-") else approval_id_for(some_id)
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def requesting_rule(decision: Decision) -> str:
@@ -121,7 +127,7 @@ class ApprovalStore:
         """Open the approval request of ``d`` (once); returns its current event and
         whether this call created it."""
         assert d.action is not None
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         ttl, policy = self._terms(d)
         aid = approval_id_for(d.decision_id)
         ev = ApprovalEvent(
@@ -161,13 +167,13 @@ class ApprovalStore:
             raise ValueError("a human answer is approved or rejected")
         aid = normalise_id(approval_id)
         res = await self._transition(aid, status, by, via, reason,
-                                     _now_ms() if now_ms is None else now_ms, "human")
+                                     clock.now_ms() if now_ms is None else now_ms, "human")
         if res == "missing":
-            raise ApprovalError(f"no approval request {aid}")
+            raise ApprovalNotFound(f"no approval request {aid}")
         if res == "expiring":
-            raise ApprovalError(f"approval request {aid} has expired")
+            raise ApprovalConflict(f"approval request {aid} has expired")
         if res != "ok":
-            raise ApprovalError(f"approval request {aid} is already {res}")
+            raise ApprovalConflict(f"approval request {aid} is already {res}")
         found = await self.get(aid)
         assert found is not None
         return found[0]
@@ -182,7 +188,7 @@ class ApprovalStore:
     async def expire_due(self, now_ms: int | None = None, limit: int = 100
                          ) -> list[ApprovalEvent]:
         """Expire every request past its deadline; returns the expiry events."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         due = await self.client.zrangebyscore(self.pending_key, "-inf", now, start=0, num=limit)
         out = []
         for raw_id in due:

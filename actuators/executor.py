@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Mapping
 
 from redis.exceptions import LockError
 
 from ia.actuators.base import ActionFailed, Actuator
+from ia.core.clock import now_ms
 from ia.schemas.models import (
     Action,
     ActionOutcome,
@@ -45,9 +45,6 @@ from ia.schemas.models import (
 CLAIM_TTL_S = 7 * 24 * 3600
 LOCK_POLL_S = 0.005
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class ActionExecutor:
@@ -69,7 +66,7 @@ class ActionExecutor:
                  approval: ApprovalEvent | None = None) -> ActionOutcome:
         action = action or d.action
         assert action is not None
-        finished = _now_ms()
+        finished = now_ms()
         approved = approval is not None and status not in (OutcomeStatus.blocked,
                                                            OutcomeStatus.skipped_duplicate)
         return ActionOutcome(
@@ -92,7 +89,7 @@ class ActionExecutor:
         """Execute ``decision``'s action if it may run; ``None`` if it has no action."""
         if decision.action is None:
             return None
-        started = _now_ms()
+        started = now_ms()
         if decision.mode is Mode.notify:
             return await self._notify(decision, started)
         if decision.mode is not Mode.auto:
@@ -104,7 +101,7 @@ class ActionExecutor:
                   ) -> ActionOutcome:
         """Run the action once (whatever the mode: callers decide that it may run)."""
         assert decision.action is not None
-        started = _now_ms()
+        started = now_ms()
         claim_key = self.claim_key(decision.decision_id)
         if not await self._claim(claim_key, started):
             previous = (await self.redis.get(claim_key) or b"").decode()
@@ -130,7 +127,7 @@ class ActionExecutor:
     async def settle(self, decision: Decision, detail: str,
                      approval: ApprovalEvent | None = None) -> ActionOutcome | None:
         """Report ``decision``'s action as not run (``blocked``), once; None if already settled."""
-        started = _now_ms()
+        started = now_ms()
         claim_key = self.claim_key(decision.decision_id)
         if not await self._claim(claim_key, started):
             return None
@@ -153,7 +150,7 @@ class ActionExecutor:
         The kill switch is honoured (a paused system runs nothing); breakers
         and budgets are not charged again, the failed verification already was.
         """
-        started = _now_ms()
+        started = now_ms()
         key = self.claim_key(decision.decision_id, OutcomePhase.compensation)
         if not await self._claim(key, started):
             return None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from pydantic import BaseModel
 
@@ -34,6 +33,7 @@ from ia.actuators.approvals import ApprovalStore
 from ia.actuators.base import Actuator
 from ia.actuators.executor import ActionExecutor
 from ia.actuators.verification import SpecError, Verifier, spec_of
+from ia.core import clock
 from ia.schemas.models import (
     ActionOutcome,
     ApprovalEvent,
@@ -51,9 +51,6 @@ log = logging.getLogger("ia.actuate")
 # settled by the periodic pass (its event was lost, e.g. the CLI crashed).
 UNFINISHED_GRACE_MS = 10_000
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class ActuatorService:
@@ -105,7 +102,7 @@ class ActuatorService:
     def _verification(self, d: Decision, started: int, ok: bool, detail: str
                       ) -> ActionOutcome:
         assert d.action is not None
-        now = _now_ms()
+        now = clock.now_ms()
         return ActionOutcome(
             decision_id=d.decision_id, entity=d.entity, action_type=d.action.type,
             target=d.action.target,
@@ -150,7 +147,7 @@ class ActuatorService:
 
     async def tick(self, now_ms: int | None = None) -> list[BaseModel]:
         """Periodic work; returns the records to publish."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         out: list[BaseModel] = []
         for ev in await self.approvals.expire_due(now):
             out.append(ev)

@@ -26,9 +26,9 @@ actuator restart and any actuator process may finish them.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
+from ia.core import clock
 from ia.features.store import RedisFeatureStore
 from ia.schemas.models import Action, Decision
 from ia.schemas.serde import decode, encode
@@ -106,9 +106,6 @@ class Verdict:
     started_at: int
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
 
 class Verifier:
     """Pending verifications in Redis, checked against the feature store."""
@@ -134,7 +131,7 @@ class Verifier:
 
     async def schedule(self, d: Decision, spec: VerifySpec, now_ms: int | None = None) -> None:
         """Start watching ``spec.metric`` from its current state (call after the action)."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         seen = await self.latest(spec.entity, spec.metric)
         deadline = now + int(spec.within_s * 1000)
         body = json.dumps({"decision": encode(d, "json").decode(), "since_n": seen[0] if seen
@@ -146,7 +143,7 @@ class Verifier:
 
     async def poll(self, now_ms: int | None = None, limit: int = 500) -> list[Verdict]:
         """Settle every verification that recovered or ran out of time."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         out = []
         for raw_id in await self.client.zrange(self.due_key, 0, limit - 1):
             did = raw_id.decode()

@@ -10,11 +10,12 @@ here: it is saved with each entity's features (see ``ia.features.store``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Protocol
 
 from redis.exceptions import WatchError
+
+from ia.core.clock import now_ms
 
 
 class ModelStore(Protocol):
@@ -72,7 +73,7 @@ class RedisModelStore:
                     version, blob = apply(old)
                     pipe.multi()
                     pipe.hset(key, mapping={"version": version, "blob": blob,
-                                            "saved_at": int(time.time() * 1000)})
+                                            "saved_at": now_ms()})
                     await pipe.execute()
                     return version
                 except WatchError:

@@ -7,10 +7,10 @@ event time, and gets byte-identical decisions for the same input.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ia.core.clock import now_ms
 from ia.decisions.detector import AdaptiveDetector, DetectorState
 from ia.decisions.explain import explain
 from ia.decisions.feedback import FeedbackClassifier, Prediction, action_trust, classifier_inputs
@@ -34,10 +34,6 @@ from ia.schemas.models import (
     derive_decision_id,
 )
 from ia.schemas.serde import encode
-
-
-def wall_clock_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def confidence_of(score: float, features: dict[str, float]) -> float:
@@ -74,7 +70,7 @@ class DecisionEngine:
         # Guard state (ia.decisions.guards.GuardStore); named for its first guard, the cooldown.
         self.claims = claims
         self.kill_switch = kill_switch or MemoryKillSwitch()
-        self.clock = clock or (lambda _ev: wall_clock_ms())
+        self.clock = clock or (lambda _ev: now_ms())
         self.pipeline_id = pipeline_id
         self.detector = detector or AdaptiveDetector()
         # Shared "will this action be useful?" model; the worker swaps in newer

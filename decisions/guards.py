@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ia.core.clock import now_ms
 from ia.schemas.models import Action, Decision, Mode, RuleTrace, TelemetryEvent
 
 if TYPE_CHECKING:
@@ -73,9 +74,6 @@ KILL_SWITCH_REFRESH_S = 0.2
 FAILED_STATUSES = frozenset({"failed", "timeout", "verification_failed", "rolled_back"})
 OK_STATUSES = frozenset({"succeeded", "verified"})
 
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 # --- the state protocol ---------------------------------------------------------------------
@@ -570,7 +568,7 @@ class KillSwitch:
         return self._info
 
     async def pause(self, by: str = "", reason: str = "") -> dict:
-        info = {"at": wall_ms(), "by": by[:256], "reason": reason[:1024]}
+        info = {"at": now_ms(), "by": by[:256], "reason": reason[:1024]}
         await self.client.set(self.key, json.dumps(info))
         self._checked = -math.inf
         return info
@@ -817,7 +815,7 @@ class ExecutionGuard:
     def __init__(self, client, prefix: str = "ia",
                  policy: Callable[[], Policy] | None = None,
                  kill_switch: KillSwitch | None = None,
-                 clock: Callable[[], int] = wall_ms) -> None:
+                 clock: Callable[[], int] = now_ms) -> None:
         self.store = RedisGuardStore(client, prefix)
         self.kill_switch = kill_switch or KillSwitch(client, prefix)
         self.policy = policy

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import time
 
+from ia.core import clock
 from ia.schemas.models import DeadLetter, TelemetryEvent
 from ia.schemas.serde import DecodeError, decode
 
@@ -32,7 +32,7 @@ def validate_record(raw: bytes | None, *, fmt: str, topic: str, partition: int,
     except DecodeError as exc:
         return _dead(raw, exc.reason, str(exc), topic, partition, offset)
     if max_future_skew_ms is not None:
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         if event.ts > now + max_future_skew_ms:
             return _dead(raw, "ts_in_future",
                          f"ts {event.ts} is {(event.ts - now) / 1000:.0f}s ahead of this "
@@ -45,5 +45,5 @@ def _dead(raw: bytes, reason: str, error: str, topic: str, partition: int,
           offset: int) -> DeadLetter:
     return DeadLetter(
         reason=reason, error=error[:4000], source_topic=topic, source_partition=partition,
-        source_offset=offset, failed_at=int(time.time() * 1000),
+        source_offset=offset, failed_at=clock.now_ms(),
         original_b64=base64.b64encode(raw[:MAX_ORIGINAL_BYTES]).decode())

@@ -184,9 +184,9 @@ def run_faust(app: faust.App, settings: Settings) -> None:
     """Run a Faust app in this process until it is stopped (its topics created first)."""
     from faust.worker import Worker
 
-    from ia.runtime import embedded
+    from ia.core.kafka import ensure_topics
 
     bootstrap, _ = settings.require_endpoints()
-    embedded.ensure_topics(bootstrap, settings.topics.all(), settings.topic_partitions)
+    ensure_topics(bootstrap, settings.topics.all(), settings.topic_partitions)
     tune_gc()
     Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

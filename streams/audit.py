@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import faust
 import redis.asyncio as aioredis
 
 from ia.core import metrics
+from ia.core.clock import now_ms
 from ia.core.settings import Settings
 from ia.governance.audit import AuditError
 from ia.governance.audit_store import AuditWriter, SourceRecord
@@ -52,7 +52,7 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
         _export()
 
     def _export() -> None:
-        stats = writer.completeness.stats(int(time.time() * 1000))
+        stats = writer.completeness.stats(now_ms())
         metrics.AUDIT_COMPLETENESS.set(stats["ratio"])
         for state in ("complete", "pending", "overdue"):
             metrics.AUDIT_DECISIONS.labels(state).set(stats[state])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
-from ia.runtime.embedded import ensure_topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
 

@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from ia.core.kafka import record_count
+from ia.core.kafka import ensure_topics, record_count
 from ia.core.settings import Topics
-from ia.runtime.embedded import ensure_topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, wait_until
 

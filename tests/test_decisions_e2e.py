@@ -15,6 +15,7 @@ from collections import defaultdict
 import httpx
 import pytest
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
 from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.detector import DetectorState
@@ -23,7 +24,7 @@ from ia.decisions.learning import MODEL_NAME
 from ia.decisions.policy import Policy
 from ia.features.store import EntityRecord, RedisFeatureStore
 from ia.offline.replay import replay_engine
-from ia.runtime.embedded import ensure_topics, free_port
+from ia.runtime.embedded import free_port
 from ia.schemas.models import Decision, TelemetryEvent
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, wait_until

@@ -17,13 +17,13 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
+from ia.core.kafka import ensure_topics
 from ia.runtime import embedded
 from ia.runtime.embedded import (
     BinaryNotFoundError,
     EmbeddedStack,
     StartupError,
     down,
-    ensure_topics,
     pid_alive,
     port_open,
     status,

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
-from ia.runtime.embedded import ensure_topics
 from tests.fault_support import (
     POLICY,
     Feeder,

@@ -15,8 +15,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
-from ia.runtime.embedded import ensure_topics
 from ia.schemas.models import DeadLetter, TelemetryEvent
 from ia.schemas.serde import DECODE_REASONS, encode
 from ia.schemas.validation import validate_record

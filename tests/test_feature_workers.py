@@ -19,10 +19,11 @@ import httpx
 import pytest
 import redis
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
 from ia.features.enrich import enrich_batch
 from ia.features.store import MemoryFeatureStore, RedisFeatureStore
-from ia.runtime.embedded import ensure_topics, free_port
+from ia.runtime.embedded import free_port
 from ia.schemas.models import TelemetryEvent
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, ia_env, wait_until

@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
-from ia.runtime.embedded import ensure_topics, free_port
+from ia.runtime.embedded import free_port
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
 from ia.decisions.policy import Policy
-from ia.runtime.embedded import ensure_topics
 from ia.schemas.models import Action, Decision, Mode, ModelInfo, RuleTrace
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, ia_env, wait_until

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from ia.core.kafka import ensure_topics
 from ia.offline.recording import (
     RawRecord,
     parse_record,
@@ -18,7 +19,6 @@ from ia.offline.recording import (
     record_line,
     write_recording,
 )
-from ia.runtime.embedded import ensure_topics
 
 T0 = 1_700_000_000_000
 STEP = 30_000

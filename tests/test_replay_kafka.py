@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
 from ia.offline.topic_slice import READER_GROUP, SliceSpec, read_slice
-from ia.runtime.embedded import ensure_topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, wait_until
 

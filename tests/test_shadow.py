@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer
 
+from ia.core.kafka import ensure_topics
 from ia.core.settings import Settings, Topics
 from ia.decisions.policy import Policy, PolicyError
 from ia.decisions.shadow import as_shadow, intended_mode
@@ -27,7 +28,6 @@ from ia.offline.shadow import (
     shadow_settings,
 )
 from ia.offline.topic_slice import SliceSpec, read_slice
-from ia.runtime.embedded import ensure_topics
 from ia.schemas.models import Action, Decision, Mode, ModelInfo
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until

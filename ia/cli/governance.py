@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from ia.core.clock import now_ms
 from ia.core.settings import Settings
 
 
@@ -73,7 +74,7 @@ def approvals_list(show_all: bool, as_json: bool) -> None:
     if not events:
         click.echo("no pending approval requests" if not show_all else "no approval requests")
         return
-    now = int(time.time() * 1000)
+    now = now_ms()
     for ev in events:
         left = max(0, ev.expires_at - now) // 1000
         state = f"expires in {left}s" if ev.status.value == "requested" else \
@@ -192,7 +193,7 @@ def audit_verify(log_file: Path | None, no_head: bool, as_json: bool) -> None:
         if result.ok or pending is None or attempt == 9:
             break
         time.sleep(0.3)
-    stats = tracker.stats(int(time.time() * 1000))
+    stats = tracker.stats(now_ms())
     report = {"log": str(path), "ok": result.ok, "records": result.records,
               "head": result.last.seq, "head_checked": not no_head,
               "problems": result.problems, "completeness": stats}

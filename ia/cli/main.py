@@ -31,11 +31,12 @@ def main() -> None:
               help="State and logs of the embedded services (default: $IA_RUN_DIR or .ia).")
 def up(run_dir: Path | None) -> None:
     """Start the embedded Kafka-protocol broker and Redis; print their addresses."""
+    from ia.core.kafka import ensure_topics
     from ia.runtime import embedded
 
     s = _settings()
     info = embedded.up(run_dir or s.run_dir)
-    embedded.ensure_topics(info.kafka_bootstrap_servers, s.topics.all(), s.topic_partitions)
+    ensure_topics(info.kafka_bootstrap_servers, s.topics.all(), s.topic_partitions)
     click.echo("\n".join(info.env_lines()))
 
 
@@ -84,13 +85,13 @@ def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> 
 
     s = _settings(policy_file=policy_file, metrics_port=metrics_port)
     if shadow:
+        from ia.core.kafka import ensure_topics
         from ia.offline.shadow import shadow_settings
-        from ia.runtime import embedded
 
         if policy_file is None:
             raise click.UsageError("--shadow needs --policy CANDIDATE")
         s = shadow_settings(s)
-        embedded.ensure_topics(s.require_endpoints()[0], [s.topics.decisions_shadow],
+        ensure_topics(s.require_endpoints()[0], [s.topics.decisions_shadow],
                                s.topic_partitions)
     run_faust(_built(lambda st: build_worker(st, shadow=shadow), s), s)
 

@@ -1,11 +1,26 @@
-"""Reading whole topics with a plain consumer (no group, no commits)."""
+"""Kafka plumbing every process shares: creating topics, and reading whole topics with a
+plain consumer (no group, no commits)."""
 
 from __future__ import annotations
 
 import json
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ia.core.errors import IaError
+
+
+class TopicSetupError(IaError):
+    """The broker did not create or list the topics in time."""
+
 
 
 def _consumer(bootstrap: str) -> Consumer:
@@ -61,3 +76,59 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[dict]:
         return out
     finally:
         c.close()
+
+
+def ensure_topics(
+    bootstrap: str,
+    topics: list[str],
+    partitions: int,
+    *,
+    replication_factor: int = 1,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create ``topics`` if missing and wait until metadata lists all of them.
+
+    Idempotent: topics that already exist are left untouched (whatever their
+    partition count). Returns the names that were newly created.
+    """
+    wanted = list(dict.fromkeys(topics))
+    if not wanted:
+        return []
+    deadline = time.monotonic() + timeout
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [
+            NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+            for t in wanted
+        ],
+        request_timeout=timeout,
+    )
+    created: list[str] = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout=max(0.1, deadline - time.monotonic()))
+            created.append(name)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise
+    missing = wanted
+    while True:
+        try:
+            metadata = admin.list_topics(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            missing = [
+                t
+                for t in wanted
+                if t not in metadata.topics
+                or metadata.topics[t].error is not None
+                or not metadata.topics[t].partitions
+            ]
+        except KafkaException:
+            pass
+        if not missing:
+            return created
+        if time.monotonic() >= deadline:
+            raise TopicSetupError(
+                f"topics not visible in {bootstrap} metadata after {timeout:.0f}s: {missing}"
+            )
+        time.sleep(0.1)

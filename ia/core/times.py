@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import time
+
+from ia.core import clock
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -18,7 +19,7 @@ def parse_time(text: str, now_ms: int | None = None) -> int:
     """Milliseconds since the epoch from ISO 8601 (naive means UTC), epoch ms,
     ``now``, or a time relative to now such as ``-15m``, ``-2h``, ``-1d``."""
     text = text.strip()
-    now = int(time.time() * 1000) if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     if text == "now":
         return now
     if text.isdigit():

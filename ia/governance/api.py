@@ -170,8 +170,7 @@ def build_api(desk: ApprovalDesk, tokens: dict[str, str]) -> web.Application:
                                    by=(by or token_name)[:256], via=f"api:{token_name}",
                                    reason=reason[:4096])
         except ApprovalError as exc:
-            status = 404 if "no approval request" in str(exc) else 409
-            return web.json_response({"error": str(exc)}, status=status)
+            return web.json_response({"error": exc.message}, status=exc.http_status)
         return web.json_response({"approval": _json(ev)})
 
     async def approve(request: web.Request) -> web.Response:

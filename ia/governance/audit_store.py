@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ia.core.clock import now_ms
 from ia.governance.audit import (
     AuditError,
     AuditFile,
@@ -91,9 +92,6 @@ class SourceRecord:
     def src(self) -> str:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class RedisAuditState:
@@ -256,7 +254,7 @@ class AuditWriter:
         """Record a batch; returns the sealed records (empty if all were seen before)."""
         if self._dirty:
             await self._recover()
-        entries, offsets = self._entries(items, _now_ms())
+        entries, offsets = self._entries(items, now_ms())
         if not offsets:
             return []
         expected = self.committed

@@ -143,11 +143,11 @@ def run_replay(settings: Settings, history: History, variant: Variant,
     if bool(output_path) == bool(output_topic):
         raise click.UsageError("give either --output FILE or --output-topic TOPIC")
     if output_topic:
-        from ia.runtime import embedded
+        from ia.core.kafka import ensure_topics
 
         check_output_topic(output_topic, settings.topics)
         bootstrap = kafka_bootstrap(settings)
-        embedded.ensure_topics(bootstrap, [output_topic], settings.topic_partitions)
+        ensure_topics(bootstrap, [output_topic], settings.topic_partitions)
         sink: FileSink | TopicSink = TopicSink(bootstrap, output_topic, settings.wire_format)
         n, acted = asyncio.run(_replay(history, variant, sink))
         sink.close()

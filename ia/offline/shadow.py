@@ -27,12 +27,12 @@ import hashlib
 import json
 import os
 import socket
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ia.core.clock import now_ms
 from ia.core.settings import Settings
 from ia.decisions.policy import Policy
 from ia.decisions.shadow import PIPELINE_ID
@@ -172,7 +172,7 @@ class PromotionLog:
                                  f"verification: {problems[0]}")
         recs = self.records()
         body = {"seq": len(recs) + 1, "prev": recs[-1]["hash"] if recs else GENESIS,
-                "at": int(time.time() * 1000), **entry}
+                "at": now_ms(), **entry}
         rec = {**body, "hash": _digest(body)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ia.core.errors import IaError
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -71,7 +73,7 @@ DEFAULT_STOP_GRACE = 2.0
 _START_ATTEMPTS = 3  # retries with a fresh port if the chosen one was grabbed meanwhile
 
 
-class EmbeddedError(RuntimeError):
+class EmbeddedError(IaError):
     """Base class for embedded-runtime errors."""
 
 
@@ -228,68 +230,6 @@ def _with_log(message: str, log_path: Path) -> str:
         return f"{message} (log {log_path} is empty)"
     indented = "\n".join(f"    {line}" for line in tail.splitlines())
     return f"{message}\n  last lines of {log_path}:\n{indented}"
-
-
-# --------------------------------------------------------------------------- topics
-
-
-def ensure_topics(
-    bootstrap: str,
-    topics: list[str],
-    partitions: int,
-    *,
-    replication_factor: int = 1,
-    timeout: float = 30.0,
-) -> list[str]:
-    """Create ``topics`` if missing and wait until metadata lists all of them.
-
-    Idempotent: topics that already exist are left untouched (whatever their
-    partition count). Returns the names that were newly created.
-    """
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    wanted = list(dict.fromkeys(topics))
-    if not wanted:
-        return []
-    deadline = time.monotonic() + timeout
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
-        [
-            NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
-            for t in wanted
-        ],
-        request_timeout=timeout,
-    )
-    created: list[str] = []
-    for name, future in futures.items():
-        try:
-            future.result(timeout=max(0.1, deadline - time.monotonic()))
-            created.append(name)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
-                raise
-    missing = wanted
-    while True:
-        try:
-            metadata = admin.list_topics(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-            missing = [
-                t
-                for t in wanted
-                if t not in metadata.topics
-                or metadata.topics[t].error is not None
-                or not metadata.topics[t].partitions
-            ]
-        except KafkaException:
-            pass
-        if not missing:
-            return created
-        if time.monotonic() >= deadline:
-            raise EmbeddedError(
-                f"topics not visible in {bootstrap} metadata after {timeout:.0f}s: {missing}"
-            )
-        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- processes

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ia.core.kafka import read_all
+from ia.core.kafka import ensure_topics, read_all
 from ia.core.settings import Settings, Topics
 from ia.decisions.policy_source import builtin_policy_path
 from ia.runtime import embedded
@@ -75,7 +75,7 @@ def run_demo(settings: Settings, *, seed: int = 7, speed: float = 60.0,
     with ExitStack() as stack:
         bootstrap, redis_url, prefix = _endpoints(settings, stack)
         topics = Topics(prefix)
-        embedded.ensure_topics(bootstrap, topics.all(), settings.topic_partitions)
+        ensure_topics(bootstrap, topics.all(), settings.topic_partitions)
         log_dir = settings.run_dir / "demo"
         log_dir.mkdir(parents=True, exist_ok=True)
         sim_summary = asyncio.run(_run_loop(
