@@ -41,6 +41,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/lint_imports.py
 
 clean:
 	rm -rf $(VENV) .ia .pytest_cache demo-summary.json

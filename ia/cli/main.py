@@ -301,7 +301,7 @@ _add_feature_commands()
 # are its subcommands. Keep this last: it adopts the subcommands of any `bench` group
 # registered above (e.g. `ia bench decisions` from ia/cli/model.py). ----------------------
 def _add_bench_commands() -> None:
-    from ia.bench.e2e import bench
+    from ia.cli.bench import bench
 
     earlier = main.commands.get("bench")
     if isinstance(earlier, click.Group) and earlier is not bench:
