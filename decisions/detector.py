@@ -40,6 +40,7 @@ import math
 import struct
 from array import array
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from ia.decisions.drift import PH_FIELDS, PageHinkleyParams, ph_update
 from ia.schemas.models import DriftState, ModelInfo
@@ -52,6 +53,9 @@ SURPRISE_AT_ONE = 10.0
 # Mean absolute deviation -> standard deviation for Gaussian noise (sqrt(pi/2)).
 MAD_TO_STD = 1.2533141373155003
 Z_CLIP = 10.0
+# Slots of DetectorState.lik, per predictor: LEVEL + i or SEASONAL + i.
+WIN, MEAN, VAR, WIN_MEAN, WIN_VAR = range(5)
+LEVEL, SEASONAL = 0, 5
 
 
 def upper_tail_surprise(z: float) -> float:
@@ -118,7 +122,7 @@ class DetectorState:
         self.base_scale = 0.0
         self.lo = 0.0
         self.hi = 0.0
-        # per predictor (level, seasonal): window mean, point mean/var, window mean/var
+        # per predictor (LEVEL, SEASONAL): WIN, MEAN, VAR, WIN_MEAN, WIN_VAR
         self.lik = [0.0] * 10
         self.level_ph = [0.0] * PH_FIELDS
         self.disp_ph = [0.0] * PH_FIELDS
@@ -168,13 +172,90 @@ class Scored:
     components: dict[str, float]
 
 
+class PackedState(Protocol):
+    def pack(self) -> bytes: ...
+
+
+S = TypeVar("S", bound=PackedState)
+
+
+class SeriesDetector(Protocol[S]):
+    """What the decision engine needs of a detector: one shared object, per-series state.
+
+    The engine keeps one state per (entity, metric) in the entity's Redis hash as the
+    bytes of ``state.pack()``, and for every sample calls ``score`` and then ``learn``
+    with what ``score`` returned (score before learn: no look-ahead). ``info`` names the
+    model and version on every decision.
+    """
+
+    info: ModelInfo
+
+    def new_state(self) -> S: ...
+
+    def unpack(self, blob: bytes) -> S: ...
+
+    def score(self, state: S, value: float, ts: int) -> Scored: ...
+
+    def learn(self, state: S, scored: Scored) -> tuple[DriftState, str | None]: ...
+
+
 class AdaptiveDetector:
-    """Shared code and configuration; per-series data lives in :class:`DetectorState`."""
+    """Streaming, unsupervised anomaly scores in [0, 1] that mean the same on every series.
+
+    One detector (configuration and code) serves every series; each series owns a
+    :class:`DetectorState`. The layers are described in the module docstring.
+
+    Parameters
+    ----------
+    config
+        The hyperparameters (:class:`DetectorConfig`; defaults if omitted):
+        ``level_alpha`` (EWMA weight of the fast level), ``scale_alpha`` and
+        ``fast_scale_alpha`` (weights of the slow and fast mean absolute residuals),
+        ``raw_scale`` (residual / scale ratio that gives a raw score of 1 - 1/e),
+        ``window`` (EW span of the short-term mean of raw scores), ``long_alpha``
+        (weight of the long-term distribution of raw scores), ``learning`` (samples
+        before the likelihood is used), ``warmup`` (samples before any alarm),
+        ``season_alpha`` and ``season_min_visits`` (hour-of-week profile),
+        ``spatial_tolerance`` (fraction of the range beyond which a value scores 1),
+        ``alert_level``, ``suppress_samples`` and ``suppressed_cap`` (one alert per
+        incident), ``drift_hold`` (samples a drift is reported), ``level_drift`` and
+        ``dispersion_drift`` (Page-Hinkley parameters).
+
+    Examples
+    --------
+    >>> import math
+    >>> det = AdaptiveDetector()
+    >>> state = det.new_state()
+    >>> scores = {}
+    >>> for i in range(400):
+    ...     value = 25.0 if i == 350 else 10.0 + math.sin(i / 5.0)
+    ...     scored = det.score(state, value, ts=i * 60_000)
+    ...     drift, detected = det.learn(state, scored)
+    ...     scores[i] = round(scored.score, 3)
+    >>> scores[100], scores[349], scores[350], scores[351]
+    (0.104, 0.063, 1.0, 0.09)
+    >>> len(state.pack()), det.unpack(state.pack()).n
+    (1125, 400)
+
+    References
+    ----------
+    Ahmad, S., Lavin, A., Purdy, S., Agha, Z. (2017). Unsupervised real-time anomaly
+    detection for streaming data. Neurocomputing 262, 134-147 (the anomaly likelihood).
+    Page, E. S. (1954). Continuous inspection schemes. Biometrika 41, 100-115
+    (the Page-Hinkley drift test).
+    """
 
     info = ModelInfo(id="adaptive-likelihood", version=f"1.0.0+s{STATE_FORMAT}")
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or DetectorConfig()
+
+    def new_state(self) -> DetectorState:
+        return DetectorState()
+
+    def unpack(self, blob: bytes) -> DetectorState:
+        """The state packed in ``blob``; a fresh one if it is empty or of another format."""
+        return DetectorState.unpack(blob)
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -199,7 +280,7 @@ class AdaptiveDetector:
         if st.n < c.learning:
             score = self._warmup_score(st.n, z, comps)
         else:
-            score = self._likelihood_score(st, raw, 5 if seasonal else 0, comps)
+            score = self._likelihood_score(st, raw, SEASONAL if seasonal else LEVEL, comps)
             span = st.hi - st.lo
             outside = max(value - st.hi, st.lo - value)
             comps["range_excess"] = _clip(outside / span) if span > 0 else 0.0
@@ -224,9 +305,11 @@ class AdaptiveDetector:
                           comps: dict[str, float]) -> float:
         lik = st.lik
         a = 2.0 / (self.config.window + 1.0)
-        win = lik[base] + a * (raw - lik[base])
-        point = upper_tail_surprise((raw - lik[base + 1]) / math.sqrt(max(lik[base + 2], 1e-6)))
-        window = upper_tail_surprise((win - lik[base + 3]) / math.sqrt(max(lik[base + 4], 1e-6)))
+        win = lik[base + WIN] + a * (raw - lik[base + WIN])
+        point = upper_tail_surprise((raw - lik[base + MEAN])
+                                    / math.sqrt(max(lik[base + VAR], 1e-6)))
+        window = upper_tail_surprise((win - lik[base + WIN_MEAN])
+                                     / math.sqrt(max(lik[base + WIN_VAR], 1e-6)))
         comps["score_point"] = min(1.0, point / SURPRISE_AT_ONE)
         comps["score_window"] = min(1.0, window / SURPRISE_AT_ONE)
         return max(comps["score_point"], comps["score_window"])
@@ -283,9 +366,9 @@ class AdaptiveDetector:
         lik = st.lik
         a = 2.0 / (self.config.window + 1.0)
         al = max(self.config.long_alpha, 1.0 / st.n)
-        for base, raw in ((0, s.raw_l), (5, s.raw_s)):
-            lik[base] += a * (raw - lik[base]) if st.n > 1 else raw
-            for i, x in ((base + 1, raw), (base + 3, lik[base])):
+        for base, raw in ((LEVEL, s.raw_l), (SEASONAL, s.raw_s)):
+            lik[base + WIN] += a * (raw - lik[base + WIN]) if st.n > 1 else raw
+            for i, x in ((base + MEAN, raw), (base + WIN_MEAN, lik[base + WIN])):
                 d = x - lik[i]
                 lik[i] += al * d
                 lik[i + 1] = (1.0 - al) * (lik[i + 1] + al * d * d)

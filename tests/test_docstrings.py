@@ -8,15 +8,15 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ("schemas", "features", "decisions", "actuators")
+PACKAGES = ("ia.core", "ia.schemas", "ia.features", "ia.decisions", "ia.actuators")
 EXTRA = ("ia.bench.webhook_sink",)
 
 
 def modules() -> list[str]:
     names = list(EXTRA)
     for pkg in PACKAGES:
-        names += [m.name for m in pkgutil.iter_modules(importlib.import_module(pkg).__path__,
-                                                       f"{pkg}.")]
+        names += [m.name for m in pkgutil.walk_packages(importlib.import_module(pkg).__path__,
+                                                        f"{pkg}.")]
     return sorted(names)
 
 
