@@ -168,7 +168,7 @@ class Rate(Derived):
             if t <= wm or wm < 0:
                 out[key] = 0.0
                 return
-            r = (v - st[LAST_VALUE]) / ((t - wm) / 1000.0)  # as series.features_before
+            r = (v - st[LAST_VALUE]) / ((t - wm) / 1000.0)  # as tests/reference.features_before
             out[key] = r if -_FMAX <= r <= _FMAX else saturate(r)
 
         return step

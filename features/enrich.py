@@ -1,9 +1,9 @@
 """Turn a batch of telemetry events into per-event feature vectors.
 
-:func:`enrich_events` is the one implementation of the features, used by the
-worker (Redis) and by replay (memory): for each event, in order, it serves the
-features from the state before the event, then folds the event in.  A batch
-loads every entity once and saves once (:func:`enrich_batch`, or the engine).
+:class:`Enricher` is the one implementation of the features, used by the decision
+engine in the worker (Redis) and in every offline run (memory): for each event, in
+order, it serves the features from the state before the event, then folds the event
+in. The engine loads every entity of a batch once and saves once.
 
 With ``positions`` (the Kafka partition and offset of each event), an event
 already folded into its entity's state -- delivered again after a crash or a
@@ -11,8 +11,6 @@ rebalance -- is served but not folded a second time.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 from ia.core import metrics
 from ia.features.aggregations import EntityContext, Out
@@ -29,11 +27,10 @@ from ia.features.registry import (
     Ratio,
 )
 from ia.features.series import saturate
-from ia.features.store import EntityRecord, FeatureStore
+from ia.features.store import EntityRecord
 from ia.schemas.models import EventKind, TelemetryEvent
 
-__all__ = ["CONTEXT_EVENTS", "NEVER_S", "Enricher", "context_features", "enrich_batch",
-           "enrich_events"]
+__all__ = ["CONTEXT_EVENTS", "NEVER_S", "Enricher", "context_features"]
 
 # Discrete events whose recency is a context feature (``seconds_since_<name>``):
 # an allow-list from the definitions, because event names come from producers
@@ -172,27 +169,3 @@ class Enricher:
 
 def _has(rec: EntityRecord, metric: str) -> bool:
     return metric in rec.blobs or metric in rec.states
-
-
-def enrich_events(events: Sequence[TelemetryEvent], records: dict[str, EntityRecord],
-                  positions: Sequence[tuple[int, int]] | None = None,
-                  registry: FeatureRegistry = DEFAULT_REGISTRY) -> list[Out]:
-    """Features for each event, in order, folding each into ``records``."""
-    batch = Enricher(records, registry)
-    features = batch.features
-    if positions is None:
-        out = [features(ev) for ev in events]
-    else:
-        out = [features(ev, where) for ev, where in zip(events, positions, strict=True)]
-    batch.finish()
-    return out
-
-
-async def enrich_batch(events: Sequence[TelemetryEvent], store: FeatureStore,
-                       positions: Sequence[tuple[int, int]] | None = None,
-                       registry: FeatureRegistry = DEFAULT_REGISTRY) -> list[Out]:
-    """Load, enrich and save a batch: one read and one write round trip."""
-    records = await store.load(ev.entity for ev in events)
-    features = enrich_events(events, records, positions, registry)
-    await store.save(records)
-    return features

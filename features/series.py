@@ -2,19 +2,17 @@
 
 :func:`ewma_step` and :func:`std_of` are the one definition of the EWMA
 baseline: the online/replay hot path (:mod:`ia.features.aggregations`) and the
-pure :func:`observe` below both call them, so they cannot disagree.
+pure reference the tests compare it with (``tests/reference.py``) both call them,
+so they cannot disagree.
 
 :class:`SeriesState` is the EWMA part of a series' state as a value (what the
-engine re-baselines after drift, and what tests fold by hand).  :func:`observe`
-is pure: given the state *before* a sample, it returns the features served for
-it (from earlier data only) and the state after it.
+engine re-baselines after drift).
 
->>> s = SeriesState()
->>> for t, v in enumerate([10.0, 10.0, 11.0, 9.0, 10.0]):
-...     feats, s = observe(s, v, t * 60_000)
->>> feats, s = observe(s, 30.0, 300_000)
->>> feats["zscore"] > 5
-True
+>>> mean, var = 0.0, 0.0
+>>> for n, (t, v) in enumerate([(0, 10.0), (60_000, 12.0), (120_000, 11.0)]):
+...     mean, var = ewma_step(n, mean, var, t - 60_000, v, t, DEFAULT_HALF_LIFE_S)
+>>> round(mean, 3), round(std_of(SeriesState(n=3, mean=mean, var=var)), 3)
+(11.0, 0.816)
 """
 
 from __future__ import annotations
@@ -85,48 +83,6 @@ def saturate(x: float) -> float:
     finite float: the Decision contract rejects inf, and one such sample would
     otherwise fail every batch of its partition."""
     return max(-sys.float_info.max, min(sys.float_info.max, x))
-
-
-def features_before(state: SeriesState, value: float, ts: int) -> dict[str, float]:
-    """Features of ``value`` at ``ts`` against the baseline built from earlier data."""
-    if state.n == 0:
-        return {"value": value, "n": 0.0, "ewma_mean": value, "ewma_std": 0.0,
-                "zscore": 0.0, "rate_of_change": 0.0, "seconds_since_last": 0.0}
-    std = std_of(state)
-    late = ts <= state.last_ts
-    dt_s = (ts - state.last_ts) / 1000.0
-    return {
-        "value": value,
-        "n": float(state.n),
-        "ewma_mean": state.mean,
-        "ewma_std": std,
-        "zscore": saturate((value - state.mean) / std),
-        # The previous sample of a late one is unknown (only the newest is kept).
-        "rate_of_change": 0.0 if late else saturate((value - state.last_value) / dt_s),
-        "seconds_since_last": 0.0 if late else dt_s,
-    }
-
-
-def fold(state: SeriesState, value: float, ts: int,
-         half_life_s: float = DEFAULT_HALF_LIFE_S) -> SeriesState:
-    """Fold one in-order sample into the state (EWMA mean and variance)."""
-    mean, var = ewma_step(state.n, state.mean, state.var, state.last_ts, value, ts, half_life_s)
-    return replace(state, n=state.n + 1, mean=mean, var=var, last_value=value, last_ts=ts)
-
-
-def observe(state: SeriesState, value: float, ts: int,
-            half_life_s: float = DEFAULT_HALF_LIFE_S) -> tuple[dict[str, float], SeriesState]:
-    """Serve features for one sample, then fold it in.
-
-    A sample at or before the last folded timestamp is late (or a replay of an
-    already processed event): it is scored against the current baseline but
-    not folded into the EWMA, and counted in ``late`` (an EWMA cannot take a
-    sample back in time; the windowed aggregations of :mod:`features` can).
-    """
-    feats = features_before(state, value, ts)
-    if state.n and ts <= state.last_ts:
-        return feats, replace(state, late=state.late + 1)
-    return feats, fold(state, value, ts, half_life_s)
 
 
 def rebaseline(state: SeriesState) -> SeriesState:

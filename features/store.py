@@ -49,8 +49,6 @@ DEFAULT_TTL_S = DEFAULT_REGISTRY.ttl_s
 # Enough to cover any batch still unacknowledged when a worker dies; action
 # decisions are rare, so this costs nothing for most entities.
 MAX_REMEMBERED_DECISIONS = 8
-# Fields of the previous series format (48-byte EWMA state), deleted when seen.
-STALE_PREFIXES = (b"m:",)
 
 Position = tuple[int, int, int]  # (partition, offset, newest event time folded)
 _EMPTY: Mapping = MappingProxyType({})
@@ -70,7 +68,7 @@ class EntityRecord:
 
     __slots__ = ("blobs", "context", "decisions", "detectors", "dirty_context",
                  "dirty_decisions", "dirty_detectors", "dirty_position", "dirty_series",
-                 "dropped_decisions", "plans", "position", "stale", "states")
+                 "dropped_decisions", "plans", "position", "states")
 
     def __init__(self) -> None:
         # Packed series states as loaded, and the decoded (mutable) ones in use.
@@ -93,7 +91,6 @@ class EntityRecord:
         self.dirty_detectors: AbstractSet[str] = _NONE
         self.position: Position | None = None
         self.dirty_position = False
-        self.stale: tuple[bytes, ...] = ()
 
     # -- series state ------------------------------------------------------------------
 
@@ -184,12 +181,11 @@ class EntityRecord:
         return out
 
     def deletions(self) -> list[bytes]:
-        return [f"d:{d}".encode() for d in self.dropped_decisions] + list(self.stale)
+        return [f"d:{d}".encode() for d in self.dropped_decisions]
 
     def dirty(self) -> bool:
         return bool(self.dirty_series or self.dirty_context or self.dirty_decisions
-                    or self.dropped_decisions or self.dirty_detectors or self.dirty_position
-                    or self.stale)
+                    or self.dropped_decisions or self.dirty_detectors or self.dirty_position)
 
     def clean(self) -> None:
         self.dirty_series.clear()
@@ -197,7 +193,6 @@ class EntityRecord:
         if self.dirty_detectors:
             self.dirty_detectors = set()
         self.dirty_position = False
-        self.stale = ()
 
     @classmethod
     def from_items(cls, items: Iterable[tuple[bytes, bytes]]) -> EntityRecord:
@@ -205,7 +200,6 @@ class EntityRecord:
         context: dict[str, str] = {}
         decisions: dict[str, bytes] = {}
         detectors: dict[str, bytes] = {}
-        stale = []
         for k, v in items:
             if k[:3] == SERIES_FIELD_PREFIX:
                 rec.blobs[k[3:].decode()] = v
@@ -218,16 +212,12 @@ class EntityRecord:
                 decisions[k[2:].decode()] = v
             elif k[:2] == b"a:":
                 detectors[k[2:].decode()] = v
-            elif k.startswith(STALE_PREFIXES):
-                stale.append(k)
         if context:
             rec.context = context
         if decisions:
             rec.decisions = dict(sorted(decisions.items(), key=lambda kv: kv[1][:20]))
         if detectors:
             rec.detectors, rec.dirty_detectors = detectors, set()
-        if stale:
-            rec.stale = tuple(stale)
         return rec
 
     @classmethod

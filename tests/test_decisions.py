@@ -9,13 +9,18 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
-from ia.bench.baselines import SURPRISE_AT_ONE, SpineDetector, tail_surprise, zscore_score
+from ia.bench.baselines import (
+    SURPRISE_AT_ONE,
+    DriftMonitor,
+    SpineDetector,
+    tail_surprise,
+    zscore_score,
+)
+from ia.bench.features import enrich_events
 from ia.decisions.detector import AdaptiveDetector, DetectorConfig
-from ia.decisions.drift import DriftMonitor
 from ia.decisions.engine import DecisionEngine, confidence_of
 from ia.decisions.guards import MemoryClaimStore, RedisClaimStore
 from ia.decisions.policy import Policy
-from ia.features.enrich import enrich_events
 from ia.features.series import WARMUP_SAMPLES
 from ia.features.store import EntityRecord, MemoryFeatureStore
 from ia.schemas.models import (

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from ia.bench.features import enrich_batch, enrich_events
 from ia.features.aggregations import HOUR_MS, hour_of_week
 from ia.features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef
-from ia.features.enrich import enrich_batch, enrich_events
 from ia.features.registry import (
     DEFAULT_REGISTRY,
     DUPLICATE,
@@ -36,9 +36,10 @@ from ia.features.registry import (
     TOO_LATE,
     FeatureRegistry,
 )
-from ia.features.series import DEFAULT_HALF_LIFE_S, SeriesState, features_before, fold
+from ia.features.series import DEFAULT_HALF_LIFE_S, SeriesState
 from ia.features.store import EntityRecord, MemoryFeatureStore
 from ia.schemas.models import EventKind, TelemetryEvent
+from tests.reference import features_before, fold
 
 MONDAY = 1_732_492_800_000  # 2024-11-25T00:00:00Z, a Monday
 L_MS = int(DEFAULT_REGISTRY.allowed_lateness_s * 1000)

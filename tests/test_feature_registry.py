@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 
+from ia.bench.features import enrich_batch, enrich_events
 from ia.cli import main
 from ia.features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef, Kind
-from ia.features.enrich import enrich_batch, enrich_events
 from ia.features.registry import DEFAULT_REGISTRY, DefinitionError, FeatureRegistry, segment_tag
 from ia.features.store import EntityRecord, MemoryFeatureStore, RedisFeatureStore
 from ia.schemas.models import EventKind, TelemetryEvent

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import redis
 
+from ia.bench.features import enrich_batch
 from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
-from ia.features.enrich import enrich_batch
 from ia.features.store import MemoryFeatureStore, RedisFeatureStore
 from ia.runtime.embedded import free_port
 from ia.schemas.models import TelemetryEvent

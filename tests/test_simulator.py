@@ -15,7 +15,7 @@ import httpx
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ia.features.series import WARMUP_SAMPLES, SeriesState, observe
+from ia.features.series import WARMUP_SAMPLES, SeriesState
 from ia.schemas.models import EventKind, TelemetryEvent
 from ia.sim.simulator import (
     INCIDENT_TYPES,
@@ -31,6 +31,7 @@ from ia.sim.simulator import (
     drive,
     make_schedule,
 )
+from tests.reference import observe
 
 STEP_MS = 10_000
 ONSET_S = 1200  # 20 simulated minutes: well past the warm-up

@@ -1,11 +1,10 @@
-"""Online anomaly scoring: one small protocol, shared by every model.
+"""Baselines that ``ia bench decisions`` and the tests compare the detector with.
 
-A model sees the feature vector that ``ia.features.enrich`` served for one
-event and answers ``score_one`` (before learning, so no look-ahead) and
-``learn_one``.  :class:`SpineDetector` is the default: a per-series tail
-probability of the EWMA z-score blended with a River ``HalfSpaceTrees``
-shared by all series over per-series normalised inputs, so memory does not
-grow with a heavy model per series.
+:class:`SpineDetector` scores the feature vector ``ia.features.enrich`` serves for one
+event (``score_one`` before ``learn_one``: no look-ahead): a per-series tail probability
+of the EWMA z-score blended with a River ``HalfSpaceTrees`` shared by all series over
+per-series normalised inputs. :class:`DriftMonitor` runs River's own Page-Hinkley
+objects per series in memory, the reference for :func:`ia.decisions.drift.ph_update`.
 
 >>> det = SpineDetector()
 >>> normal = {"zscore": 0.3, "rate_of_change": 0.0, "ewma_std": 1.0, "n": 100.0}
@@ -17,12 +16,14 @@ True
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from river import anomaly
+from river import anomaly, drift
 
 from ia.features.series import WARMUP_SAMPLES
-from ia.schemas.models import ModelInfo
+from ia.schemas.models import DriftState, ModelInfo
 
 
 class AnomalyModel(Protocol):
@@ -95,3 +96,47 @@ class SpineDetector:
     def learn_one(self, x: dict[str, float]) -> None:
         self._learned += 1
         self.hst.learn_one(self._hst_input(x))
+
+
+# --- drift with River's own objects ----------------------------------------------------------
+
+# How many samples after a detection the series reports ``drift``.
+DRIFT_HOLD_SAMPLES = 10
+Z_CLIP = 10.0
+
+
+@dataclass
+class _SeriesDrift:
+    detector: drift.PageHinkley = field(default_factory=lambda: drift.PageHinkley(
+        min_instances=30, delta=0.5, threshold=60.0, mode="both"))
+    hold: int = 0
+
+
+class DriftMonitor:
+    def __init__(self, max_series: int = 100_000) -> None:
+        self.max_series = max_series
+        self._series: OrderedDict[tuple[str, str], _SeriesDrift] = OrderedDict()
+        self.detections = 0
+
+    def _get(self, key: tuple[str, str]) -> _SeriesDrift:
+        s = self._series.get(key)
+        if s is None:
+            s = self._series[key] = _SeriesDrift()
+            if len(self._series) > self.max_series:
+                self._series.popitem(last=False)
+        else:
+            self._series.move_to_end(key)
+        return s
+
+    def update(self, entity: str, metric: str, zscore: float) -> tuple[DriftState, bool]:
+        """Return the series' drift state and whether drift was detected just now."""
+        s = self._get((entity, metric))
+        s.detector.update(max(-Z_CLIP, min(Z_CLIP, zscore)))
+        if s.detector.drift_detected:
+            self.detections += 1
+            s.hold = DRIFT_HOLD_SAMPLES
+            return DriftState.drift, True
+        if s.hold > 0:
+            s.hold -= 1
+            return DriftState.drift, False
+        return DriftState.stable, False
