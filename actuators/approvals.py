@@ -84,13 +84,6 @@ def normalise_id(some_id: str) -> str:
 
 
 
-def requesting_rule(decision: Decision) -> str:
-    for step in reversed(decision.rule_trace):
-        if step.matched and not step.rule.startswith("guard:"):
-            return step.rule
-    return ""
-
-
 class ApprovalStore:
     def __init__(self, client, prefix: str = "ia", ttl_s: float = 900.0,
                  on_expiry: str = "reject") -> None:
@@ -134,7 +127,7 @@ class ApprovalStore:
             approval_id=aid, decision_id=d.decision_id, status=ApprovalStatus.requested,
             entity=d.entity, metric=d.metric, action=d.action, anomaly_score=d.anomaly_score,
             confidence=d.confidence, requested_at=now, expires_at=now + int(ttl * 1000),
-            on_expiry=policy, rule=requesting_rule(d), policy_version=d.policy_version)
+            on_expiry=policy, rule=d.chosen_rule or "", policy_version=d.policy_version)
         created = await self._request(
             keys=[self.key(aid), self.pending_key, self.index_key],
             args=[ev.model_dump_json(), encode(d, "json"), ev.expires_at, aid, now,

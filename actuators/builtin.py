@@ -160,10 +160,8 @@ class NotifyActuator(WebhookActuator):
             f"*score* {d.anomaly_score:.2f}  *confidence* {d.confidence:.2f}",
             f"*mode* {d.mode.value}",
         ]
-        rule = next((t.rule for t in reversed(d.rule_trace)
-                     if t.matched and not t.rule.startswith("guard:")), "")
-        guards = [f"{t.rule[6:]}: {t.reason}" for t in d.rule_trace
-                  if t.rule.startswith("guard:") and t.matched]
+        rule = d.chosen_rule
+        guards = [f"{t.guard}: {t.reason}" for t in d.interventions()]
         if rule:
             fields.append(f"*rule* {rule}")
         fields += [f"*guard* {g}" for g in guards]

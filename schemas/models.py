@@ -122,12 +122,33 @@ class DriftState(StrEnum):
     drift = "drift"
 
 
+GUARD_PREFIX = "guard:"
+
+
 class RuleTrace(_Contract):
-    """One step of policy evaluation: which rule or guard, and why."""
+    """One step of policy evaluation: which rule or guard, and why.
+
+    On the wire a guard's step is named ``guard:<name>`` in ``rule``; read it through
+    :attr:`guard` rather than by its spelling.
+
+    >>> RuleTrace.of_guard("cooldown", "acted 30 s ago").guard
+    'cooldown'
+    >>> RuleTrace(rule="restart-on-leak", matched=True, reason="score 0.9").guard is None
+    True
+    """
 
     rule: str
     matched: bool
     reason: str
+
+    @classmethod
+    def of_guard(cls, guard: str, reason: str, matched: bool = True) -> RuleTrace:
+        return cls(rule=GUARD_PREFIX + guard, matched=matched, reason=reason)
+
+    @property
+    def guard(self) -> str | None:
+        """The guard's name if this step is a guard's, else None (a policy rule's)."""
+        return self.rule[len(GUARD_PREFIX):] if self.rule.startswith(GUARD_PREFIX) else None
 
 
 class Action(_Contract):
@@ -185,6 +206,18 @@ class Decision(_Contract):
     mode: Mode = Mode.none
     policy_version: str = ""
     explanation: Explanation | None = None
+
+    @property
+    def chosen_rule(self) -> str | None:
+        """The policy rule that chose this decision's action: the last matched rule step."""
+        for step in reversed(self.rule_trace):
+            if step.matched and step.guard is None:
+                return step.rule
+        return None
+
+    def interventions(self) -> list[RuleTrace]:
+        """The guard steps that acted on this decision (blocked, downgraded or held it)."""
+        return [step for step in self.rule_trace if step.matched and step.guard is not None]
 
 
 class OutcomeStatus(StrEnum):

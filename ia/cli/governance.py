@@ -18,6 +18,7 @@ import click
 
 from ia.core.clock import now_ms
 from ia.core.settings import Settings
+from ia.schemas.models import RuleTrace
 
 
 def _settings(**overrides: object) -> Settings:
@@ -283,14 +284,13 @@ def story(decision_id: str, records) -> str:
                 out.append(f"  drift: {why['drift_event']}")
             if why.get("p_useful") is not None:
                 out.append(f"  p(useful) {why['p_useful']:.2f}")
-        rules = [t for t in d.get("rule_trace", []) if not t["rule"].startswith("guard:")]
-        guards = [t for t in d.get("rule_trace", []) if t["rule"].startswith("guard:")]
+        trace = [RuleTrace.model_validate(t) for t in d.get("rule_trace", [])]
         out.append("rule trace")
-        out += [f"  {'✔' if t['matched'] else '·'} {t['rule']}: {t['reason']}"
-                for t in rules] or ["  (no rules)"]
+        out += [f"  {'✔' if t.matched else '·'} {t.rule}: {t.reason}"
+                for t in trace if t.guard is None] or ["  (no rules)"]
         out.append("guards")
-        out += [f"  {'✘' if t['matched'] else '·'} {t['rule'][6:]}: {t['reason']}"
-                for t in guards] or ["  (none intervened)"]
+        out += [f"  {'✘' if t.matched else '·'} {t.guard}: {t.reason}"
+                for t in trace if t.guard is not None] or ["  (none intervened)"]
         action = d.get("action")
         out += ["decision",
                 f"  mode {d['mode']}; action " + (
