@@ -35,7 +35,7 @@ TICK_S = 0.5
 
 
 def build_actuator(settings: Settings) -> faust.App:
-    app = make_app(settings, settings.actuator_app_id)
+    app = make_app(settings, settings.actuator.app_id)
     topics = settings.topics
     decisions_t = raw_topic(app, topics.decisions)
     outcomes_t = raw_topic(app, topics.outcomes)
@@ -47,22 +47,23 @@ def build_actuator(settings: Settings) -> faust.App:
         _, redis_url = settings.require_endpoints()
         client = aioredis.from_url(redis_url, decode_responses=False)
         policy = PolicySource(settings.policy_file)
-        notify_url = settings.notify_url.get_secret_value() if settings.notify_url else None
+        conf = settings.actuator
+        notify_url = conf.notify_url.get_secret_value() if conf.notify_url else None
         actuators = build_actuators(
             commands=policy.current().doc.commands, simulator_url=settings.simulator_url,
-            notify_url=notify_url, retries=settings.webhook_retries,
-            timeout_s=settings.action_timeout_s, plugins=settings.actuator_plugins)
+            notify_url=notify_url, retries=conf.webhook_retries,
+            timeout_s=conf.action_timeout_s, plugins=conf.plugins)
         notifier = actuators["notify"] if notify_url else None
         executor = ActionExecutor(
-            client, actuators, prefix=settings.redis_prefix, timeout_s=settings.action_timeout_s,
-            guard=ExecutionGuard(client, settings.redis_prefix, policy.current),
+            client, actuators, prefix=settings.redis.prefix, timeout_s=conf.action_timeout_s,
+            guard=ExecutionGuard(client, settings.redis.prefix, policy.current),
             notifier=notifier)
         ctx["redis"] = client
         ctx["service"] = ActuatorService(
             executor,
-            ApprovalStore(client, settings.redis_prefix, ttl_s=settings.approval_ttl_s,
-                          on_expiry=settings.approval_on_expiry),
-            Verifier(client, settings.redis_prefix), notifier=notifier)
+            ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
+                          on_expiry=settings.approvals.on_expiry),
+            Verifier(client, settings.redis.prefix), notifier=notifier)
         metrics.serve(settings.metrics_port, settings.metrics_host)
 
     _connect()
@@ -73,7 +74,7 @@ def build_actuator(settings: Settings) -> faust.App:
             if isinstance(rec, ActionOutcome):
                 if rec.phase is OutcomePhase.action:
                     # Lets feedback that names only a decision id find its entity.
-                    await ctx["redis"].set(f"{settings.redis_prefix}:dec:{rec.decision_id}",
+                    await ctx["redis"].set(f"{settings.redis.prefix}:dec:{rec.decision_id}",
                                            rec.entity, ex=30 * 24 * 3600)
                 metrics.OUTCOMES.labels(rec.action_type, rec.status.value).inc()
                 topic = outcomes_t

@@ -60,16 +60,16 @@ def make_app(settings: Settings, app_id: str) -> faust.App:
         autodiscover=False,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_session_timeout=settings.kafka.session_timeout_s,
+        broker_heartbeat_interval=settings.kafka.heartbeat_interval_s,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         broker_commit_every=1000,
-        broker_commit_interval=settings.commit_interval_s,
+        broker_commit_interval=settings.kafka.commit_interval_s,
         # Room for a whole batch of decisions per partition in one record batch.
         producer_max_batch_size=256 * 1024,
     )
-    _use_fetch_max_wait(app, settings.fetch_max_wait_s)
+    _use_fetch_max_wait(app, settings.kafka.fetch_max_wait_s)
     return app
 
 

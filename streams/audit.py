@@ -27,7 +27,7 @@ log = logging.getLogger("ia.audit")
 
 def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
                        standby_s: float = 3600.0) -> faust.App:
-    app = make_app(settings, settings.audit_app_id)
+    app = make_app(settings, settings.audit.app_id)
     topics = settings.topics
     kinds = {topics.decisions: "decision", topics.approvals: "approval",
              topics.outcomes: "outcome"}
@@ -37,8 +37,8 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
 
     _, redis_url = settings.require_endpoints()
     client = aioredis.from_url(redis_url, decode_responses=False)
-    writer = AuditWriter(client, settings.audit_log, prefix=settings.redis_prefix,
-                         fmt=settings.wire_format, all_decisions=settings.audit_all_decisions,
+    writer = AuditWriter(client, settings.audit_log, prefix=settings.redis.prefix,
+                         fmt=settings.wire_format, all_decisions=settings.audit.all_decisions,
                          grace_ms=int(grace_s * 1000))
     metrics.serve(settings.metrics_port, settings.metrics_host)
 

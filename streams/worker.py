@@ -34,7 +34,7 @@ log = logging.getLogger("ia.worker")
 def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
     """``shadow``: the candidate of ``ia worker --shadow`` (ia/offline/shadow.py): decision ids of
     its own, decisions marked ``shadow`` and sent only to the shadow topic."""
-    app = make_app(settings, settings.app_id)
+    app = make_app(settings, settings.worker.app_id)
     topics = settings.topics
     telemetry = raw_topic(app, topics.telemetry)
     decisions_t = raw_topic(app, topics.decisions_shadow if shadow else topics.decisions)
@@ -49,12 +49,12 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
         _, redis_url = settings.require_endpoints()
         client = aioredis.from_url(redis_url, decode_responses=False)
         ctx["redis"] = client
-        ctx["store"] = RedisFeatureStore(client, settings.redis_prefix)
+        ctx["store"] = RedisFeatureStore(client, settings.redis.prefix)
         ctx["engine"] = DecisionEngine(policy.current, ctx["store"],
-                                       RedisGuardStore(client, settings.redis_prefix),
-                                       kill_switch=KillSwitch(client, settings.redis_prefix),
+                                       RedisGuardStore(client, settings.redis.prefix),
+                                       kill_switch=KillSwitch(client, settings.redis.prefix),
                                        pipeline_id=SHADOW_PIPELINE if shadow else "main")
-        ctx["learner"] = FeedbackLearner(client, ctx["store"], settings.redis_prefix)
+        ctx["learner"] = FeedbackLearner(client, ctx["store"], settings.redis.prefix)
         metrics.serve(settings.metrics_port, settings.metrics_host)
 
     _connect()
@@ -95,8 +95,8 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
 
     @app.agent(telemetry)
     async def decide(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size,
-                                               within=settings.batch_within_s):
+        async for events in stream.take_events(settings.worker.batch_size,
+                                               within=settings.worker.batch_within_s):
             metrics.EVENTS_IN.labels(topics.telemetry).inc(len(events))
             metrics.BATCH_SIZE.observe(len(events))
             await publish_batch(events)

@@ -284,8 +284,8 @@ def test_app_service(services: dict, name: str, monkeypatch: pytest.MonkeyPatch)
     s = Settings(_env_file=None)
     kafka_env = env_of(services["kafka"])
     internal = dict(x.split("://") for x in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
-    assert s.kafka_bootstrap_servers == internal["PLAINTEXT"]
-    assert s.redis_url and s.redis_url.startswith("redis://redis:6379/")
+    assert s.kafka.bootstrap_servers == internal["PLAINTEXT"]
+    assert s.redis.url and s.redis.url.startswith("redis://redis:6379/")
     assert s.metrics_host == "0.0.0.0", "metrics must bind all interfaces in a container"
     assert s.metrics_port > 0
     assert str(s.metrics_port) in [str(p) for p in svc.get("expose", [])]

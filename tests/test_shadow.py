@@ -70,8 +70,8 @@ def test_shadow_decisions_never_carry_an_acting_mode() -> None:
 
 
 def test_shadow_settings_are_namespaced() -> None:
-    s = shadow_settings(Settings(_env_file=None, app_id="ia-pipeline", redis_prefix="ia"))
-    assert (s.app_id, s.redis_prefix) == ("ia-pipeline-shadow", "ia.shadow")
+    s = shadow_settings(Settings(_env={}, worker={"app_id": "ia-pipeline"}, redis={"prefix": "ia"}))
+    assert (s.worker.app_id, s.redis.prefix) == ("ia-pipeline-shadow", "ia.shadow")
     assert s.topics.decisions_shadow == "ia.decisions.shadow"
     assert s.topics.decisions_shadow not in s.topics.all()
 

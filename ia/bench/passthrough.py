@@ -15,15 +15,15 @@ from ia.streams.app import make_app, raw_topic, send_confirmed
 
 
 def build_passthrough(settings: Settings) -> faust.App:
-    app = make_app(settings, settings.app_id)
+    app = make_app(settings, settings.worker.app_id)
     source = raw_topic(app, settings.topics.telemetry)
     sink = settings.topics.decisions
     metrics.serve(settings.metrics_port, settings.metrics_host)
 
     @app.agent(source)
     async def passthrough(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size,
-                                               within=settings.batch_within_s):
+        async for events in stream.take_events(settings.worker.batch_size,
+                                               within=settings.worker.batch_within_s):
             metrics.EVENTS_IN.labels(settings.topics.telemetry).inc(len(events))
             await send_confirmed(app, sink, [(ev.message.key, ev.message.value) for ev in events])
 

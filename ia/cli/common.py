@@ -10,14 +10,14 @@ from typing import Any, TypeVar
 import click
 
 from ia.core.errors import IaError
-from ia.core.settings import Settings
+from ia.core.settings import Settings, load
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def settings(**overrides: object) -> Settings:
     """Settings from the environment, with the options the user gave on top."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return load(**overrides)
 
 
 class IaClickError(click.ClickException):
@@ -26,6 +26,17 @@ class IaClickError(click.ClickException):
     def __init__(self, error: IaError) -> None:
         super().__init__(error.message)
         self.exit_code = error.exit_code
+
+
+class IaGroup(click.Group):
+    """The ``ia`` group: an :class:`IaError` from any command is shown as a message with
+    its exit code, never as a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IaError as exc:
+            raise IaClickError(exc) from exc
 
 
 def cli_errors(command: F) -> F:

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from ia.cli.common import settings
 from ia.cli.options import history_options, range_options
 from ia.core.settings import Settings
 
@@ -26,7 +27,7 @@ def kafka_bootstrap(settings: Settings) -> str:
 
 
 def _settings() -> Settings:
-    return Settings()
+    return settings()
 
 
 def _variant(path: Path, name: str | None) -> Any:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ia.cli.common import settings
+
 
 @click.group("features")
 def features() -> None:
@@ -44,19 +46,18 @@ def show(entity: str, metric: str | None, as_json: bool) -> None:
 
     import redis.asyncio as aioredis
 
-    from ia.core.settings import Settings
     from ia.features.registry import DEFAULT_REGISTRY
     from ia.features.store import RedisFeatureStore
     from ia.features.views import entity_snapshot, format_snapshot
 
-    s = Settings()
-    if not s.redis_url:
+    s = settings()
+    if not s.redis.url:
         raise click.ClickException('REDIS_URL must be set (eval "$(ia up)" starts one)')
 
     async def load():
-        client = aioredis.from_url(s.redis_url, decode_responses=False)
+        client = aioredis.from_url(s.redis.url, decode_responses=False)
         try:
-            return (await RedisFeatureStore(client, s.redis_prefix).load([entity]))[entity]
+            return (await RedisFeatureStore(client, s.redis.prefix).load([entity]))[entity]
         finally:
             await client.aclose()
 
@@ -78,14 +79,13 @@ def bench_features(json_file: Path | None, quick: bool, entities: int | None,
     """Feature store: enrichment cost per event at batch 1/100/500/1000, Redis memory per
     (entity, metric), against REDIS_URL or an embedded Redis."""
     from ia.bench.features import BenchOptions, format_report, run_bench
-    from ia.core.settings import Settings
 
     opts = BenchOptions.quick() if quick else BenchOptions()
     if entities:
         opts.entities = entities
     if metrics:
         opts.metrics = metrics
-    result = run_bench(Settings().redis_url, opts)
+    result = run_bench(settings().redis.url, opts)
     click.echo(format_report(result))
     if json_file:
         json_file.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,21 +16,22 @@ from pathlib import Path
 
 import click
 
+from ia.cli.common import settings
 from ia.core.clock import now_ms
 from ia.core.settings import Settings
 from ia.schemas.models import RuleTrace
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return settings(**overrides)
 
 
 def _redis(s: Settings):
     import redis.asyncio as aioredis
 
-    if not s.redis_url:
+    if not s.redis.url:
         raise click.ClickException('REDIS_URL must be set (eval "$(ia up)" starts one)')
-    return aioredis.from_url(s.redis_url, decode_responses=False)
+    return aioredis.from_url(s.redis.url, decode_responses=False)
 
 
 def _when(ms: int | None) -> str:
@@ -63,7 +64,7 @@ def approvals_list(show_all: bool, as_json: bool) -> None:
     async def run():
         client = _redis(s)
         try:
-            return await ApprovalStore(client, s.redis_prefix).list(pending_only=not show_all)
+            return await ApprovalStore(client, s.redis.prefix).list(pending_only=not show_all)
         finally:
             await client.aclose()
 
@@ -96,7 +97,7 @@ def approvals_show(approval_id: str) -> None:
     async def run():
         client = _redis(s)
         try:
-            return await ApprovalStore(client, s.redis_prefix).get(approval_id)
+            return await ApprovalStore(client, s.redis.prefix).get(approval_id)
         finally:
             await client.aclose()
 
@@ -118,7 +119,7 @@ def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> Non
         client = _redis(s)
         publish, close = kafka_publisher(bootstrap, s.topics.approvals, s.wire_format)
         try:
-            desk = ApprovalDesk(ApprovalStore(client, s.redis_prefix), publish)
+            desk = ApprovalDesk(ApprovalStore(client, s.redis.prefix), publish)
             return await desk.answer(approval_id, approve, by=by or _default_by(), via="cli",
                                      reason=reason)
         finally:
@@ -166,7 +167,7 @@ def _heads(s: Settings):
     async def run():
         client = _redis(s)
         try:
-            return await RedisAuditState(client, s.redis_prefix).heads()
+            return await RedisAuditState(client, s.redis.prefix).heads()
         finally:
             await client.aclose()
 

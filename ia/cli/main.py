@@ -9,14 +9,15 @@ from pathlib import Path
 
 import click
 
+from ia.cli.common import IaGroup, settings
 from ia.core.settings import Settings
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return settings(**overrides)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=IaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="intelligent-automation")
 def main() -> None:
     """intelligent-automation: closed-loop operations automation.
@@ -152,10 +153,10 @@ def _kill_switch():
     from ia.decisions.guards import KillSwitch
 
     s = _settings()
-    if not s.redis_url:
+    if not s.redis.url:
         raise click.ClickException('REDIS_URL must be set (eval "$(ia up)" starts one)')
-    client = aioredis.from_url(s.redis_url)
-    return client, KillSwitch(client, s.redis_prefix)
+    client = aioredis.from_url(s.redis.url)
+    return client, KillSwitch(client, s.redis.prefix)
 
 
 @main.command()
@@ -247,6 +248,15 @@ def policy_test(policy_file: Path, input_file, as_json: bool, show_all: bool, pa
     else:
         click.echo(format_report(report, show_all))
     sys.exit(1 if report.errors else 0)
+
+
+def _add_config_command() -> None:
+    from ia.cli.config import config
+
+    main.add_command(config)
+
+
+_add_config_command()
 
 
 # --- approvals, audit, approval API (ia/cli/governance.py) ------------------------------------

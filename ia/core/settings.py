@@ -1,18 +1,34 @@
 """Typed settings, read from the environment (and an optional ``.env`` file).
 
-Connection settings use the conventional names ``KAFKA_BOOTSTRAP_SERVERS``
-and ``REDIS_URL`` so ``eval "$(ia up)"`` and external infrastructure work the
-same way; everything else is prefixed ``IA_``.
+The settings are grouped by concern (:class:`KafkaSettings`, :class:`RedisSettings`,
+:class:`WorkerSettings`, ...), frozen, and strict: a keyword argument that names no
+setting is an error, not silently dropped. Every group is read from the flat
+environment variables the README documents (``KAFKA_BOOTSTRAP_SERVERS``, ``REDIS_URL``
+and ``IA_*``); each field's variable is in :func:`env_names`, and ``ia config`` prints
+the effective values with secrets masked.
+
+>>> s = Settings(_env={"IA_BATCH_SIZE": "200", "REDIS_URL": "redis://r:6379/0"})
+>>> s.worker.batch_size, s.redis.url, s.kafka.bootstrap_servers
+(200, 'redis://r:6379/0', None)
+>>> Settings(_env={}, worker={"batch_size": 50}).worker.batch_size
+50
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ia.core.errors import ConfigError
 
 
 class Topics:
@@ -35,66 +51,158 @@ class Topics:
                 self.approvals]
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IA_", env_file=".env", extra="ignore")
+class _Group(BaseModel):
+    """A group of settings; its fields are read from ``ENV_PREFIX + NAME`` unless
+    ``ENV`` names their variables."""
 
-    kafka_bootstrap_servers: str | None = Field(
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    ENV_PREFIX: ClassVar[str] = "IA_"
+    ENV: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def env_names(cls, field: str) -> tuple[str, ...]:
+        return cls.ENV.get(field, (cls.ENV_PREFIX + field.upper(),))
+
+
+class KafkaSettings(_Group):
+    bootstrap_servers: str | None = Field(
+        default=None, description="host:port[,host:port] of the Kafka cluster")
+    session_timeout_s: float = Field(
+        default=6.0, gt=0,
+        description="consumer session timeout; short sessions make rebalances fast")
+    heartbeat_interval_s: float = Field(default=1.0, gt=0,
+                                        description="consumer heartbeat interval")
+    fetch_max_wait_s: float = Field(
+        default=0.01, gt=0,
+        description="longest a consumer fetch waits for data (Faust's 1.5 s adds latency "
+                    "on brokers that hold fetches until the wait expires)")
+    commit_interval_s: float = Field(
+        default=1.0, gt=0,
+        description="how often consumed offsets are committed; records since the last "
+                    "commit are delivered again after a crash and skipped by the store")
+
+    ENV: ClassVar[dict[str, tuple[str, ...]]] = {
+        "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", "IA_KAFKA_BOOTSTRAP_SERVERS")}
+
+
+class RedisSettings(_Group):
+    url: str | None = Field(default=None, description="redis://host:port/db of the state store")
+    prefix: str = Field(default="ia", description="prefix of every Redis key")
+
+    ENV: ClassVar[dict[str, tuple[str, ...]]] = {"url": ("REDIS_URL", "IA_REDIS_URL")}
+    ENV_PREFIX: ClassVar[str] = "IA_REDIS_"
+
+
+class WorkerSettings(_Group):
+    app_id: str = Field(default="ia-pipeline", description="consumer group of the worker")
+    batch_size: int = Field(default=500, ge=1, description="events per batch")
+    batch_within_s: float = Field(default=0.02, gt=0,
+                                  description="how long to wait to fill a batch")
+
+
+class ActuatorSettings(_Group):
+    app_id: str = Field(default="ia-actuator", description="consumer group of the actuator")
+    action_timeout_s: float = Field(default=10.0, gt=0, description="timeout of every action")
+    webhook_retries: int = Field(
+        default=3, ge=0,
+        description="retries (exponential backoff) of webhook actions on 5xx/429/network errors")
+    notify_url: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "IA_KAFKA_BOOTSTRAP_SERVERS"),
-    )
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "IA_REDIS_URL")
-    )
-    topic_prefix: str = "ia"
-    topic_partitions: int = Field(default=4, ge=1)
-    app_id: str = "ia-pipeline"
-    actuator_app_id: str = "ia-actuator"
-    # Wire format of every topic: json (default), avro (schemaless binary) or
-    # confluent (magic byte + schema id + Avro binary).
-    wire_format: Literal["json", "avro", "confluent"] = "json"
-    # Short sessions make rebalances (and tansu's join delay) fast; production
-    # Kafka users may raise it.
-    session_timeout_s: float = Field(default=6.0, gt=0)
-    heartbeat_interval_s: float = Field(default=1.0, gt=0)
-    batch_size: int = Field(default=500, ge=1)
-    batch_within_s: float = Field(default=0.02, gt=0)
-    # Longest a consumer fetch waits for data (Faust's own 1.5 s adds up to
-    # 1.5 s of latency on brokers that hold fetches until the wait expires).
-    fetch_max_wait_s: float = Field(default=0.01, gt=0)
-    # How often consumed offsets are committed: after a crash, records since the
-    # last commit are delivered again (the feature store detects and skips them).
-    commit_interval_s: float = Field(default=1.0, gt=0)
-    policy_file: Path | None = None
-    metrics_port: int = Field(default=0, ge=0, description="0 disables the metrics endpoint")
-    # Address the metrics endpoint binds; containers need 0.0.0.0 to be scraped.
-    metrics_host: str = "127.0.0.1"
-    run_dir: Path = Path(".ia")
-    audit_dir: Path | None = Field(default=None, description="default: <run_dir>/audit")
-    redis_prefix: str = "ia"
-    action_timeout_s: float = Field(default=10.0, gt=0)
-    webhook_retries: int = Field(default=3, ge=0)
-    simulator_url: str | None = None
-    # Human in the loop: how long an approval request waits, and what an
-    # unanswered one becomes (a rule's action may override both with params
-    # approval_ttl_s / on_expiry).
-    approval_ttl_s: float = Field(default=900.0, gt=0)
-    approval_on_expiry: Literal["reject", "approve"] = "reject"
-    audit_app_id: str = "ia-audit"
-    # Default: decisions with an action (or a mode other than none) are
-    # recorded in full, the rest as per-batch digests; true records all in full.
-    audit_all_decisions: bool = False
-    # Approval HTTP API (`ia api`): bearer token from the environment or a file,
-    # never from code.  Without one the API refuses every request.
-    api_token: SecretStr | None = None
-    api_token_file: Path | None = None
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8470, ge=0)
-    # Default incoming-webhook URL of the notify actuator (Slack-compatible).
-    notify_url: SecretStr | None = None
-    # Which actuator plug-ins (entry point group "ia.actuators") to load:
-    # "all", "none" or a comma-separated list of names.
-    actuator_plugins: str = "all"
-    log_level: str = "warn"
+        description="default Slack-compatible incoming webhook of notify actions and decisions")
+    plugins: str = Field(default="all",
+                         description="actuator plug-ins to load: all, none or names")
+
+    ENV: ClassVar[dict[str, tuple[str, ...]]] = {"app_id": ("IA_ACTUATOR_APP_ID",),
+                                                 "plugins": ("IA_ACTUATOR_PLUGINS",)}
+
+
+class ApprovalSettings(_Group):
+    ttl_s: float = Field(default=900.0, gt=0, description="how long an approval request waits")
+    on_expiry: Literal["reject", "approve"] = Field(
+        default="reject", description="what an unanswered approval request becomes")
+
+    ENV_PREFIX: ClassVar[str] = "IA_APPROVAL_"
+
+
+class ApiSettings(_Group):
+    token: SecretStr | None = Field(
+        default=None, description="bearer token of `ia api`; without one it refuses everything")
+    token_file: Path | None = Field(
+        default=None, description="file of bearer tokens, one per line: `token` or `name token`")
+    host: str = Field(default="127.0.0.1", description="where `ia api` listens")
+    port: int = Field(default=8470, ge=0, description="port of `ia api`")
+
+    ENV_PREFIX: ClassVar[str] = "IA_API_"
+
+
+class AuditSettings(_Group):
+    app_id: str = Field(default="ia-audit", description="consumer group of the audit writer")
+    dir: Path | None = Field(default=None,
+                             description="directory of the audit log (default <run_dir>/audit)")
+    all_decisions: bool = Field(
+        default=False,
+        description="record every decision in full, not only those with an action")
+
+    ENV_PREFIX: ClassVar[str] = "IA_AUDIT_"
+
+
+class Settings(BaseSettings):
+    """Everything a process of ``ia`` is configured with."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    ENV_PREFIX: ClassVar[str] = "IA_"
+    ENV: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka clients")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis")
+    worker: WorkerSettings = Field(default_factory=WorkerSettings, description="`ia worker`")
+    actuator: ActuatorSettings = Field(default_factory=ActuatorSettings,
+                                       description="`ia actuate`")
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings,
+                                        description="human approvals")
+    api: ApiSettings = Field(default_factory=ApiSettings, description="`ia api`")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="the audit log")
+
+    topic_prefix: str = Field(
+        default="ia", description="topics are <prefix>.telemetry, .decisions, .outcomes, ...")
+    topic_partitions: int = Field(default=4, ge=1, description="partitions of topics ia creates")
+    wire_format: Literal["json", "avro", "confluent"] = Field(
+        default="json",
+        description="json, avro (schemaless binary) or confluent (magic byte + schema id + Avro)")
+    policy_file: Path | None = Field(
+        default=None, description="policy YAML (default: observe only); reloaded on change")
+    metrics_port: int = Field(default=0, ge=0,
+                              description="Prometheus /metrics port; 0 disables it")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the metrics endpoint binds; containers need 0.0.0.0")
+    run_dir: Path = Field(default=Path(".ia"),
+                          description="state and logs of the embedded services")
+    simulator_url: str | None = Field(default=None,
+                                      description="control API of the demo fleet")
+    log_level: str = Field(default="warn", description="log level of the Faust processes")
+
+    def __init__(self, _env: Mapping[str, str] | None = None,
+                 _env_file: str | Path | None = ".env", **values: Any) -> None:
+        # ``_env`` replaces the process environment and the .env file (tests, doctests);
+        # ``_env_file=None`` reads the process environment only.
+        token = _ENVIRONMENT.set(dict(_env) if _env is not None else _environment(_env_file))
+        try:
+            super().__init__(**values)
+        finally:
+            _ENVIRONMENT.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _FlatEnvSource(settings_cls)
+
+    @classmethod
+    def env_names(cls, field: str) -> tuple[str, ...]:
+        return cls.ENV.get(field, (cls.ENV_PREFIX + field.upper(),))
 
     @cached_property
     def topics(self) -> Topics:
@@ -103,12 +211,104 @@ class Settings(BaseSettings):
     @property
     def audit_log(self) -> Path:
         """The hash-chained audit log (JSONL); its head lives in Redis."""
-        return (self.audit_dir or self.run_dir / "audit") / f"{self.topic_prefix}.audit.jsonl"
+        return (self.audit.dir or self.run_dir / "audit") / f"{self.topic_prefix}.audit.jsonl"
 
     def require_endpoints(self) -> tuple[str, str]:
-        if not self.kafka_bootstrap_servers or not self.redis_url:
-            raise SystemExit(
+        """The Kafka bootstrap servers and the Redis URL; :class:`ConfigError` if unset."""
+        if not self.kafka.bootstrap_servers or not self.redis.url:
+            raise ConfigError(
                 "KAFKA_BOOTSTRAP_SERVERS and REDIS_URL must be set. "
-                'Start the embedded broker and Redis with: eval "$(ia up)"'
-            )
-        return self.kafka_bootstrap_servers, self.redis_url
+                'Start the embedded broker and Redis with: eval "$(ia up)"')
+        return self.kafka.bootstrap_servers, self.redis.url
+
+    def with_overrides(self, **values: Any) -> Settings:
+        """A copy with some fields replaced: ``group={"field": v}`` merges into a group."""
+        merged = self.model_dump()
+        for key, value in values.items():
+            if key not in type(self).model_fields:
+                raise ConfigError(f"no setting named {key!r}")
+            merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+        return Settings(_env={}, **merged)
+
+
+_GROUPS: dict[str, type[_Group]] = {
+    name: f.annotation for name, f in Settings.model_fields.items()  # type: ignore[misc]
+    if isinstance(f.annotation, type) and issubclass(f.annotation, _Group)}
+
+
+def env_names() -> Iterator[tuple[str, str, FieldInfo, tuple[str, ...]]]:
+    """Every setting: (group or "", field, its definition, its environment variables)."""
+    for name, f in Settings.model_fields.items():
+        group = _GROUPS.get(name)
+        if group is None:
+            yield "", name, f, Settings.env_names(name)
+        else:
+            for sub, sf in group.model_fields.items():
+                yield name, sub, sf, group.env_names(sub)
+
+
+def known_env() -> set[str]:
+    return {env for *_, names in env_names() for env in names}
+
+
+_ENVIRONMENT: ContextVar[dict[str, str]] = ContextVar("ia_settings_environment")
+
+
+def _environment(env_file: str | Path | None) -> dict[str, str]:
+    """The process environment over the ``.env`` file's values."""
+    from_file: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    return {**from_file, **os.environ}
+
+
+class _FlatEnvSource(PydanticBaseSettingsSource):
+    """The documented flat variables (env first, then the ``.env`` file), as nested values."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads every field at once
+
+    def __call__(self) -> dict[str, Any]:
+        env = _ENVIRONMENT.get()
+        out: dict[str, Any] = {}
+        for group, name, _field, names in env_names():
+            value = next((env[n] for n in names if n in env), None)
+            if value is None:
+                continue
+            if group:
+                out.setdefault(group, {})[name] = value
+            else:
+                out[name] = value
+        return out
+
+
+def load(**overrides: Any) -> Settings:
+    """Settings from the environment with ``overrides`` on top (None values are not
+    overrides); a value that does not validate is a :class:`ConfigError` that names
+    its environment variable."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError("invalid settings:\n" + "\n".join(
+            f"  {_where(err['loc'])}: {err['msg']}" for err in exc.errors())) from None
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    dotted = ".".join(str(part) for part in loc)
+    group = _GROUPS.get(str(loc[0])) if loc else None
+    if group is not None and len(loc) > 1:
+        names = group.env_names(str(loc[1]))
+    elif loc and str(loc[0]) in Settings.model_fields:
+        names = Settings.env_names(str(loc[0]))
+    else:
+        return dotted
+    return f"{dotted} ({' or '.join(names)})"
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """``IA_*`` variables that name no setting (a typo is otherwise silently ignored)."""
+    env = os.environ if env is None else env
+    not_settings = {"IA_FAULT_TRIALS", "IA_FAULT_SEED", "IA_TANSU_BIN", "IA_VALKEY_BIN",
+                    "IA_PUBLISH_HOST"}
+    return sorted(k for k in env if k.startswith("IA_") and k not in known_env()
+                  and k not in not_settings)

@@ -33,6 +33,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ia.actuators.approvals import ApprovalError, ApprovalStore
+from ia.core.errors import ConfigError
 from ia.schemas.models import ApprovalEvent, ApprovalStatus
 from ia.schemas.serde import encode
 
@@ -196,16 +197,16 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
 
     bootstrap, redis_url = settings.require_endpoints()
     tokens = load_tokens(
-        settings.api_token.get_secret_value() if settings.api_token else None,
-        settings.api_token_file)
+        settings.api.token.get_secret_value() if settings.api.token else None,
+        settings.api.token_file)
     if not tokens:
-        raise SystemExit("no API token: set IA_API_TOKEN or IA_API_TOKEN_FILE")
+        raise ConfigError("no API token: set IA_API_TOKEN or IA_API_TOKEN_FILE")
 
     async def make() -> web.Application:
         client = aioredis.from_url(redis_url, decode_responses=False)
         publish, close = kafka_publisher(bootstrap, settings.topics.approvals,
                                          settings.wire_format)
-        app = build_api(ApprovalDesk(ApprovalStore(client, settings.redis_prefix), publish),
+        app = build_api(ApprovalDesk(ApprovalStore(client, settings.redis.prefix), publish),
                         tokens)
 
         async def _cleanup(_app: web.Application) -> None:
@@ -215,6 +216,6 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
         app.on_cleanup.append(_cleanup)
         return app
 
-    web.run_app(make(), host=host or settings.api_host,
-                port=settings.api_port if port is None else port, print=None,
+    web.run_app(make(), host=host or settings.api.host,
+                port=settings.api.port if port is None else port, print=None,
                 access_log=None)

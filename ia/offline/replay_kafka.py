@@ -36,10 +36,10 @@ class ReplayError(click.ClickException):
 
 def kafka_bootstrap(settings: Settings) -> str:
     """The broker address; unlike the worker, nothing here needs (or opens) Redis."""
-    if not settings.kafka_bootstrap_servers:
+    if not settings.kafka.bootstrap_servers:
         raise click.ClickException('KAFKA_BOOTSTRAP_SERVERS must be set (eval "$(ia up)" '
                                    "starts an embedded broker)")
-    return settings.kafka_bootstrap_servers
+    return settings.kafka.bootstrap_servers
 
 
 def slice_spec(topic: str, from_time: str | None = None, to_time: str | None = None,

@@ -53,8 +53,8 @@ class PromotionError(RuntimeError):
 
 def shadow_settings(s: Settings) -> Settings:
     """Settings of the shadow worker: own consumer group and Redis namespace."""
-    return s.model_copy(update={"app_id": f"{s.app_id}-{PIPELINE_ID}",
-                                "redis_prefix": f"{s.redis_prefix}.{PIPELINE_ID}"})
+    return s.with_overrides(worker={"app_id": f"{s.worker.app_id}-{PIPELINE_ID}"},
+                            redis={"prefix": f"{s.redis.prefix}.{PIPELINE_ID}"})
 
 
 # --------------------------------------------------------------------------- report

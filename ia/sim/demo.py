@@ -56,9 +56,9 @@ def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 def _endpoints(settings: Settings, stack: ExitStack) -> tuple[str, str, str]:
     """Broker, Redis and topic prefix: external if configured, else embedded."""
-    if settings.kafka_bootstrap_servers and settings.redis_url:
+    if settings.kafka.bootstrap_servers and settings.redis.url:
         # Shared infrastructure: keep this run's topics and keys apart.
-        return (settings.kafka_bootstrap_servers, settings.redis_url,
+        return (settings.kafka.bootstrap_servers, settings.redis.url,
                 f"{settings.topic_prefix}-demo-{int(time.time())}")
     run_dir = settings.run_dir / "demo"
     run_dir.mkdir(parents=True, exist_ok=True)
