@@ -13,7 +13,7 @@ from ia.bench.baselines import SURPRISE_AT_ONE, SpineDetector, tail_surprise, zs
 from ia.decisions.detector import AdaptiveDetector, DetectorConfig
 from ia.decisions.drift import DriftMonitor
 from ia.decisions.engine import DecisionEngine, confidence_of
-from ia.decisions.guards import MemoryClaimStore, RedisClaimStore
+from ia.decisions.guards import MemoryGuardStore, RedisGuardStore
 from ia.decisions.policy import Policy
 from ia.features.enrich import enrich_events
 from ia.features.series import WARMUP_SAMPLES
@@ -50,7 +50,7 @@ UNSUPPRESSED = DetectorConfig(suppress_samples=0)
 
 def engine(policy_text: str, claims=None, store=None, pipeline_id: str = "main"):
     p = Policy.from_text(policy_text)
-    return DecisionEngine(lambda: p, store or MemoryFeatureStore(), claims or MemoryClaimStore(),
+    return DecisionEngine(lambda: p, store or MemoryFeatureStore(), claims or MemoryGuardStore(),
                           clock=lambda ev: ev.ts, pipeline_id=pipeline_id,
                           detector=AdaptiveDetector(UNSUPPRESSED))
 
@@ -317,7 +317,7 @@ def cooldown_events() -> tuple[list[TelemetryEvent], dict[str, int]]:
 
 async def test_cooldown_blocks_second_action_on_same_target() -> None:
     events, spikes = cooldown_events()
-    claims = MemoryClaimStore()
+    claims = MemoryGuardStore()
     eng = engine(COOLDOWN_POLICY, claims=claims)
     decisions = await run(eng, events)
     by_ts = {(d.entity, d.ts): d for d in decisions}
@@ -334,7 +334,7 @@ async def test_cooldown_blocks_second_action_on_same_target() -> None:
     # once the cooldown has passed in event time, it acts again, and re-arms
     assert a3.mode is Mode.auto
     assert a4.mode is Mode.blocked and a3.decision_id in a4.rule_trace[-1].reason
-    assert eng.stats.cooldown_blocks == 2
+    assert eng.stats.guards == {"cooldown": 2}
     assert all(t.rule != "guard:cooldown" for t in a1.rule_trace)
 
 
@@ -343,7 +343,7 @@ async def test_reprocessing_a_claimed_decision_keeps_it_auto() -> None:
     the decision finds its own claim (same decision id) instead of blocking itself."""
     events, spikes = cooldown_events()
     upto_a2 = [e for e in events if e.ts <= spikes["a2"]]
-    claims = MemoryClaimStore()
+    claims = MemoryGuardStore()
     live = await run(engine(COOLDOWN_POLICY, claims=claims), upto_a2)
     # the worker dies; a new one (fresh feature state, same claims) replays the events
     replayed = await run(engine(COOLDOWN_POLICY, claims=claims), upto_a2, batch=1000)
@@ -353,18 +353,18 @@ async def test_reprocessing_a_claimed_decision_keeps_it_auto() -> None:
     assert (a1.mode, a2.mode) == (Mode.auto, Mode.blocked)
     # and an immediate redelivery of a1's event, with a1 already folded into the state
     upto_a1 = [e for e in events if e.ts <= spikes["a1"]]
-    eng = engine(COOLDOWN_POLICY, claims=MemoryClaimStore())
+    eng = engine(COOLDOWN_POLICY, claims=MemoryGuardStore())
     first = (await run(eng, upto_a1))[-1]
     (redo,) = await eng.process(upto_a1[-1:])
     assert first.mode is Mode.auto
     assert redo.decision_id == first.decision_id and redo.mode is Mode.auto
-    assert eng.stats.cooldown_blocks == 0
+    assert eng.stats.guards == {}
 
 
 async def test_replay_across_a_later_claim_is_identical() -> None:
     events, _ = cooldown_events()
     # The worker's situation: feature and guard state survive the crash.
-    claims, store = MemoryClaimStore(), MemoryFeatureStore()
+    claims, store = MemoryGuardStore(), MemoryFeatureStore()
     live = await run(engine(COOLDOWN_POLICY, claims=claims, store=store), events)
     replayed = await run(engine(COOLDOWN_POLICY, claims=claims, store=store), events)
     assert [(d.decision_id, d.mode) for d in replayed] == [
@@ -374,7 +374,7 @@ async def test_replay_across_a_later_claim_is_identical() -> None:
 async def test_redelivered_batch_after_state_save_decides_the_same() -> None:
     events, spikes = cooldown_events()
     upto_a2 = [e for e in events if e.ts <= spikes["a2"]]
-    store, claims = MemoryFeatureStore(), MemoryClaimStore()
+    store, claims = MemoryFeatureStore(), MemoryGuardStore()
     live = await run(engine(COOLDOWN_POLICY, claims=claims, store=store), upto_a2)
     batch = upto_a2[-5:]  # saved, then the worker died before acknowledging it
     again = await engine(COOLDOWN_POLICY, claims=claims, store=store).process(batch)
@@ -383,7 +383,7 @@ async def test_redelivered_batch_after_state_save_decides_the_same() -> None:
 
 
 async def test_shadow_and_zero_cooldown_do_not_claim() -> None:
-    claims = MemoryClaimStore()
+    claims = MemoryGuardStore()
     text = COOLDOWN_POLICY.replace("cooldown_s: 60", "cooldown_s: 0")
     events, _ = cooldown_events()
     decisions = await run(engine(text, claims=claims), events)
@@ -396,9 +396,9 @@ async def test_shadow_and_zero_cooldown_do_not_claim() -> None:
     assert claims._claims == {}
 
 
-async def check_claims_agree(redis_store: RedisClaimStore) -> None:
+async def check_claims_agree(redis_store: RedisGuardStore) -> None:
     rng = random.Random(99)
-    mem = MemoryClaimStore()
+    mem = MemoryGuardStore()
     ts = 1_000_000
     seen_block = seen_own = seen_take = 0
     for _ in range(400):
@@ -428,7 +428,7 @@ async def check_claims_agree(redis_store: RedisClaimStore) -> None:
 async def test_memory_and_redis_claim_stores_agree(infra, topic_prefix) -> None:
     client = aioredis.from_url(infra.redis_url, decode_responses=False)
     try:
-        store = RedisClaimStore(client, prefix=topic_prefix)
+        store = RedisGuardStore(client, prefix=topic_prefix)
         await check_claims_agree(store)
         raw = await client.get(f"{topic_prefix}:claim:own")
         assert raw.startswith(b"dY|")
