@@ -50,7 +50,7 @@ LOCK_POLL_S = 0.005
 class ActionExecutor:
     def __init__(self, redis, actuators: Mapping[str, Actuator], prefix: str = "ia",
                  timeout_s: float = 10.0, guard=None, notifier: Actuator | None = None) -> None:
-        """``guard`` is an :class:`~decisions.guards.ExecutionGuard` (None: no
+        """``guard`` is an :class:`~ia.decisions.guards.ExecutionGuard` (None: no
         execution-time guards); ``notifier`` tells humans about ``notify``
         decisions (None: they are only reported)."""
         self.redis = redis

@@ -131,7 +131,7 @@ class ActionSpec(_Strict):
 
 
 # --- guards ---------------------------------------------------------------------------------
-# Their behaviour is documented in decisions/guards.py; these are only their settings.
+# Their behaviour is documented in decisions/guards/; these are only their settings.
 
 
 class RateLimit(_Strict):

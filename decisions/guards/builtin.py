@@ -15,6 +15,7 @@ downgrades ``auto``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ia.decisions.guards.base import PASS, Block, Downgrade, GuardCall, Pass, Verdict
@@ -32,7 +33,7 @@ def breaker_key(action: Action) -> str:
     return f"{action.type}:{action.target}"
 
 
-def blast_group(br: BlastRadius, labels: dict[str, str]) -> str:
+def blast_group(br: BlastRadius, labels: Mapping[str, str]) -> str:
     """The service group an action counts against: ``label=value``, or ``all``."""
     if br.group_label is None:
         return "all"
@@ -176,7 +177,7 @@ class BlastRadiusGuard:
     async def _group(call: GuardCall, br: BlastRadius) -> str:
         """At decision time the event's group, noted for execution; then that note."""
         if call.labels is not None:
-            group = blast_group(br, dict(call.labels))
+            group = blast_group(br, call.labels)
             await call.slots.note_group(call.decision_id, group)
             return group
         return await call.slots.group_of(call.decision_id) or blast_group(br, {})
