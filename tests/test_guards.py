@@ -587,6 +587,30 @@ async def test_execution_guard_refuses_and_accounts(aredis) -> None:
                        "(ia resume to continue)")
 
 
+async def test_execution_guard_release_gives_back_the_probe_and_the_slot(aredis) -> None:
+    """A decision that will never run (rejected, expired) must not hold the breaker's
+    half-open probe until it times out, nor a blast-radius slot until its lease ends."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    p = policy("""\
+        version: 1
+        rules:
+          - name: restart
+            action: {type: log}
+            circuit_breaker: {failures: 1, window_s: 60, open_s: 1, probe_timeout_s: 600}
+            blast_radius: {max_concurrent: 1}
+    """)
+    clock = {"now": T0}
+    eg = ExecutionGuard(aredis, prefix, lambda: p, clock=lambda: clock["now"])
+    await eg.finished(_decision(0), "failed", at=T0 - 1)
+    assert await eg.admit(_decision(9)) == "circuit breaker open for log on svc-a"
+    clock["now"] += 1000
+    assert await eg.admit(_decision(1)) is None  # the half-open probe, holding the slot
+    assert await eg.admit(_decision(2)) == (
+        "circuit breaker half-open, probe d1 in flight for log on svc-a")
+    await eg.release(_decision(1))
+    assert await eg.admit(_decision(2)) is None
+
+
 # --- hot reload notices same-second rewrites ------------------------------------------------
 
 
