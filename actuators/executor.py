@@ -50,7 +50,7 @@ LOCK_POLL_S = 0.005
 class ActionExecutor:
     def __init__(self, redis, actuators: Mapping[str, Actuator], prefix: str = "ia",
                  timeout_s: float = 10.0, guard=None, notifier: Actuator | None = None) -> None:
-        """``guard`` is an :class:`~decisions.guards.ExecutionGuard` (None: no
+        """``guard`` is an :class:`~ia.decisions.guards.ExecutionGuard` (None: no
         execution-time guards); ``notifier`` tells humans about ``notify``
         decisions (None: they are only reported)."""
         self.redis = redis
@@ -134,12 +134,7 @@ class ActionExecutor:
         outcome = self._outcome(decision, OutcomeStatus.blocked, started, detail,
                                 approval=approval)
         if self.guard is not None and decision.action is not None:
-            # The worker may have made this decision the breaker's half-open probe:
-            # a probe that will never run must not hold the breaker until it times out.
-            from ia.decisions.guards import breaker_key
-
-            await self.guard.store.breaker_release_probe(breaker_key(decision.action),
-                                                         decision.decision_id)
+            await self.guard.release(decision)
             await self.guard.finished(decision, outcome)
         await self.redis.set(claim_key, "done:blocked", ex=CLAIM_TTL_S)
         return outcome

@@ -15,8 +15,8 @@ from ia.decisions.detector import AdaptiveDetector, DetectorState
 from ia.decisions.explain import explain
 from ia.decisions.feedback import FeedbackClassifier, Prediction, action_trust, classifier_inputs
 from ia.decisions.guards import (
-    ClaimStore,
-    KillSwitch,
+    GuardStore,
+    KillSwitchState,
     MemoryKillSwitch,
     apply_guards,
     observe_fleet,
@@ -53,22 +53,21 @@ def confidence_of(score: float, features: dict[str, float]) -> float:
 class EngineStats:
     events: int = 0
     drift_detections: int = 0
-    cooldown_blocks: int = 0
     by_mode: dict[str, int] = field(default_factory=dict)
     guards: dict[str, int] = field(default_factory=dict)  # interventions per guard
 
 
 class DecisionEngine:
-    def __init__(self, policy: Callable[[], Policy], store: FeatureStore, claims: ClaimStore,
+    def __init__(self, policy: Callable[[], Policy], store: FeatureStore,
+                 guard_store: GuardStore,
                  clock: Callable[[TelemetryEvent], int] | None = None,
                  pipeline_id: str = "main",
-                 kill_switch: KillSwitch | MemoryKillSwitch | None = None,
+                 kill_switch: KillSwitchState | None = None,
                  feedback: FeedbackClassifier | None = None,
                  detector: AdaptiveDetector | None = None) -> None:
         self.policy = policy
         self.store = store
-        # Guard state (ia.decisions.guards.GuardStore); named for its first guard, the cooldown.
-        self.claims = claims
+        self.guard_store = guard_store
         self.kill_switch = kill_switch or MemoryKillSwitch()
         self.clock = clock or (lambda _ev: now_ms())
         self.pipeline_id = pipeline_id
@@ -88,7 +87,7 @@ class DecisionEngine:
         records = await self.store.load(ev.entity for ev in events)
         self._states = {}
         policy = self.policy()
-        await observe_fleet(self.claims, policy, events)  # type: ignore[arg-type]
+        await observe_fleet(self.guard_store, policy, events)
         decisions = []
         enricher = Enricher(records)  # contexts parsed once per batch, counts reported once
         for i, ev in enumerate(events):
@@ -179,10 +178,8 @@ class DecisionEngine:
         """All guards, in one place (ia.decisions.guards.apply_guards)."""
         verdict = await apply_guards(result, decision_id=decision_id, ts=ev.ts,
                                      now=self.clock(ev), labels=ev.labels,
-                                     store=self.claims,  # type: ignore[arg-type]
+                                     store=self.guard_store,
                                      kill_switch=self.kill_switch)
         for g in verdict.interventions:
             self.stats.guards[g] = self.stats.guards.get(g, 0) + 1
-        if "cooldown" in verdict.interventions:
-            self.stats.cooldown_blocks += 1
         return verdict.mode

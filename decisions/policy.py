@@ -131,7 +131,7 @@ class ActionSpec(_Strict):
 
 
 # --- guards ---------------------------------------------------------------------------------
-# Their behaviour is documented in decisions/guards.py; these are only their settings.
+# Their behaviour is documented in decisions/guards/; these are only their settings.
 
 
 class RateLimit(_Strict):
@@ -305,7 +305,6 @@ class PolicyResult:
     action: Action | None
     mode: Mode
     trace: list[RuleTrace] = field(default_factory=list)
-    cooldown_s: float = 0.0
     guards: RuleGuards = field(default_factory=RuleGuards)
 
 
@@ -415,9 +414,8 @@ class Policy:
                 action = Action(type=rule.action.type,
                                 target=_render_target(rule.action.target, entity, metric)[:256],
                                 params=rule.action.params)
-            guards = self._guards[rule.name]
             return PolicyResult(rule.name, action, mode if action else Mode.none,
-                                trace, guards.cooldown_s, guards)
+                                trace, self._guards[rule.name])
         return PolicyResult(None, None, Mode.none, trace)
 
     def _selection(self, entity: str, metric: str, kind: str) -> list[str | None]:

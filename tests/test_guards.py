@@ -1,7 +1,8 @@
-"""Guards without Kafka: policy settings, the autonomy ladder, each guard, the stores agreeing.
+"""Guards without Kafka: policy settings, the autonomy ladder, each guard, the execution guard.
 
 The integration tests (tests/test_guards_integration.py) run each guard
-through the real broker and Redis; these pin down the semantics.
+through the real broker and Redis; these pin down the semantics.  The stores
+themselves have their conformance suite in tests/test_guard_stores.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from ia.decisions.engine import DecisionEngine
 from ia.decisions.guards import (
@@ -21,8 +21,8 @@ from ia.decisions.guards import (
     KillSwitch,
     MemoryGuardStore,
     MemoryKillSwitch,
-    RedisGuardStore,
     apply_guards,
+    observe_fleet,
     record_outcome,
     rule_of,
 )
@@ -384,9 +384,7 @@ async def test_blast_radius_concurrency_and_share_of_fleet() -> None:
     assert (await guard(p, store, n=7, ts=T0 + 60_001, entity="pay-7", labels=pay))[0] \
         is Mode.auto
     # share of the fleet: 25% of 8 entities seen = 2 in flight
-    eng_policy = p
-    from ia.decisions.guards import observe_fleet
-    await observe_fleet(store, eng_policy, [
+    await observe_fleet(store, p, [
         TelemetryEvent(entity=f"db-{i}", metric="mem", value=1, ts=T0, labels={"service": "db"})
         for i in range(8)])
     db = {"service": "db"}
@@ -524,73 +522,6 @@ async def test_engine_runs_the_guards_and_replay_stays_deterministic() -> None:
     assert eng.stats.guards == {"kill_switch": 8}
 
 
-# --- the Redis store agrees with the memory store -------------------------------------------
-
-
-@pytest.fixture
-async def aredis(infra):
-    client = aioredis.from_url(infra.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-async def _script(store) -> list:
-    """The same operations on either store; the transcript must match."""
-    out: list = []
-    for i in range(5):
-        out.append(await store.window_admit("w", f"m{i}", T0 + i * 1000, 3000, 2.5))
-    out.append(await store.window_admit("w", "m1", T0 + 4000, 3000, 2.5))  # idempotent
-    await store.window_release("w", "m4")
-    out.append(await store.window_admit("cost", "a", T0, 60_000, 10, 4.5))
-    out.append(await store.window_admit("cost", "b", T0, 60_000, 10, 4.5))
-    out.append(await store.window_admit("cost", "c", T0, 60_000, 10, 4.5))
-    for i in range(3):
-        out.append(await store.slot_acquire("g", f"s{i}", T0, 2, 1000))
-    out.append(await store.slot_acquire("g", "s0", T0 + 10, 2, 1000))  # renew
-    await store.slot_release("s0")
-    await store.slot_release("never-held")
-    out.append(await store.slot_acquire("g", "s3", T0 + 20, 2, 1000))
-    out.append(await store.slot_acquire("g", "s4", T0 + 2000, 2, 1000))  # leases ended
-    await store.fleet_add("f", ["a", "b"])
-    await store.fleet_add("f", ["b", "c"])
-    out.append(await store.fleet_size("f"))
-    out.append(await store.fleet_size("nothing"))
-    await store.note_group("x", "service=pay")
-    out.append((await store.group_of("x"), await store.group_of("y")))
-    out.append(await store.claim("c", "o1", T0, T0 + 100))
-    out.append(await store.claim("c", "o2", T0 + 50, T0 + 150))
-    await store.release_claim("c", "o2")  # not the holder: no-op
-    out.append(await store.claim("c", "o2", T0 + 60, T0 + 160))
-    await store.release_claim("c", "o1")
-    out.append(await store.claim("c", "o2", T0 + 60, T0 + 160))
-    cfg = (2, 10_000, 5_000, 3_000)
-    for n, at in ((1, T0), (2, T0 + 1)):
-        await store.record_result("b", ["global", "rule:r"], f"f{n}", False, at)
-    await store.record_result("b", ["global"], "ok1", True, T0 + 2)
-    await store.record_result("b", ["global"], "late", True, T0 + 2)
-    await store.record_result("b", ["global"], "late", False, T0 + 2)  # replaces its success
-    out.append(await store.results("global", T0 + 3, 10_000))
-    out.append(await store.results("rule:r", T0 + 3, 10_000))
-    out.append(await store.results("global", T0 + 20_000, 10_000))
-    for owner, now in (("p0", T0 + 10), ("p1", T0 + 5_010), ("p2", T0 + 5_020),
-                       ("p1", T0 + 5_030), ("p3", T0 + 8_011)):
-        out.append(await store.breaker_check("b", owner, now, *cfg))
-    await store.breaker_release_probe("b", "p3")
-    out.append(await store.breaker_check("b", "p4", T0 + 8_012, *cfg))
-    await store.record_result("b", [], "p4", True, T0 + 8_100)
-    out.append(await store.breaker_check("b", "p5", T0 + 8_200, *cfg))
-    return out
-
-
-async def test_redis_and_memory_guard_stores_agree(aredis) -> None:
-    mem = await _script(MemoryGuardStore())
-    red = await _script(RedisGuardStore(aredis, prefix=f"t{uuid.uuid4().hex[:8]}"))
-    assert red == mem
-    assert mem[:6] == [(True, 1), (True, 2), (False, 2), (True, 2), (True, 2), (True, 2)]
-
-
 # --- kill switch and execution guard (Redis) ------------------------------------------------
 
 
@@ -654,6 +585,30 @@ async def test_execution_guard_refuses_and_accounts(aredis) -> None:
     refusal = await eg.admit(_decision(7))
     assert refusal == ("kill switch: automation paused by bob: maintenance "
                        "(ia resume to continue)")
+
+
+async def test_execution_guard_release_gives_back_the_probe_and_the_slot(aredis) -> None:
+    """A decision that will never run (rejected, expired) must not hold the breaker's
+    half-open probe until it times out, nor a blast-radius slot until its lease ends."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    p = policy("""\
+        version: 1
+        rules:
+          - name: restart
+            action: {type: log}
+            circuit_breaker: {failures: 1, window_s: 60, open_s: 1, probe_timeout_s: 600}
+            blast_radius: {max_concurrent: 1}
+    """)
+    clock = {"now": T0}
+    eg = ExecutionGuard(aredis, prefix, lambda: p, clock=lambda: clock["now"])
+    await eg.finished(_decision(0), "failed", at=T0 - 1)
+    assert await eg.admit(_decision(9)) == "circuit breaker open for log on svc-a"
+    clock["now"] += 1000
+    assert await eg.admit(_decision(1)) is None  # the half-open probe, holding the slot
+    assert await eg.admit(_decision(2)) == (
+        "circuit breaker half-open, probe d1 in flight for log on svc-a")
+    await eg.release(_decision(1))
+    assert await eg.admit(_decision(2)) is None
 
 
 # --- hot reload notices same-second rewrites ------------------------------------------------

@@ -55,7 +55,7 @@ def test_demo_policy_rules() -> None:
                  features={**SPIKE_UP, "seconds_since_deploy": 120.0})
     assert (r.rule, r.action.type, r.action.params, r.mode) == (
         "rollback-bad-deploy", "simulator", {"op": "rollback"}, Mode.auto)
-    assert r.action.target == "svc-pay" and r.cooldown_s == 300
+    assert r.action.target == "svc-pay" and r.guards.cooldown_s == 300
     # long after a deploy it does not (and falls through to asking a human)
     r = evaluate(p, entity="svc-pay", metric="error_rate",
                  features={**SPIKE_UP, "seconds_since_deploy": 7200.0})
@@ -208,7 +208,7 @@ def test_first_matching_rule_wins_and_trace_explains() -> None:
     r = evaluate(p, entity="svc-a", metric="cpu", labels={"env": "staging"})
     assert r.rule == "strong"
     assert r.action.type == "webhook" and r.action.target == "svc-a/cpu"
-    assert r.cooldown_s == 30
+    assert r.guards.cooldown_s == 30
     assert [(t.rule, t.matched) for t in r.trace] == [
         ("only-db", False), ("only-memory", False), ("prod-only", False), ("strong", True)]
     reasons = [t.reason for t in r.trace]
@@ -218,7 +218,7 @@ def test_first_matching_rule_wins_and_trace_explains() -> None:
     assert "score 0.990 >= 0.9" in reasons[3]
     # the label selector matches by glob, and the earlier rule then wins
     r = evaluate(p, labels={"env": "production"})
-    assert r.rule == "prod-only" and r.cooldown_s == 120  # the default cooldown
+    assert r.rule == "prod-only" and r.guards.cooldown_s == 120  # the default cooldown
     # a weak score falls through to the catch-all, after a reason for "strong"
     r = evaluate(p, score=0.5)
     assert r.rule == "also-matches"

@@ -144,7 +144,7 @@ def demo(json_file: Path | None, seed: int, speed: float, duration_s: float) -> 
     sys.exit(0 if ok else 1)
 
 
-# --- kill switch and policy tools (decisions/guards.py, ia/offline/policy_tester.py) ---------
+# --- kill switch and policy tools (decisions/guards/, ia/offline/policy_tester.py) -----------
 
 
 def _kill_switch():
