@@ -24,7 +24,6 @@ from ia.decisions.guards import (
     apply_guards,
     observe_fleet,
     record_outcome,
-    rule_of,
 )
 from ia.decisions.policy import Policy, PolicyError
 from ia.decisions.policy_source import PolicySource
@@ -555,7 +554,7 @@ async def test_execution_guard_refuses_and_accounts(aredis) -> None:
     clock = {"now": T0}
     eg = ExecutionGuard(aredis, prefix, lambda: p, clock=lambda: clock["now"])
     d1, d2 = _decision(1), _decision(2, target="svc-b")
-    assert rule_of(d1) == "restart"
+    assert d1.chosen_rule == "restart"
     # blast radius: the worker noted the group; the first holds the only slot
     await eg.store.note_group("d1", "service=pay")
     await eg.store.note_group("d2", "service=pay")

@@ -52,7 +52,7 @@ from ia.decisions.guards.builtin import (
     budget_scopes,
 )
 from ia.decisions.guards.decision import GuardVerdict, apply_guards, observe_fleet
-from ia.decisions.guards.execution import ExecutionGuard, record_outcome, rule_of
+from ia.decisions.guards.execution import ExecutionGuard, record_outcome
 from ia.decisions.guards.kill_switch import KillSwitch, KillSwitchState, MemoryKillSwitch
 from ia.decisions.guards.memory import MemoryGuardStore
 from ia.decisions.guards.redis_store import RedisGuardStore
@@ -73,5 +73,5 @@ __all__ = [
     "GuardStore", "GuardVerdict", "KillSwitch", "KillSwitchState", "MemoryGuardStore",
     "MemoryKillSwitch", "Pass", "RedisGuardStore", "ResultStore", "SlotStore", "WindowStore",
     "admit", "apply_guards", "blast_group", "breaker_key", "budget_scopes", "observe_fleet",
-    "record_outcome", "rule_of",
+    "record_outcome",
 ]

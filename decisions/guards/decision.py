@@ -43,8 +43,7 @@ async def apply_guards(result: PolicyResult, *, decision_id: str, ts: int, now: 
         labels=labels, lease_ms=lease_ms))
     for name, said in admission.said:
         intervened = not isinstance(said, Pass)
-        result.trace.append(RuleTrace(rule=f"guard:{name}", matched=intervened,
-                                      reason=said.reason))
+        result.trace.append(RuleTrace.of_guard(name, said.reason, matched=intervened))
         if intervened:
             verdict.interventions.append(name)
     verdict.mode = admission.mode

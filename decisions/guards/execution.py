@@ -24,14 +24,6 @@ FAILED_STATUSES = frozenset({"failed", "timeout", "verification_failed", "rolled
 OK_STATUSES = frozenset({"succeeded", "verified"})
 
 
-def rule_of(decision: Decision) -> str | None:
-    """The policy rule that chose ``decision``'s action (from its rule trace)."""
-    for t in reversed(decision.rule_trace):
-        if t.matched and not t.rule.startswith("guard:"):
-            return t.rule
-    return None
-
-
 class ExecutionGuard:
     """Execution-time guards and outcome accounting, for whatever executes actions::
 
@@ -65,13 +57,13 @@ class ExecutionGuard:
     def _settings(self, decision: Decision) -> RuleGuards:
         if self.policy is None:
             return RuleGuards(circuit_breaker=CircuitBreaker())
-        return self.policy().guards_for(rule_of(decision))
+        return self.policy().guards_for(decision.chosen_rule)
 
     def _call(self, decision: Decision) -> GuardCall:
         assert decision.action is not None
         # Whatever its decision mode, an action about to run runs automatically now.
         return GuardCall(decision_id=decision.decision_id, action=decision.action,
-                         rule=rule_of(decision), mode=Mode.auto,
+                         rule=decision.chosen_rule, mode=Mode.auto,
                          settings=self._settings(decision), ts=decision.ts, now=self.clock(),
                          store=self.store, kill_switch=self.kill_switch)
 
@@ -113,5 +105,5 @@ async def record_outcome(store: ResultStore, decision: Decision, status: str, at
     if decision.action is None or (status not in OK_STATUSES and status not in FAILED_STATUSES):
         return
     await store.record_result(breaker_key(decision.action),
-                              budget_scopes(decision.action.type, rule_of(decision)),
+                              budget_scopes(decision.action.type, decision.chosen_rule),
                               decision.decision_id, status in OK_STATUSES, at)
