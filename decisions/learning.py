@@ -83,7 +83,7 @@ class RedisDecisionMemory:
     """``redis.asyncio`` client with ``decode_responses=False``; the layout is in the
     module docstring."""
 
-    def __init__(self, client, prefix: str = "ia") -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, client, prefix: str = "ia") -> None:
         self.client = client
         self.prefix = prefix
 

@@ -29,7 +29,14 @@ from ia.decisions.engine import DecisionEngine
 from ia.decisions.learning import FeedbackLearner, LabelResult
 from ia.decisions.shadow import as_shadow
 from ia.features.store import FeatureStore
-from ia.schemas.models import ActionOutcome, DeadLetter, Decision, Feedback, OutcomeStatus
+from ia.schemas.models import (
+    ActionOutcome,
+    DeadLetter,
+    Decision,
+    Feedback,
+    OutcomeStatus,
+    TelemetryEvent,
+)
 from ia.schemas.validation import validate_record
 
 log = logging.getLogger("ia.worker")
@@ -77,7 +84,9 @@ class WorkerService:
 
     async def on_telemetry(self, batch: Sequence[RawRecord]) -> Decided:
         started = time.perf_counter()
-        valid, positions, dead = [], [], []
+        valid: list[TelemetryEvent] = []
+        positions: list[tuple[int, int]] = []
+        dead: list[tuple[bytes | None, DeadLetter]] = []
         for rec in batch:
             checked = validate_record(rec.value, fmt=self.parts.wire_format, topic=rec.topic,
                                       partition=rec.partition, offset=rec.offset)
@@ -92,7 +101,8 @@ class WorkerService:
         metrics.STAGE_SECONDS.labels("decide").observe(time.perf_counter() - decide_started)
         return Decided(decisions, dead)
 
-    async def _decide(self, valid: list, positions: list[tuple[int, int]]) -> list[Decision]:
+    async def _decide(self, valid: list[TelemetryEvent],
+                      positions: list[tuple[int, int]]) -> list[Decision]:
         learner, engine = self.parts.learner, self.parts.engine
         await learner.refresh(engine)
         decided = await engine.process(valid, positions)
