@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from ia.core.clock import now_ms
 from ia.decisions.detector import AdaptiveDetector, DetectorState
 from ia.decisions.explain import explain
-from ia.decisions.feedback import FeedbackClassifier, Prediction, action_trust, classifier_inputs
+from ia.decisions.feedback import (
+    FeedbackClassifier,
+    Prediction,
+    action_trust,
+    classifier_inputs,
+    entity_trust,
+)
 from ia.decisions.guards import (
     GuardStore,
     KillSwitchState,
@@ -44,9 +50,7 @@ def confidence_of(score: float, features: dict[str, float]) -> float:
     precision of its past actions).
     """
     warmup = min(1.0, features.get("n", 0.0) / (2 * WARMUP_SAMPLES))
-    tp, fp = features.get("true_positives", 0.0), features.get("false_positives", 0.0)
-    trust = (tp + 1.0) / (tp + fp + 1.0)
-    return max(0.0, min(1.0, score * warmup * trust))
+    return max(0.0, min(1.0, score * warmup * entity_trust(features)))
 
 
 @dataclass

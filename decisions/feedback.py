@@ -138,8 +138,33 @@ class FeedbackClassifier:
         return clf
 
 
-def action_trust(context: dict[str, str], action_type: str) -> float:
-    """Laplace-smoothed precision of past labels for this entity and action type."""
-    tp = float(context.get(f"tp:{action_type}", 0))
-    fp = float(context.get(f"fp:{action_type}", 0))
+def laplace_precision(tp: float, fp: float) -> float:
+    """Laplace-smoothed precision of past labels: 1 before any label, lower with each
+    false positive, back towards 1 with true positives.
+
+    Two factors of confidence use it, and they multiply on purpose: the entity-wide
+    one (:func:`entity_trust`) lowers every decision of an entity whose actions were
+    labelled false alarms, the per-action one (:func:`action_trust`) lowers only the
+    action type that earned them, once that action is proposed.
+    """
     return (tp + 1.0) / (tp + fp + 1.0)
+
+
+def counter_name(positive: bool, action_type: str | None = None) -> str:
+    """The entity context counter one label increments: ``tp``/``fp`` entity-wide (the
+    ``true_positives``/``false_positives`` features), ``tp:<action>``/``fp:<action>``
+    for the action type the decision proposed."""
+    name = "tp" if positive else "fp"
+    return name if action_type is None else f"{name}:{action_type}"
+
+
+def entity_trust(features: dict[str, float]) -> float:
+    """Trust earned by all labelled decisions of the entity, whatever their action."""
+    return laplace_precision(features.get("true_positives", 0.0),
+                             features.get("false_positives", 0.0))
+
+
+def action_trust(context: dict[str, str], action_type: str) -> float:
+    """Trust earned by this entity's labelled decisions that proposed ``action_type``."""
+    return laplace_precision(float(context.get(counter_name(True, action_type), 0)),
+                             float(context.get(counter_name(False, action_type), 0)))

@@ -1,78 +1,189 @@
-"""The worker's side of learning from feedback (Redis, no Kafka).
+"""What a label does: the one owner of decision -> entity lookup, label idempotency
+and the trust counters.
 
-* :meth:`FeedbackLearner.remember` keeps, for each decision that proposed an
-  action, the classifier inputs and action type (``{prefix}:dfx:{id}``, 30
-  days), because a label may arrive long after the decision.
-* :meth:`FeedbackLearner.learn` applies one label: the per (entity, action
-  type) counters that raise the bar for that pair, and one update of the
-  shared classifier, written as a new checkpoint version atomically
-  (:class:`~decisions.checkpoint.RedisModelStore`).  A decision teaches at
-  most once, whatever redelivery does.
-* :meth:`FeedbackLearner.refresh` loads a newer classifier checkpoint into the
-  engine before a batch (one ``HGET`` when nothing changed), so a restarted
-  worker or a new partition owner decides with everything learnt so far.
+Two records per decision, both kept 30 days because a label may arrive long
+after its decision:
+
+* ``{prefix}:dfx:{id}`` (JSON: entity, action type, classifier inputs), written
+  by :meth:`FeedbackLearner.remember` for each decision that proposed an
+  action.  It is the only way from a decision id to its entity: a label may
+  name only the id (e.g. of a pending approval request, which has no outcome).
+* ``{prefix}:labels:{id}`` (a hash) records what the decision's labels have
+  done, each step at most once whatever redelivery does: field ``label`` (the
+  first human or tool label, counted in the entity-wide ``tp``/``fp``
+  counters) and field ``taught`` (the one lesson to the shared classifier and
+  the per-action counters, from the first label or failed action).  The steps
+  are separate because a failed action teaches without being a label: a label
+  that follows it still counts entity-wide, but teaches nothing more.
+
+The classifier is shared by every worker: each lesson is applied as an
+optimistic read-modify-write of its checkpoint (:mod:`ia.decisions.checkpoint`),
+and :meth:`FeedbackLearner.refresh` loads a newer version into the engine
+before a batch (one ``HGET`` when nothing changed), so a restarted worker or a
+new partition owner decides with everything learnt so far.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Protocol
 
-from ia.decisions.checkpoint import RedisModelStore
+from ia.decisions.checkpoint import ModelStore
 from ia.decisions.engine import DecisionEngine
-from ia.decisions.feedback import FeedbackClassifier, inputs_of
-from ia.features.store import RedisFeatureStore
-from ia.schemas.models import Decision
+from ia.decisions.feedback import FeedbackClassifier, counter_name, inputs_of, is_positive
+from ia.features.store import FeatureStore
+from ia.schemas.models import Decision, Feedback
 
 log = logging.getLogger("ia.learning")
 MODEL_NAME = "feedback"
 REMEMBER_S = 30 * 24 * 3600
+# Entity context counter of actions that could not be carried out (feature actions_failed).
+FAILED_COUNTER = "failed"
+
+
+class Step(StrEnum):
+    """What a decision's labels can do, each at most once."""
+
+    label = "label"  # a label counted in the entity-wide counters
+    taught = "taught"  # the lesson to the classifier and the per-action counters
+
+
+class LabelResult(StrEnum):
+    counted = "counted"
+    duplicate = "duplicate"  # this decision was labelled before
+    unmatched = "unmatched"  # no entity named, and the decision is not remembered
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """What a label arriving later needs of an action decision."""
+
+    entity: str
+    action: str
+    x: dict[str, float]  # the classifier inputs the decision was made with
+
+
+class DecisionMemory(Protocol):
+    """Per-decision state of learning: what was decided, and what its labels did."""
+
+    async def remember(self, decisions: Sequence[tuple[str, Remembered]]) -> None: ...
+
+    async def recall(self, decision_id: str) -> Remembered | None: ...
+
+    async def first(self, decision_id: str, step: Step, value: str) -> bool:
+        """Record ``step`` for the decision; True only the first time."""
+        ...
+
+
+class RedisDecisionMemory:
+    """``redis.asyncio`` client with ``decode_responses=False``; the layout is in the
+    module docstring."""
+
+    def __init__(self, client, prefix: str = "ia") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def decision_key(self, decision_id: str) -> str:
+        return f"{self.prefix}:dfx:{decision_id}"
+
+    def labels_key(self, decision_id: str) -> str:
+        return f"{self.prefix}:labels:{decision_id}"
+
+    async def remember(self, decisions: Sequence[tuple[str, Remembered]]) -> None:
+        if not decisions:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for decision_id, r in decisions:
+                pipe.set(self.decision_key(decision_id), json.dumps(asdict(r), sort_keys=True),
+                         ex=REMEMBER_S)
+            await pipe.execute()
+
+    async def recall(self, decision_id: str) -> Remembered | None:
+        raw = await self.client.get(self.decision_key(decision_id))
+        return Remembered(**json.loads(raw)) if raw is not None else None
+
+    async def first(self, decision_id: str, step: Step, value: str) -> bool:
+        key = self.labels_key(decision_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, step.value, value)
+            pipe.expire(key, REMEMBER_S)
+            added, _ = await pipe.execute()
+        return bool(added)
+
+
+class MemoryDecisionMemory:
+    """The same in a process's memory (nothing expires)."""
+
+    def __init__(self) -> None:
+        self._decisions: dict[str, Remembered] = {}
+        self._steps: dict[str, dict[Step, str]] = {}
+
+    async def remember(self, decisions: Sequence[tuple[str, Remembered]]) -> None:
+        self._decisions.update(decisions)
+
+    async def recall(self, decision_id: str) -> Remembered | None:
+        return self._decisions.get(decision_id)
+
+    async def first(self, decision_id: str, step: Step, value: str) -> bool:
+        done = self._steps.setdefault(decision_id, {})
+        if step in done:
+            return False
+        done[step] = value
+        return True
 
 
 class FeedbackLearner:
-    def __init__(self, client, store: RedisFeatureStore, prefix: str = "ia") -> None:
-        self.client = client
+    def __init__(self, memory: DecisionMemory, store: FeatureStore, models: ModelStore) -> None:
+        self.memory = memory
         self.store = store
-        self.prefix = prefix
-        self.models = RedisModelStore(client, prefix)
+        self.models = models
 
-    def _key(self, kind: str, decision_id: str) -> str:
-        return f"{self.prefix}:{kind}:{decision_id}"
-
-    async def remember(self, decisions: list[Decision]) -> None:
-        rows = [(d, inputs_of(d)) for d in decisions if d.action is not None]
-        if not rows:
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for d, x in rows:
-                pipe.set(self._key("dfx", d.decision_id),
-                         json.dumps({"entity": d.entity, "action": d.action.type, "x": x},
-                                    sort_keys=True), ex=REMEMBER_S)
-            await pipe.execute()
+    async def remember(self, decisions: Sequence[Decision]) -> None:
+        """Keep what a later label needs of each decision that proposed an action."""
+        await self.memory.remember([
+            (d.decision_id, Remembered(d.entity, d.action.type, x))
+            for d in decisions if d.action is not None and (x := inputs_of(d)) is not None])
 
     async def entity_of(self, decision_id: str) -> str | None:
-        """The entity of a remembered action decision (a label may name only its id,
-        e.g. of a pending approval request, which has no outcome yet)."""
-        raw = await self.client.get(self._key("dfx", decision_id))
-        return json.loads(raw)["entity"] if raw is not None else None
+        remembered = await self.memory.recall(decision_id)
+        return remembered.entity if remembered is not None else None
+
+    async def on_label(self, fb: Feedback) -> LabelResult:
+        """Apply a human or tool label: the entity-wide counter once per decision, and
+        the decision's lesson if it has not taught yet."""
+        entity = fb.entity or await self.entity_of(fb.decision_id)
+        if not entity:
+            return LabelResult.unmatched
+        if not await self.memory.first(fb.decision_id, Step.label, fb.label.value):
+            return LabelResult.duplicate
+        positive = is_positive(fb.label.value)
+        await self.store.incr_context(entity, counter_name(positive))
+        await self.learn(fb.decision_id, positive)
+        return LabelResult.counted
+
+    async def on_failed_action(self, entity: str, decision_id: str) -> None:
+        """An action that could not be carried out was not useful."""
+        await self.store.incr_context(entity, FAILED_COUNTER)
+        await self.learn(decision_id, False)
 
     async def learn(self, decision_id: str, positive: bool) -> int | None:
-        """Apply one label; return the new classifier version, or None if the decision
-        is unknown (no action, expired) or has already taught."""
-        raw = await self.client.get(self._key("dfx", decision_id))
-        if raw is None:
+        """Teach the decision's lesson; return the new classifier version, or None if
+        the decision is unknown (no action, expired) or has already taught."""
+        remembered = await self.memory.recall(decision_id)
+        if remembered is None:
             return None
-        first = await self.client.set(self._key("learnt", decision_id), b"1", nx=True,
-                                      ex=REMEMBER_S)
-        if not first:
+        if not await self.memory.first(decision_id, Step.taught, "1"):
             return None
-        info = json.loads(raw)
-        await self.store.incr_context(info["entity"],
-                                      f"{'tp' if positive else 'fp'}:{info['action']}")
+        await self.store.incr_context(remembered.entity,
+                                      counter_name(positive, remembered.action))
 
         def apply(blob: bytes | None) -> tuple[int, bytes]:
             clf = FeedbackClassifier.loads(blob)
-            clf.learn(info["x"], positive)
+            clf.learn(remembered.x, positive)
             return clf.version, clf.dumps()
 
         version = await self.models.update(MODEL_NAME, apply)
@@ -81,6 +192,7 @@ class FeedbackLearner:
         return version
 
     async def refresh(self, engine: DecisionEngine) -> None:
+        """Give ``engine`` the newest classifier checkpoint, if it has not got it."""
         if await self.models.version(MODEL_NAME) == engine.feedback.version:
             return
         _, blob = await self.models.load(MODEL_NAME)

@@ -568,7 +568,7 @@ def _number(raw: str) -> float | None:
 
 
 def parse_last_action(raw: str) -> tuple[str, int] | None:
-    """``{action_type}:{status}:{finished_at_ms}`` (ia.streams.worker) -> (status, time)."""
+    """``{action_type}:{status}:{finished_at_ms}`` (store.record_action) -> (status, time)."""
     parts = raw.rsplit(":", 2)
     try:
         return parts[1], int(parts[2])

@@ -26,7 +26,7 @@ from ia.core import metrics
 from ia.core.settings import Settings
 from ia.decisions.guards import ExecutionGuard
 from ia.decisions.policy_source import PolicySource
-from ia.schemas.models import ActionOutcome, ApprovalEvent, Decision, OutcomePhase
+from ia.schemas.models import ActionOutcome, ApprovalEvent, Decision
 from ia.schemas.serde import encode
 from ia.streams.app import confirm, decode_events, make_app, raw_topic, with_retry
 
@@ -58,7 +58,6 @@ def build_actuator(settings: Settings) -> faust.App:
             client, actuators, prefix=settings.redis.prefix, timeout_s=conf.action_timeout_s,
             guard=ExecutionGuard(client, settings.redis.prefix, policy.current),
             notifier=notifier)
-        ctx["redis"] = client
         ctx["service"] = ActuatorService(
             executor,
             ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
@@ -72,10 +71,6 @@ def build_actuator(settings: Settings) -> faust.App:
         futures = []
         for rec in records:
             if isinstance(rec, ActionOutcome):
-                if rec.phase is OutcomePhase.action:
-                    # Lets feedback that names only a decision id find its entity.
-                    await ctx["redis"].set(f"{settings.redis.prefix}:dec:{rec.decision_id}",
-                                           rec.entity, ex=30 * 24 * 3600)
                 metrics.OUTCOMES.labels(rec.action_type, rec.status.value).inc()
                 topic = outcomes_t
             elif isinstance(rec, ApprovalEvent):

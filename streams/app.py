@@ -78,17 +78,21 @@ def raw_topic(app: faust.App, name: str) -> faust.TopicT:
                      value_serializer="raw")
 
 
-async def with_retry(stage: str, fn: Callable[[], Awaitable[T]], app: faust.App) -> T:
-    """Retry a batch step until its dependency (Redis, the broker) is back.
+async def with_retry(stage: str, fn: Callable[[], Awaitable[T]], app: faust.App,
+                     fatal: tuple[type[Exception], ...] = ()) -> T:
+    """Retry a batch step until its dependency (Redis, the broker, the disk) is back.
 
     The batch stays unacknowledged meanwhile, so nothing is lost; the worker
-    only stops when it is asked to.
+    only stops when it is asked to.  ``fatal`` errors are raised at once: no
+    retry can fix them (e.g. an audit chain that cannot be extended safely).
     """
     delay = 0.1
     while True:
         try:
             return await fn()
         except asyncio.CancelledError:
+            raise
+        except fatal:
             raise
         except Exception as exc:
             if getattr(app, "should_stop", False):

@@ -9,7 +9,6 @@ committed; a timer renews the lease and exports the completeness metrics.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import faust
@@ -20,7 +19,7 @@ from ia.core.clock import now_ms
 from ia.core.settings import Settings
 from ia.governance.audit import AuditError
 from ia.governance.audit_store import AuditWriter, SourceRecord
-from ia.streams.app import make_app
+from ia.streams.app import make_app, with_retry
 
 log = logging.getLogger("ia.audit")
 
@@ -64,22 +63,6 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
         ctx["fatal"] = exc
         await app.crash(exc)
 
-    async def _write(items: list[SourceRecord]) -> list:
-        delay = 0.1
-        while True:
-            try:
-                return await writer.write(items)
-            except AuditError:
-                raise
-            except Exception as exc:  # Redis or the disk: retry, the batch stays unacked
-                if getattr(app, "should_stop", False):
-                    raise
-                metrics.RETRIES.labels("audit").inc()
-                log.warning("audit write failed (%s: %s); retrying in %.1fs",
-                            type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
     @app.agent(source)
     async def record(stream: faust.StreamT) -> None:
         try:
@@ -88,7 +71,9 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
                 items = [SourceRecord(kinds[ev.message.topic], ev.message.topic,
                                       ev.message.partition, ev.message.offset, ev.message.value)
                          for ev in events if ev.message.topic in kinds]
-                for rec in await _write(items):
+                written = await with_retry("audit", lambda i=items: writer.write(i), app,
+                                           fatal=(AuditError,))
+                for rec in written:
                     metrics.AUDIT_RECORDS.labels(rec.kind).inc()
         except AuditError as exc:
             await _fatal(exc)

@@ -55,7 +55,7 @@ async def guard(p: Policy, store, *, n: int, ts: int, now: int | None = None,
 
 
 def guard_lines(trace: list[RuleTrace]) -> list[str]:
-    return [t.rule for t in trace if t.rule.startswith("guard:") and t.matched]
+    return [t.rule for t in trace if t.guard is not None and t.matched]
 
 
 # --- policy settings ------------------------------------------------------------------------

@@ -1,0 +1,328 @@
+"""WorkerService, the worker process minus Kafka: plain objects on memory stores.
+
+Telemetry batches with valid and invalid records, outcomes and labels flowing
+back, idempotency under redelivery, the trust counters, and the per-decision
+metrics.  The decision memory is also run against Redis, the store the worker
+process uses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from ia.core.clock import now_ms
+from ia.decisions.checkpoint import MemoryModelStore
+from ia.decisions.detector import AdaptiveDetector, DetectorConfig
+from ia.decisions.engine import DecisionEngine
+from ia.decisions.feedback import action_trust, entity_trust, laplace_precision
+from ia.decisions.guards import MemoryGuardStore
+from ia.decisions.learning import (
+    MODEL_NAME,
+    FeedbackLearner,
+    LabelResult,
+    MemoryDecisionMemory,
+    RedisDecisionMemory,
+    Remembered,
+    Step,
+)
+from ia.decisions.policy import Policy
+from ia.decisions.service import Decided, RawRecord, WorkerParts, WorkerService
+from ia.features.store import MemoryFeatureStore
+from ia.schemas.models import (
+    Action,
+    ActionOutcome,
+    DeadLetter,
+    Decision,
+    Feedback,
+    FeedbackLabel,
+    Mode,
+    ModelInfo,
+    OutcomeStatus,
+    RuleTrace,
+    TelemetryEvent,
+)
+from ia.schemas.serde import encode
+
+STEP_MS = 10_000
+POLICY = """\
+version: 1
+rules:
+  - name: restart
+    match: {metric: latency}
+    when: {min_score: 0.8, direction: up}
+    action: {type: webhook, target: "{entity}"}
+"""
+TOPIC = "t.telemetry"
+
+
+class Worker:
+    """A service on memory stores, with its parts at hand for the assertions."""
+
+    def __init__(self, shadow: bool = False) -> None:
+        policy = Policy.from_text(POLICY)
+        self.features = MemoryFeatureStore()
+        self.models = MemoryModelStore()
+        # One score per spike: the detector's alert suppression is tested elsewhere.
+        engine = DecisionEngine(lambda: policy, self.features, MemoryGuardStore(),
+                                detector=AdaptiveDetector(DetectorConfig(suppress_samples=0)))
+        learner = FeedbackLearner(MemoryDecisionMemory(), self.features, self.models)
+        self.service = WorkerService(WorkerParts(engine, self.features, learner, "json", shadow))
+        self._offset = 0
+
+    def records(self, events: list[TelemetryEvent | bytes | None]) -> list[RawRecord]:
+        """Raw records at the next offsets of partition 0 (bytes and None as they are)."""
+        out = []
+        for ev in events:
+            value = encode(ev, "json") if isinstance(ev, TelemetryEvent) else ev
+            out.append(RawRecord(b"k", value, TOPIC, 0, self._offset))
+            self._offset += 1
+        return out
+
+    async def decide(self, events: list[TelemetryEvent | bytes | None]) -> Decided:
+        return await self.service.on_telemetry(self.records(events))
+
+    async def context(self, entity: str) -> dict[str, str]:
+        return (await self.features.load([entity]))[entity].context
+
+    async def model_version(self) -> int:
+        return await self.models.version(MODEL_NAME)
+
+
+def normal(entity: str, n: int, start: int, seed: int = 1) -> list[TelemetryEvent]:
+    rng = random.Random(seed)
+    return [TelemetryEvent(entity=entity, metric="latency", value=100.0 + rng.gauss(0, 2.0),
+                           ts=start + i * STEP_MS) for i in range(n)]
+
+
+async def spike_decision(worker: Worker, entity: str = "svc-a") -> Decision:
+    """A learnt baseline, then a spike the policy acts on."""
+    start = now_ms() - 200 * STEP_MS
+    await worker.decide(normal(entity, 100, start))
+    spike = TelemetryEvent(entity=entity, metric="latency", value=400.0,
+                           ts=start + 100 * STEP_MS)
+    (d,) = (await worker.decide([spike])).decisions
+    assert d.action is not None and d.mode is Mode.auto, d.rule_trace
+    return d
+
+
+def label(d: Decision | str, kind: FeedbackLabel, entity: str | None = None) -> Feedback:
+    decision_id = d if isinstance(d, str) else d.decision_id
+    return Feedback(decision_id=decision_id, label=kind, by="oncall", at=1, entity=entity)
+
+
+def outcome(d: Decision, status: OutcomeStatus) -> ActionOutcome:
+    assert d.action is not None
+    return ActionOutcome(decision_id=d.decision_id, entity=d.entity, action_type=d.action.type,
+                         target=d.action.target, status=status, actuator="webhook",
+                         started_at=d.decided_at, finished_at=d.decided_at + 5,
+                         duration_ms=5)
+
+
+# --- telemetry ------------------------------------------------------------------------------
+
+
+async def test_invalid_records_become_dead_letters_and_the_rest_is_decided_in_order() -> None:
+    worker = Worker()
+    good = normal("svc-a", 3, now_ms() - 10 * STEP_MS)
+    schema_bad = json.dumps({"entity": "svc-a", "metric": "latency", "ts": -1}).encode()
+    batch = worker.records([good[0], b"{not json", good[1], b"\xff\xfe", schema_bad, None,
+                            good[2]])
+    decided = await worker.service.on_telemetry(batch)
+
+    assert [d.event_id for d in decided.decisions] == [ev.event_id for ev in good]
+    assert all(d.action is None and d.mode is Mode.none for d in decided.decisions)
+    reasons = {dl.source_offset: dl.reason for _, dl in decided.dead_letters}
+    assert reasons == {1: "invalid_json", 3: "invalid_utf8", 4: "schema_validation",
+                       5: "empty_record"}
+    assert all(key == b"k" and dl.source_topic == TOPIC and dl.error
+               for key, dl in decided.dead_letters)
+
+
+async def test_a_redelivered_batch_gets_its_original_decisions_back() -> None:
+    worker = Worker()
+    d = await spike_decision(worker)
+    spike = TelemetryEvent.model_validate({k: getattr(d, k) for k in ("entity", "metric",
+                                                                       "value", "ts")})
+    (again,) = (await worker.decide([spike])).decisions
+    assert again == d
+
+
+async def test_a_shadow_worker_marks_its_action_decisions() -> None:
+    d = await spike_decision(Worker(), "svc-s")
+    shadow = Worker(shadow=True)
+    start = now_ms() - 200 * STEP_MS
+    await shadow.decide(normal("svc-s", 100, start))
+    spike = TelemetryEvent(entity="svc-s", metric="latency", value=400.0,
+                           ts=start + 100 * STEP_MS)
+    (s,) = (await shadow.decide([spike])).decisions
+    assert s.mode is Mode.shadow and s.action == d.action
+    assert s.decision_id != d.decision_id  # its own pipeline id
+
+
+# --- outcomes and labels --------------------------------------------------------------------
+
+
+async def test_a_label_by_decision_id_alone_counts_and_teaches_once() -> None:
+    worker = Worker()
+    d = await spike_decision(worker)
+    fp = label(d, FeedbackLabel.false_positive)
+    assert await worker.service.on_feedback(fp) is LabelResult.counted
+    assert await worker.service.on_feedback(fp) is LabelResult.duplicate
+    # A second, different label for the same decision is a duplicate too.
+    assert await worker.service.on_feedback(label(d, FeedbackLabel.useful)) \
+        is LabelResult.duplicate
+    ctx = await worker.context("svc-a")
+    assert (ctx["fp"], ctx["fp:webhook"]) == ("1", "1")
+    assert "tp" not in ctx and "tp:webhook" not in ctx
+    assert await worker.model_version() == 1
+
+
+async def test_a_label_for_an_unknown_decision() -> None:
+    worker = Worker()
+    unknown = label("dc-unknown", FeedbackLabel.false_positive)
+    assert await worker.service.on_feedback(unknown) is LabelResult.unmatched
+    named = label("dc-unknown", FeedbackLabel.false_positive, entity="svc-x")
+    # Counted against the entity it names; there is nothing to teach the classifier.
+    assert await worker.service.on_feedback(named) is LabelResult.counted
+    assert await worker.service.on_feedback(named) is LabelResult.duplicate
+    assert await worker.context("svc-x") == {"fp": "1"}
+    assert await worker.model_version() == 0
+
+
+async def test_a_failed_action_teaches_once_and_a_later_label_still_counts() -> None:
+    worker = Worker()
+    d = await spike_decision(worker)
+    failed = outcome(d, OutcomeStatus.failed)
+    await worker.service.on_outcome(failed)
+    await worker.service.on_outcome(failed)  # redelivered
+    ctx = await worker.context("svc-a")
+    assert ctx["fp:webhook"] == "1" and "fp" not in ctx
+    assert ctx["last_action"] == f"webhook:failed:{failed.finished_at}"
+    assert await worker.model_version() == 1
+    # The decision has taught already; the label still counts against the entity.
+    assert await worker.service.on_feedback(label(d, FeedbackLabel.false_positive)) \
+        is LabelResult.counted
+    ctx = await worker.context("svc-a")
+    assert (ctx["fp"], ctx["fp:webhook"]) == ("1", "1")
+    assert await worker.model_version() == 1
+
+
+async def test_a_successful_action_is_recorded_but_is_no_label() -> None:
+    worker = Worker()
+    d = await spike_decision(worker)
+    done = outcome(d, OutcomeStatus.succeeded)
+    await worker.service.on_outcome(done)
+    assert await worker.context("svc-a") == {"last_action":
+                                             f"webhook:succeeded:{done.finished_at}"}
+    assert await worker.model_version() == 0
+    # The decision has not taught: a label still does.
+    await worker.service.on_feedback(label(d, FeedbackLabel.true_positive))
+    assert (await worker.context("svc-a"))["tp:webhook"] == "1"
+    assert await worker.model_version() == 1
+
+
+# --- trust ----------------------------------------------------------------------------------
+
+
+def test_one_laplace_precision_for_the_entity_and_the_action() -> None:
+    assert laplace_precision(0.0, 0.0) == 1.0
+    assert laplace_precision(0.0, 3.0) == 0.25
+    assert laplace_precision(3.0, 3.0) == pytest.approx(4 / 7)
+    assert entity_trust({"false_positives": 3.0}) == 0.25
+    assert entity_trust({"true_positives": 1.0, "false_positives": 1.0}) == pytest.approx(2 / 3)
+    context = {"fp": "9", "fp:webhook": "3", "tp:notify": "2"}
+    assert action_trust(context, "webhook") == 0.25
+    assert action_trust(context, "notify") == 1.0
+
+
+async def test_false_positive_labels_lower_the_next_decisions_confidence() -> None:
+    worker = Worker()
+    d = await spike_decision(worker)
+    assert d.explanation is not None and d.explanation.p_useful == 0.5
+    await worker.service.on_feedback(label(d, FeedbackLabel.false_positive))
+    start = d.ts + STEP_MS
+    await worker.decide(normal("svc-a", 30, start, seed=2))
+    spike = TelemetryEvent(entity="svc-a", metric="latency", value=400.0,
+                           ts=start + 30 * STEP_MS)
+    (after,) = (await worker.decide([spike])).decisions
+    assert after.anomaly_score >= d.anomaly_score - 1e-6
+    # Entity-wide and per-action trust are each 1/2, and the refreshed classifier
+    # (version 1) doubts this kind of action as well.
+    assert after.explanation is not None and after.explanation.p_useful < 0.5
+    assert {m.id: m.version for m in after.explanation.models}["feedback-logreg"] == "1.1"
+    assert after.confidence < d.confidence / 4
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_published_batches_are_counted_per_decision_and_guard() -> None:
+    worker = Worker()
+    ts = now_ms()
+    guarded = Decision(
+        decision_id="dc-g", correlation_id="c", event_id="e", entity="svc-m", metric="latency",
+        value=1.0, ts=ts, decided_at=ts, anomaly_score=0.9, confidence=0.9,
+        model=ModelInfo(id="m", version="1"), action=Action(type="webhook", target="svc-m"),
+        mode=Mode.notify,
+        rule_trace=[RuleTrace(rule="restart", matched=True, reason="score"),
+                    RuleTrace(rule="guard:rate_limit", matched=True, reason="full"),
+                    RuleTrace(rule="guard:cooldown", matched=False, reason="free")])
+    dead = DeadLetter(reason="invalid_json", error="x", source_topic=TOPIC, source_partition=0,
+                      source_offset=0, failed_at=ts, original_b64="")
+    before = (_sample("ia_decisions_total", action="webhook", mode="notify"),
+              _sample("ia_guard_interventions_total", guard="rate_limit"),
+              _sample("ia_guard_interventions_total", guard="cooldown"),
+              _sample("ia_dlq_records_total", reason="invalid_json"),
+              _sample("ia_event_to_decision_seconds_count"))
+    worker.service.on_published(Decided([guarded], [(None, dead)]))
+    after = (_sample("ia_decisions_total", action="webhook", mode="notify"),
+             _sample("ia_guard_interventions_total", guard="rate_limit"),
+             _sample("ia_guard_interventions_total", guard="cooldown"),
+             _sample("ia_dlq_records_total", reason="invalid_json"),
+             _sample("ia_event_to_decision_seconds_count"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 0, 1, 1]
+
+
+# --- the decision memory, in memory and in Redis --------------------------------------------
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+def redis_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the memory implementation, else the embedded Redis (one per session)."""
+    return request.getfixturevalue("infra").redis_url if request.param == "redis" else None
+
+
+async def test_decision_memory_recalls_and_records_each_step_once(redis_url: str | None) -> None:
+    if redis_url is None:
+        await _recalls_and_records_each_step_once(MemoryDecisionMemory())
+        return
+    client = aioredis.from_url(redis_url, decode_responses=False)
+    try:
+        await _recalls_and_records_each_step_once(
+            RedisDecisionMemory(client, f"t{uuid.uuid4().hex[:8]}"))
+    finally:
+        await client.aclose()
+
+
+async def _recalls_and_records_each_step_once(memory) -> None:  # type: ignore[no-untyped-def]
+    r = Remembered(entity="svc-a", action="webhook", x={"score": 0.9, "action=webhook": 1.0})
+    await memory.remember([("dc-1", r)])
+    assert await memory.recall("dc-1") == r
+    assert await memory.recall("dc-2") is None
+    assert await memory.first("dc-1", Step.label, "false_positive")
+    assert not await memory.first("dc-1", Step.label, "useful")
+    assert await memory.first("dc-1", Step.taught, "1")
+    assert not await memory.first("dc-1", Step.taught, "1")
+    # Steps of a decision that is not remembered are kept all the same.
+    assert await memory.first("dc-2", Step.label, "useful")
+    assert not await memory.first("dc-2", Step.label, "useful")
