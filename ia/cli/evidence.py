@@ -216,7 +216,7 @@ def shadow_promote(candidate: Path, production: Path | None, by: str | None, rea
                    evidence: tuple[Path, ...]) -> None:
     """Make CANDIDATE the production policy (workers reload it within a second)."""
     from ia.decisions.policy import PolicyError
-    from ia.offline.shadow import Places, PromotionError, default_by, promote
+    from ia.governance.promotion import Places, PromotionError, default_by, promote
 
     s = _settings()
     try:
@@ -236,7 +236,7 @@ def shadow_promote(candidate: Path, production: Path | None, by: str | None, rea
 def shadow_rollback(production: Path | None, by: str | None, reason: str, force: bool) -> None:
     """Restore the policy that the last promotion replaced."""
     from ia.decisions.policy import PolicyError
-    from ia.offline.shadow import Places, PromotionError, default_by, rollback
+    from ia.governance.promotion import Places, PromotionError, default_by, rollback
 
     s = _settings()
     try:
@@ -251,7 +251,7 @@ def shadow_rollback(production: Path | None, by: str | None, reason: str, force:
 @click.option("--json", "as_json", is_flag=True)
 def shadow_history(as_json: bool) -> None:
     """Promotions and rollbacks, oldest first; exit 1 if the log was tampered with."""
-    from ia.offline.shadow import Places, PromotionLog
+    from ia.governance.promotion import Places, PromotionLog
 
     log = PromotionLog(Places.of(_settings()).log)
     for rec in log.records():
