@@ -1,6 +1,7 @@
 """Model commands: ``ia replay``, ``ia eval nab``, ``ia bench decisions``.
 
-None of them needs Kafka or Redis: they run the decision code on files.
+None of them needs Redis: they run the decision code on files, or (``ia replay
+--topic``) on a slice of a topic read from the broker.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ia.core.settings import Settings
 @replay_output_options
 def replay(input_path: Path | None, output_path: Path | None, fmt: str, entity: str | None,
            metric: str | None, policy_file: Path | None, output_topic: str | None, full: bool,
-           **ranges: str | None) -> None:
+           **topic_options: str | None) -> None:
     """Replay events through features, model and policy offline (event-time clock).
 
     Writes one JSON line per input event; the same input gives byte-identical output.
@@ -52,7 +53,7 @@ def replay(input_path: Path | None, output_path: Path | None, fmt: str, entity: 
         variant = load_variant(policy_file) if policy_file else observe_only()
         # The default `jsonl` also takes a recording: its header says what it is.
         history = load_history(settings, input_path, "auto" if fmt == "jsonl" else fmt,
-                               entity, metric, **ranges)
+                               entity, metric, **topic_options)
         done = run_replay(settings, history, variant, output_path=output_path,
                           output_topic=output_topic, full=full)
     click.echo(f"replayed {done.events} events ({done.acted} with an action, "
