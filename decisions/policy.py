@@ -48,6 +48,7 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -391,6 +392,20 @@ class Policy:
         except OSError as exc:
             raise PolicyError(str(p), None, f"cannot read policy: {exc.strerror}") from exc
         return cls.from_text(text, str(p))
+
+    @classmethod
+    @functools.cache
+    def observe_only(cls) -> Policy:
+        """The policy with no rules: every decision has mode ``none``.
+
+        The baseline of replays, backtests and evaluations, read once from the
+        packaged ``ia/policies/empty.yaml``.  It is not the worker's default
+        (``ia/policies/observe.yaml`` logs strong anomalies): an offline baseline
+        decides nothing, and its ``policy_version`` (the hash of that file's
+        bytes) is part of replayed output, so the file stays exactly as it is.
+        """
+        text = (resources.files("ia") / "policies" / "empty.yaml").read_text(encoding="utf-8")
+        return cls.from_text(text, "<observe-only>")
 
     def evaluate(self, *, entity: str, metric: str, kind: str, labels: dict[str, str],
                  features: dict[str, float], score: float, confidence: float,

@@ -14,13 +14,11 @@ import pytest
 
 from ia.governance.audit import (
     EMPTY,
-    GENESIS,
     AuditError,
     AuditFile,
     Chain,
     Completeness,
     Head,
-    RecordError,
     find,
     parse,
     recover,
@@ -29,6 +27,7 @@ from ia.governance.audit import (
     verify,
 )
 from ia.governance.audit_store import AuditWriter, RedisAuditState, SourceRecord
+from ia.governance.hashchain import GENESIS, SealError
 from ia.schemas.models import (
     Action,
     ActionOutcome,
@@ -75,7 +74,7 @@ def test_seal_and_parse_round_trip() -> None:
     assert (back.seq, back.prev, back.data, back.hash) == (1, GENESIS, rec.data, rec.hash)
     with pytest.raises(ValueError):
         seal(1, GENESIS, at=T0, kind="bogus", id="", src="", data={})
-    with pytest.raises(RecordError):
+    with pytest.raises(SealError):
         parse(b'{"seq":1}')
 
 

@@ -17,7 +17,6 @@ from ia.offline.backtest import (
     Labels,
     Row,
     compare,
-    decide_batches,
     guard_interventions,
     load_labels_file,
     load_variant,
@@ -25,6 +24,7 @@ from ia.offline.backtest import (
     volume,
     windows_from_json,
 )
+from ia.offline.run import decide
 from ia.schemas.models import Feedback, TelemetryEvent
 
 T0 = 1_700_000_000_000
@@ -79,7 +79,7 @@ def write_fleet(path: Path) -> None:
 def rows_for(policy_file: Path, events: list[TelemetryEvent]) -> list[Row]:
     async def run() -> list[Row]:
         out: list[Row] = []
-        async for batch in decide_batches(events, load_variant(policy_file)):
+        async for batch in decide(events, load_variant(policy_file)):
             out.extend(Row.of(d) for d in batch)
         return out
 

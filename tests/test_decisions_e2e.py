@@ -23,7 +23,7 @@ from ia.decisions.feedback import FeedbackClassifier, inputs_of
 from ia.decisions.learning import MODEL_NAME
 from ia.decisions.policy import Policy
 from ia.features.store import EntityRecord, RedisFeatureStore
-from ia.offline.replay import replay_engine
+from ia.offline.run import Runner, Variant
 from ia.runtime.embedded import free_port
 from ia.schemas.models import Decision, TelemetryEvent
 from tests.kafka_client import produce, read_topic
@@ -257,11 +257,11 @@ def offline(events: list[dict], batch: int = 500) -> dict[str, dict]:
     """The same engine without Kafka or Redis, event time as its clock."""
 
     async def run() -> list[Decision]:
-        engine = replay_engine(Policy.from_text(OBSERVE_ONLY))
+        runner = Runner(Variant("observe-only", "<test>", Policy.from_text(OBSERVE_ONLY)))
         out: list[Decision] = []
         for i in range(0, len(events), batch):
             batch_events = [TelemetryEvent.model_validate(e) for e in events[i:i + batch]]
-            out.extend(await engine.process(batch_events))
+            out.extend(await runner.decide(batch_events))
         return out
 
     return {d.decision_id: _comparable(json.loads(d.model_dump_json()))

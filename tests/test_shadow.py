@@ -18,15 +18,9 @@ from ia.core.kafka import ensure_topics
 from ia.core.settings import Settings, Topics
 from ia.decisions.policy import Policy, PolicyError
 from ia.decisions.shadow import as_shadow, intended_mode
+from ia.governance.promotion import Places, PromotionError, PromotionLog, promote, rollback
 from ia.offline.backtest import Row
-from ia.offline.shadow import (
-    Places,
-    PromotionError,
-    PromotionLog,
-    promote,
-    rollback,
-    shadow_settings,
-)
+from ia.offline.shadow import shadow_settings
 from ia.offline.topic_slice import SliceSpec, read_slice
 from ia.schemas.models import Action, Decision, Mode, ModelInfo
 from tests.kafka_client import produce, read_topic
@@ -123,6 +117,20 @@ def test_refusals_and_tampering(files) -> None:
     assert any("modified" in p for p in PromotionLog(places.log).verify())
     with pytest.raises(PromotionError, match="verification"):
         promote(cand, prod, places, "alice", "again")
+
+
+def test_promotion_log_hashes_the_exact_line_bytes(files) -> None:
+    prod, cand, places = files
+    promote(cand, prod, places, "alice", "first")
+    rollback(prod, places, "bob", "second")
+    lines = places.log.read_bytes().splitlines(keepends=True)
+    # The same JSON value written differently (keys reordered) is a modification.
+    first = json.loads(lines[0])
+    places.log.write_bytes(json.dumps(dict(reversed(first.items())), ensure_ascii=False,
+                                      separators=(",", ":")).encode() + b"\n" + lines[1])
+    assert any("modified" in p for p in PromotionLog(places.log).verify())
+    places.log.write_bytes(lines[1])
+    assert any("removed or inserted" in p for p in PromotionLog(places.log).verify())
 
 
 # --------------------------------------------------------------------------- live

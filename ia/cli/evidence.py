@@ -16,14 +16,8 @@ from typing import Any
 import click
 
 from ia.cli.common import settings
-from ia.cli.options import history_options, range_options
+from ia.cli.options import cli_errors, history_options, range_options
 from ia.core.settings import Settings
-
-
-def kafka_bootstrap(settings: Settings) -> str:
-    from ia.offline.replay_kafka import kafka_bootstrap as bootstrap
-
-    return bootstrap(settings)
 
 
 def _settings() -> Settings:
@@ -32,17 +26,15 @@ def _settings() -> Settings:
 
 def _variant(path: Path, name: str | None) -> Any:
     from ia.decisions.policy import PolicyError
-    from ia.offline.backtest import BacktestError, load_variant
+    from ia.offline.backtest import load_variant
 
-    try:
+    with cli_errors(PolicyError):
         return load_variant(path, name)
-    except (BacktestError, PolicyError) as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _feedback(settings: Settings) -> tuple[list, str]:
     """Every Feedback record on the feedback topic (labels for a backtest)."""
-    from ia.offline.topic_slice import SliceSpec, read_slice
+    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
     from ia.schemas.models import Feedback
     from ia.schemas.serde import DecodeError, decode
 
@@ -93,24 +85,21 @@ def backtest(baseline: Path, candidate: Path, input_path: Path | None, fmt: str,
     Reports decisions added/removed/changed, action volume, guard interventions
     and, with labels, precision, recall, false action rate and time to detect.
     """
-    from ia.offline.backtest import BacktestError
     from ia.offline.backtest_run import LabelSource, format_summary, run_backtest
-    from ia.offline.replay_kafka import load_history
+    from ia.offline.history import load_history
 
     if labels_path and labels_from_feedback:
         raise click.UsageError("give --labels or --labels-from-feedback, not both")
     settings = _settings()
-    history = load_history(settings, input_path, fmt, None, None, **kafka)
-    base, cand = _variant(baseline, "baseline"), _variant(candidate, "candidate")
-    labels = LabelSource(path=labels_path, tolerance_ms=int(tolerance_s * 1000))
-    if labels_from_feedback:
-        labels.feedback, labels.feedback_topic = _feedback(settings)
     command = "ia " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
+    with cli_errors():
+        history = load_history(settings, input_path, fmt, **kafka)
+        base, cand = _variant(baseline, "baseline"), _variant(candidate, "candidate")
+        labels = LabelSource(path=labels_path, tolerance_ms=int(tolerance_s * 1000))
+        if labels_from_feedback:
+            labels.feedback, labels.feedback_topic = _feedback(settings)
         result = run_backtest(history, base, cand, labels, out_dir, command,
                               html=not no_html, max_series=max_series)
-    except BacktestError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(format_summary(result.summary))
     for name, path in result.paths.items():
         click.echo(f"{name}: {path}", err=True)
@@ -135,17 +124,13 @@ def record(topic: str, to_file: Path, **rng: Any) -> None:
     value, so replaying it equals replaying the slice from Kafka.
     """
     from ia.offline.recording import write_recording
-    from ia.offline.replay_kafka import slice_spec
-    from ia.offline.topic_slice import SliceError, read_slice
+    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
 
     settings = _settings()
-    bootstrap = kafka_bootstrap(settings)
-    spec = slice_spec(topic, rng["from_time"], rng["to_time"], rng["from_offsets"],
-                      rng["to_offsets"])
-    try:
-        partitions = read_slice(bootstrap, spec)
-    except SliceError as exc:
-        raise click.ClickException(str(exc)) from None
+    with cli_errors():
+        spec = SliceSpec.from_options(topic, rng["from_time"], rng["to_time"],
+                                      rng["from_offsets"], rng["to_offsets"])
+        partitions = read_slice(kafka_bootstrap(settings), spec)
     n = write_recording(to_file, topic, settings.wire_format, partitions, spec.describe())
     click.echo(f"recorded {n} records of {topic} -> {to_file}", err=True)
 
@@ -162,17 +147,14 @@ def shadow() -> None:
 
 
 def _topic_decisions(settings: Settings, topic: str, kafka: dict[str, Any]) -> list:
-    from ia.offline.replay_kafka import slice_spec
     from ia.offline.shadow import decisions_of
-    from ia.offline.topic_slice import SliceError, read_slice
+    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
 
-    bootstrap = kafka_bootstrap(settings)
-    spec = slice_spec(topic, kafka["from_time"], kafka["to_time"], kafka["from_offsets"],
-                      kafka["to_offsets"])
-    try:
-        found, _bad = decisions_of(read_slice(bootstrap, spec), settings.wire_format)
-    except SliceError as exc:
-        raise click.ClickException(str(exc)) from None
+    with cli_errors():
+        spec = SliceSpec.from_options(topic, kafka["from_time"], kafka["to_time"],
+                                      kafka["from_offsets"], kafka["to_offsets"])
+        found, _bad = decisions_of(read_slice(kafka_bootstrap(settings), spec),
+                                   settings.wire_format)
     return found
 
 
@@ -217,7 +199,7 @@ def shadow_promote(candidate: Path, production: Path | None, by: str | None, rea
                    evidence: tuple[Path, ...]) -> None:
     """Make CANDIDATE the production policy (workers reload it within a second)."""
     from ia.decisions.policy import PolicyError
-    from ia.offline.shadow import Places, PromotionError, default_by, promote
+    from ia.governance.promotion import Places, PromotionError, default_by, promote
 
     s = _settings()
     try:
@@ -237,7 +219,7 @@ def shadow_promote(candidate: Path, production: Path | None, by: str | None, rea
 def shadow_rollback(production: Path | None, by: str | None, reason: str, force: bool) -> None:
     """Restore the policy that the last promotion replaced."""
     from ia.decisions.policy import PolicyError
-    from ia.offline.shadow import Places, PromotionError, default_by, rollback
+    from ia.governance.promotion import Places, PromotionError, default_by, rollback
 
     s = _settings()
     try:
@@ -252,7 +234,7 @@ def shadow_rollback(production: Path | None, by: str | None, reason: str, force:
 @click.option("--json", "as_json", is_flag=True)
 def shadow_history(as_json: bool) -> None:
     """Promotions and rollbacks, oldest first; exit 1 if the log was tampered with."""
-    from ia.offline.shadow import Places, PromotionLog
+    from ia.governance.promotion import Places, PromotionLog
 
     log = PromotionLog(Places.of(_settings()).log)
     for rec in log.records():

@@ -1,6 +1,7 @@
 """Model commands: ``ia replay``, ``ia eval nab``, ``ia bench decisions``.
 
-None of them needs Kafka or Redis: they run the decision code on files.
+None of them needs Redis: they run the decision code on files, or (``ia replay
+--topic``) on a slice of a topic read from the broker.
 """
 
 from __future__ import annotations
@@ -8,11 +9,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from ia.cli.options import history_options, replay_output_options, wants_history_replay
+from ia.cli.options import cli_errors, history_options, replay_output_options
+from ia.core.settings import load
 
 
 @click.command()
@@ -33,26 +34,30 @@ from ia.cli.options import history_options, replay_output_options, wants_history
 @history_options
 @replay_output_options
 def replay(input_path: Path | None, output_path: Path | None, fmt: str, entity: str | None,
-           metric: str | None, policy_file: Path | None, **kafka: Any) -> None:
+           metric: str | None, policy_file: Path | None, output_topic: str | None, full: bool,
+           **topic_options: str | None) -> None:
     """Replay events through features, model and policy offline (event-time clock).
 
     Writes one JSON line per input event; the same input gives byte-identical output.
-    With --topic, history comes from Kafka (ia/offline/replay_kafka.py): own consumer, no
-    commits, memory state, no actuator; decisions to --output or --output-topic.
+    With --topic, history comes from Kafka: own consumer, no commits, memory state, no
+    actuator; decisions to --output or --output-topic.
     """
-    from ia.decisions.policy import Policy
-    from ia.offline.replay import replay_file
+    from ia.decisions.policy import PolicyError
+    from ia.offline.backtest import load_variant
+    from ia.offline.history import load_history
+    from ia.offline.replay import replay as run_replay
+    from ia.offline.run import observe_only
 
-    if input_path is None or wants_history_replay(input_path, fmt, kafka):
-        from ia.offline.replay_kafka import replay_command
-
-        replay_command(input_path, output_path, fmt, entity, metric, policy_file, **kafka)
-        return
-    if output_path is None:
-        raise click.UsageError("--output is required")
-    policy = Policy.from_file(policy_file) if policy_file else None
-    n = replay_file(input_path, output_path, fmt, entity, metric, policy)
-    click.echo(f"replayed {n} events -> {output_path}", err=True)
+    settings = load()
+    with cli_errors(PolicyError):
+        variant = load_variant(policy_file) if policy_file else observe_only()
+        # The default `jsonl` also takes a recording: its header says what it is.
+        history = load_history(settings, input_path, "auto" if fmt == "jsonl" else fmt,
+                               entity, metric, **topic_options)
+        done = run_replay(settings, history, variant, output_path=output_path,
+                          output_topic=output_topic, full=full)
+    click.echo(f"replayed {done.events} events ({done.acted} with an action, "
+               f"{done.dead_letters} dead letters skipped) -> {done.target}", err=True)
 
 
 @click.group(name="eval")

@@ -1,16 +1,32 @@
-"""Command-line options shared by replay, backtest, record and shadow (click only, so
-``ia`` starts fast)."""
+"""Command-line options shared by replay, backtest, record and shadow, and how their
+errors are shown (click only, so ``ia`` starts fast)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator
 
 import click
 
-KAFKA_OPTIONS = ("topic", "from_time", "to_time", "from_offsets", "to_offsets",
-                 "output_topic", "full")
+from ia.core.errors import IaError
+
+
+@contextlib.contextmanager
+def cli_errors(*also: type[Exception]) -> Iterator[None]:
+    """Show an :class:`~ia.core.errors.IaError` as ``Error: <message>`` and exit with
+    its ``exit_code``; library code never decides how its errors are shown.
+
+    ``also``: other errors whose message is meant for the user (a
+    :class:`~ia.decisions.policy.PolicyError` names file and line), shown with exit 1.
+    """
+    try:
+        yield
+    except IaError as exc:
+        shown = click.ClickException(exc.message)
+        shown.exit_code = exc.exit_code
+        raise shown from None
+    except also as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _apply(f: Callable, options: list[Callable]) -> Callable:
@@ -48,15 +64,3 @@ def replay_output_options(f: Callable) -> Callable:
         click.option("--full", is_flag=True,
                      help="Write whole Decision records (JSON) instead of compact lines."),
     ])
-
-
-def wants_history_replay(input_path: Path | None, fmt: str, kafka: dict[str, Any]) -> bool:
-    """Whether ``ia replay`` needs this module (a topic, a recording, a NAB tree, or a
-    topic/full output) rather than the plain file replay of ia.offline.replay."""
-    from ia.offline.recording import is_recording
-
-    if any(kafka.get(k) for k in KAFKA_OPTIONS) or fmt in ("recording", "nab"):
-        return True
-    if input_path is None:
-        return False
-    return input_path.is_dir() or is_recording(input_path)

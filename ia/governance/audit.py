@@ -5,10 +5,9 @@ Every record is one line of UTF-8 JSON, written once and never rewritten::
     {"seq":7,"prev":"<hash of record 6>","at":1764230400123,"kind":"outcome",
      "id":"dc-…","src":"<digest of the source record>","data":{…},"hash":"<sha256>"}
 
-``hash`` is the SHA-256 of the line's exact bytes up to ``,"hash":`` with a
-closing ``}`` (the *body*), so changing any byte of a record changes its
-hash; ``prev`` chains each record to the one before it (record 1 chains to
-:data:`GENESIS`), so removing or inserting a record breaks the chain.  The
+``hash`` and ``prev`` follow :mod:`ia.governance.hashchain` (the SHA-256 of the
+line's exact bytes, each record linked to the one before it), so changing any
+byte of a record, or removing or inserting one, breaks the chain.  The
 *head* (last ``seq`` and ``hash``) is stored apart from the file (in Redis,
 see :class:`ia.streams.audit`), so cutting records off the tail, or rewriting
 the whole file with freshly computed hashes, no longer matches the head.
@@ -37,15 +36,15 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-GENESIS = "0" * 64
+from ia.governance import hashchain
+from ia.governance.hashchain import GENESIS, SealError, read_lines
+
 KINDS = frozenset({"decision", "observations", "approval", "outcome"})
-_HASH_KEY = b',"hash":"'
-_SUFFIX_LEN = len(_HASH_KEY) + 64 + len(b'"}')
 _MAX_PROBLEMS = 50
 
 
@@ -95,52 +94,26 @@ def seal(seq: int, prev: str, *, at: int, kind: str, id: str, src: str,
     """Build record ``seq`` chained to ``prev``; ``record.line`` is what to append."""
     if kind not in KINDS:
         raise ValueError(f"unknown audit record kind {kind!r}")
-    body = json.dumps({"seq": seq, "prev": prev, "at": at, "kind": kind, "id": id, "src": src,
-                       "data": data}, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode()
-    digest = hashlib.sha256(body).hexdigest()
-    line = body[:-1] + _HASH_KEY + digest.encode() + b'"}\n'
+    line, digest = hashchain.seal({"seq": seq, "prev": prev, "at": at, "kind": kind, "id": id,
+                                   "src": src, "data": data})
     return Record(seq, prev, at, kind, id, src, data, digest, line)
 
 
-class RecordError(ValueError):
-    pass
-
-
 def parse(line: bytes) -> Record:
-    """One line (without its newline) back into a record, checking its own hash."""
-    if len(line) <= _SUFFIX_LEN or not line.endswith(b'"}'):
-        raise RecordError("not a sealed record (truncated or altered)")
-    cut = len(line) - _SUFFIX_LEN
-    if line[cut:cut + len(_HASH_KEY)] != _HASH_KEY:
-        raise RecordError("not a sealed record (hash field missing or altered)")
-    stored = line[cut + len(_HASH_KEY):-2]
-    body = line[:cut] + b"}"
-    if hashlib.sha256(body).hexdigest().encode() != stored:
-        raise RecordError("hash mismatch: the record was modified")
+    """One line (without its newline) back into a record, checking its own hash.
+
+    Raises :class:`~ia.governance.hashchain.SealError` for a line that is not an
+    intact audit record.
+    """
+    obj, digest = hashchain.unseal(line)
     try:
-        obj = json.loads(body)
         rec = Record(int(obj["seq"]), str(obj["prev"]), int(obj["at"]), str(obj["kind"]),
-                     str(obj["id"]), str(obj["src"]), dict(obj["data"]), stored.decode(), line)
+                     str(obj["id"]), str(obj["src"]), dict(obj["data"]), digest, line)
     except (ValueError, KeyError, TypeError) as exc:
-        raise RecordError(f"malformed record: {exc}") from None
+        raise SealError(f"malformed record: {exc}") from None
     if rec.kind not in KINDS:
-        raise RecordError(f"unknown kind {rec.kind!r}")
+        raise SealError(f"unknown kind {rec.kind!r}")
     return rec
-
-
-def read_lines(path: Path) -> Iterator[tuple[int, int, bytes, bool]]:
-    """``(line number, byte offset, line without newline, complete)`` of every line."""
-    try:
-        fh = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return
-    with fh:
-        offset = 0
-        for lineno, raw in enumerate(fh, start=1):
-            complete = raw.endswith(b"\n")
-            yield lineno, offset, raw[:-1] if complete else raw, complete
-            offset += len(raw)
 
 
 # --------------------------------------------------------------------------- verification
@@ -179,16 +152,12 @@ def scan(path: Path, on_record=None) -> Scan:
             break
         try:
             rec = parse(line)
-        except RecordError as exc:
+        except SealError as exc:
             out.problem(f"line {lineno}: {exc}")
             prev = Head(prev.seq + 1, "?")  # keep counting; the next link cannot match
             continue
-        if rec.seq != prev.seq + 1:
-            out.problem(f"line {lineno}: seq {rec.seq} follows seq {prev.seq} "
-                        "(a record was removed or inserted)")
-        if rec.prev != prev.hash:
-            out.problem(f"line {lineno}: seq {rec.seq} does not chain to the record before it "
-                        "(a record was removed, inserted or modified)")
+        for problem in hashchain.link_problems(rec.seq, rec.prev, prev.seq, prev.hash):
+            out.problem(f"line {lineno}: {problem}")
         prev = rec.head
         out.records += 1
         out.last = rec.head
@@ -339,19 +308,8 @@ class AuditFile:
 
     def append(self, records: list[Record]) -> None:
         """Write and fsync ``records``; they are durable when this returns."""
-        if not records:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            data = b"".join(r.line for r in records)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if records:
+            hashchain.append(self.path, b"".join(r.line for r in records))
 
     def truncate(self, offset: int) -> None:
         with open(self.path, "r+b") as fh:
@@ -419,7 +377,7 @@ def find(path: Path, decision_id: str) -> list[Record]:
             continue
         try:
             rec = parse(line)
-        except RecordError as exc:
+        except SealError as exc:
             raise AuditError(f"line {lineno}: {exc}") from None
         if rec.id == decision_id:
             out.append(rec)

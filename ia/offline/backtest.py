@@ -6,11 +6,10 @@ config YAML naming a policy and detector settings::
     policy: candidate-policy.yaml        # relative to this file; default: observe only
     detector: {alert_level: 0.45, suppress_samples: 100}   # ia.decisions.detector.DetectorConfig
 
-Each variant runs in a fresh :class:`~decisions.engine.DecisionEngine` with
-in-memory feature and guard state and event time as its clock (the code the
-worker runs, as replay does), so a backtest is deterministic.  Decision ids
-use the production pipeline id, so they match ``ia.decisions`` and the
-feedback given on it.
+Each variant is decided by the one offline runner (:mod:`ia.offline.run`: the
+code the worker runs on memory state with event time as its clock, as replay
+does), so a backtest is deterministic.  Decision ids use the production
+pipeline id, so they match ``ia.decisions`` and the feedback given on it.
 
 Definitions used in the summary (``acting`` = a decision with an action in mode
 ``auto``, ``needs_approval``, ``notify`` or ``shadow``; ``blocked`` ones are
@@ -33,49 +32,32 @@ import fnmatch
 import json
 import statistics
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ia.core.errors import IaError
 from ia.core.times import TimeFormatError, parse_time
-from ia.decisions.detector import AdaptiveDetector, DetectorConfig
-from ia.decisions.engine import DecisionEngine
-from ia.decisions.guards import MemoryGuardStore
+from ia.decisions.detector import DetectorConfig
 from ia.decisions.policy import Policy
 from ia.decisions.shadow import intended_mode
-from ia.features.store import MemoryFeatureStore
-from ia.schemas.models import Decision, Feedback, Mode, TelemetryEvent
+from ia.offline.run import Variant
+from ia.schemas.models import Decision, Feedback, Mode
 
-OBSERVE_ONLY = "version: 1\nrules: []\n"
-BATCH = 500  # as ia.offline.replay, so a backtest decides exactly as a replay does
 ACTING = frozenset({Mode.auto.value, Mode.needs_approval.value, Mode.notify.value,
                     Mode.shadow.value})
 POSITIVE_FEEDBACK = frozenset({"true_positive", "useful"})
 DAY_MS = 86_400_000
 
 
-class BacktestError(ValueError):
+class BacktestError(IaError):
     """A variant, labels file or input that cannot be used (message says why)."""
 
 
 # --------------------------------------------------------------------------- variants
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    source: str
-    policy: Policy
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    detector_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "policy": self.policy.source,
-                "policy_version": self.policy.version, "rules": len(self.policy.doc.rules),
-                "detector": self.detector_overrides}
 
 
 def _detector_config(overrides: dict[str, Any], source: str) -> DetectorConfig:
@@ -107,31 +89,9 @@ def load_variant(path: Path, name: str | None = None) -> Variant:
         return Variant(label, str(path), Policy.from_file(path))
     policy_ref = data.get("policy")
     policy = Policy.from_file(path.parent / policy_ref) if policy_ref else \
-        Policy.from_text(OBSERVE_ONLY, "<observe-only>")
+        Policy.observe_only()
     overrides = dict(data.get("detector") or {})
     return Variant(label, str(path), policy, _detector_config(overrides, str(path)), overrides)
-
-
-def engine_for(variant: Variant, pipeline_id: str = "main") -> DecisionEngine:
-    """The worker's engine with memory state and event time: isolated and repeatable."""
-    p = variant.policy
-    return DecisionEngine(lambda: p, MemoryFeatureStore(), MemoryGuardStore(),
-                          clock=lambda ev: ev.ts, pipeline_id=pipeline_id,
-                          detector=AdaptiveDetector(variant.detector))
-
-
-async def decide_batches(events: Iterable[TelemetryEvent], variant: Variant,
-                         pipeline_id: str = "main") -> AsyncIterator[list[Decision]]:
-    """Decisions for ``events`` in order, one list per batch of :data:`BATCH`."""
-    engine = engine_for(variant, pipeline_id)
-    batch: list[TelemetryEvent] = []
-    for ev in events:
-        batch.append(ev)
-        if len(batch) >= BATCH:
-            yield await engine.process(batch)
-            batch = []
-    if batch:
-        yield await engine.process(batch)
 
 
 def thresholds(policy: Policy, entity: str, metric: str) -> list[tuple[str, float]]:

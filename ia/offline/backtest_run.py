@@ -19,14 +19,13 @@ from typing import Any
 from ia.offline.backtest import (
     Labels,
     Row,
-    Variant,
     compare,
-    decide_batches,
     load_labels_file,
     summarize,
     windows_from_feedback,
 )
 from ia.offline.history import History
+from ia.offline.run import Variant, decide
 from ia.schemas.models import Feedback
 
 
@@ -41,7 +40,7 @@ class LabelSource:
 
 async def _rows(history: History, variant: Variant) -> list[Row]:
     rows: list[Row] = []
-    async for batch in decide_batches(history.events, variant):
+    async for batch in decide(history, variant):
         rows.extend(Row.of(d) for d in batch)
     return rows
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import io
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ia.offline.replay import read_nab_csv, replay_events
+from ia.offline.history import read_nab_csv
+from ia.offline.run import decide, observe_only
 
 PROFILES = ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
 
@@ -40,13 +40,18 @@ def data_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "data").glob("*/*.csv"))
 
 
+async def _scores(path: Path) -> list[float]:
+    return [d.anomaly_score
+            async for batch in decide(read_nab_csv(path, path.stem, "value"), observe_only())
+            for d in batch]
+
+
 def score_file(path: Path) -> list[tuple[str, float]]:
     """(timestamp string, anomaly_score) per row, from a replay of the file."""
+    # The scorer wants the file's own timestamp strings back, not parsed times.
     with path.open(newline="", encoding="utf-8-sig") as fh:
         stamps = [row[0] for row in list(csv.reader(fh))[1:] if row]
-    buf = io.StringIO()
-    asyncio.run(replay_events(read_nab_csv(path, path.stem, "value"), buf))
-    scores = [json.loads(line)["anomaly_score"] for line in buf.getvalue().splitlines()]
+    scores = asyncio.run(_scores(path))
     if len(scores) != len(stamps):
         raise RuntimeError(f"{path}: {len(stamps)} rows but {len(scores)} decisions")
     return list(zip(stamps, scores, strict=True))

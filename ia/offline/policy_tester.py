@@ -3,9 +3,9 @@
 Each line of the input (JSON Lines) is one of:
 
 * a **telemetry event** (the ``ia.telemetry`` contract).  It goes through the
-  real decision engine (features, model, drift, policy, guards) with memory
-  stores and event time as the clock, exactly as offline replay does, so a
-  model warm-up applies: feed enough history for scores to mean something.
+  one offline runner (:mod:`ia.offline.run`: the real decision engine with
+  memory stores and event time as the clock, exactly as replay), so a model
+  warm-up applies: feed enough history for scores to mean something.
 * a **scored event**: a telemetry event plus ``score`` and optionally
   ``confidence`` (default: the score), ``drift`` (default ``stable``) and
   ``features`` (e.g. ``{"zscore": 4}`` for ``direction`` rules; ``value``
@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from ia.decisions.engine import DecisionEngine
-from ia.decisions.guards import MemoryGuardStore, MemoryKillSwitch, apply_guards, budget_scopes
+from ia.decisions.guards import MemoryKillSwitch, apply_guards, budget_scopes
 from ia.decisions.policy import BlastRadius, Policy
-from ia.features.store import MemoryFeatureStore
+from ia.offline.run import Runner, Variant
 from ia.schemas.models import (
     Action,
     Decision,
@@ -133,11 +132,10 @@ class PolicyTester:
                  action_seconds: float = 30.0) -> None:
         self.policy = policy
         self._effective = _with_lease(policy, action_seconds)
-        self.store = MemoryGuardStore()
-        self.kill_switch = MemoryKillSwitch(paused=paused)
-        self.engine = DecisionEngine(lambda: self._effective, MemoryFeatureStore(), self.store,
-                                     clock=lambda ev: ev.ts, pipeline_id=PIPELINE_ID,
-                                     kill_switch=self.kill_switch)
+        # Scored and outcome lines use the same guard state the runner decides with.
+        self.runner = Runner(Variant("tested", policy.source, self._effective),
+                             pipeline_id=PIPELINE_ID,
+                             kill_switch=MemoryKillSwitch(paused=paused))
         self.last_ts = 0
 
     async def run(self, lines: Iterable[str], source: str = "<input>") -> Report:
@@ -163,7 +161,7 @@ class PolicyTester:
             ev = TelemetryEvent.model_validate(data)
         except (ValidationError, ValueError, TypeError, KeyError) as exc:
             return LineResult(n, "error", error=f"{source}:{n}: invalid input: {_first(exc)}")
-        (decision,) = await self.engine.process([ev])
+        (decision,) = await self.runner.decide([ev])
         self.last_ts = max(self.last_ts, ev.ts)
         return LineResult(n, "event", decision=decision)
 
@@ -182,8 +180,8 @@ class PolicyTester:
                                           score=score, confidence=confidence, drift=drift.value)
         decision_id = derive_decision_id(ev.event_id or "", PIPELINE_ID)
         verdict = await apply_guards(result, decision_id=decision_id, ts=ev.ts, now=ev.ts,
-                                     labels=ev.labels, store=self.store,
-                                     kill_switch=self.kill_switch)
+                                     labels=ev.labels, store=self.runner.guards,
+                                     kill_switch=self.runner.kill_switch)
         self.last_ts = max(self.last_ts, ev.ts)
         decision = Decision(
             decision_id=decision_id, correlation_id=ev.event_id or "", event_id=ev.event_id or "",
@@ -202,8 +200,8 @@ class PolicyTester:
         ok = status in ("succeeded", "verified")
         rule = o.get("rule")
         member = str(o.get("decision_id", f"outcome-line-{n}"))
-        await self.store.record_result(f"{action.type}:{action.target}",
-                                       budget_scopes(action.type, rule), member, ok, at)
+        await self.runner.guards.record_result(f"{action.type}:{action.target}",
+                                               budget_scopes(action.type, rule), member, ok, at)
         return LineResult(n, "outcome", outcome={"action_type": action.type,
                                                  "target": action.target, "status": status,
                                                  "at": at})

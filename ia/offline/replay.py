@@ -1,57 +1,39 @@
-"""Offline replay: the worker's decision code on a file, without Kafka or Redis.
+"""``ia replay``: history through the worker's decision code, in isolation.
 
-The same :class:`~decisions.engine.DecisionEngine` runs with an in-memory
-feature store and guard store, and with event time as its clock, so the same
-input always gives byte-identical output.  Input is JSON lines of
-``TelemetryEvent`` or a NAB-style CSV (``timestamp,value``, rows taken as a
-stream in file order).  Output is one JSON line per input event.
+History is any :class:`~ia.offline.history.History` (a file, a NAB directory, a
+recording or a topic slice), decided by the one offline runner
+(:mod:`ia.offline.run`): memory state, event time as its clock, no Redis
+connection ever made (production keys cannot be touched), no actuator.  The
+same history gives byte-identical output.  Decisions go to a file, one compact
+JSON line per event or (``full``) the whole ``Decision``, or to a replay topic;
+a topic an actuator could consume (any ``*.decisions``) or any production topic
+is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
-import datetime as dt
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Protocol, TextIO
 
-from ia.decisions.engine import DecisionEngine
-from ia.decisions.guards import MemoryGuardStore
-from ia.decisions.policy import Policy
-from ia.features.store import MemoryFeatureStore
-from ia.schemas.models import Decision, TelemetryEvent
-
-OBSERVE_ONLY = "version: 1\nrules: []\n"
-BATCH = 500
-
-
-def _nab_ms(stamp: str) -> int:
-    """NAB timestamps are naive ``YYYY-MM-DD HH:MM:SS``; read them as UTC."""
-    return int(dt.datetime.fromisoformat(stamp.strip()).replace(tzinfo=dt.UTC).timestamp()
-               * 1000)
+from ia.core.errors import IaError, UsageError
+from ia.core.settings import Settings, Topics
+from ia.offline.history import History
+from ia.offline.run import Variant, decide
+from ia.offline.topic_slice import kafka_bootstrap
+from ia.schemas.models import Decision
+from ia.schemas.serde import encode
 
 
-def read_nab_csv(path: Path, entity: str, metric: str) -> Iterator[TelemetryEvent]:
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        rows = csv.reader(fh)
-        header = [h.strip() for h in next(rows, [])]
-        t_col, v_col = header.index("timestamp"), header.index("value")
-        for i, row in enumerate(r for r in rows if r):
-            # Row numbers make ids unique even where a file repeats a timestamp.
-            yield TelemetryEvent(entity=entity, metric=metric, value=float(row[v_col]),
-                                 ts=_nab_ms(row[t_col]), event_id=f"{entity}:{metric}:{i}")
-
-
-def read_jsonl(path: Path) -> Iterator[TelemetryEvent]:
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield TelemetryEvent.model_validate_json(line)
+class ReplayError(IaError):
+    """Replayed decisions that cannot be delivered where they were asked to go."""
 
 
 def output_line(d: Decision) -> str:
+    """The compact form of a decision: what was decided, without the features."""
     return json.dumps({
         "entity": d.entity, "metric": d.metric, "ts": d.ts, "value": d.value,
         "anomaly_score": d.anomaly_score, "confidence": d.confidence,
@@ -61,39 +43,97 @@ def output_line(d: Decision) -> str:
     }, separators=(",", ":"), ensure_ascii=False)
 
 
-def replay_engine(policy: Policy | None = None) -> DecisionEngine:
-    p = policy or Policy.from_text(OBSERVE_ONLY, "<observe-only>")
-    return DecisionEngine(lambda: p, MemoryFeatureStore(), MemoryGuardStore(),
-                          clock=lambda ev: ev.ts)
+def check_output_topic(name: str, topics: Topics) -> None:
+    """Refuse topics that production reads: decisions there could reach an actuator."""
+    protected = {*topics.all(), topics.decisions_shadow}
+    if name in protected or name.endswith(".decisions"):
+        raise UsageError(f"refusing to publish replayed decisions to {name!r}: an actuator or "
+                         f"the pipeline may read it; use e.g. {topics.prefix}.decisions.replay")
 
 
-async def replay_events(events: Iterable[TelemetryEvent], out: TextIO,
-                        policy: Policy | None = None) -> int:
-    """Decide every event in order (in batches, as the worker does); write one line each."""
-    engine = replay_engine(policy)
-    count, batch = 0, []
-    for ev in events:
-        batch.append(ev)
-        if len(batch) >= BATCH:
-            count += _write(await engine.process(batch), out)
-            batch = []
-    if batch:
-        count += _write(await engine.process(batch), out)
-    return count
+class Sink(Protocol):
+    def write(self, decisions: list[Decision]) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def _write(decisions: list[Decision], out: TextIO) -> int:
-    out.writelines(output_line(d) + "\n" for d in decisions)
-    return len(decisions)
+class FileSink:
+    def __init__(self, out: TextIO, full: bool) -> None:
+        self.out = out
+        self.line: Callable[[Decision], str] = (lambda d: d.model_dump_json()) if full \
+            else output_line
+
+    def write(self, decisions: list[Decision]) -> None:
+        self.out.writelines(self.line(d) + "\n" for d in decisions)
+
+    def close(self) -> None:
+        self.out.flush()
 
 
-def replay_file(input_path: Path, output_path: Path, fmt: str = "jsonl",
-                entity: str | None = None, metric: str | None = None,
-                policy: Policy | None = None) -> int:
-    if fmt == "nab-csv":
-        events: Iterable[TelemetryEvent] = read_nab_csv(
-            input_path, entity or input_path.stem, metric or "value")
+class TopicSink:
+    """Publishes decisions keyed by entity; every record is confirmed before close returns."""
+
+    def __init__(self, bootstrap: str, topic: str, fmt: str) -> None:
+        from confluent_kafka import Producer
+
+        self.topic, self.fmt = topic, fmt
+        self.errors: list[str] = []
+        self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                                  "enable.idempotence": True, "linger.ms": 20})
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.errors.append(str(err))
+
+    def write(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            self.producer.produce(self.topic, key=d.entity.encode(), value=encode(d, self.fmt),
+                                  on_delivery=self._delivered)
+            self.producer.poll(0)
+
+    def close(self) -> None:
+        left = self.producer.flush(60)
+        if left or self.errors:
+            raise ReplayError(f"{left} decision(s) unconfirmed, errors: {self.errors[:3]}")
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: events decided, how many with an action, where they went."""
+
+    events: int
+    acted: int
+    dead_letters: int
+    target: str
+
+
+async def _replay(history: History, variant: Variant, sink: Sink) -> tuple[int, int]:
+    n = acted = 0
+    async for batch in decide(history, variant):
+        sink.write(batch)
+        n += len(batch)
+        acted += sum(d.action is not None for d in batch)
+    sink.close()
+    return n, acted
+
+
+def replay(settings: Settings, history: History, variant: Variant, *,
+           output_path: Path | None = None, output_topic: str | None = None,
+           full: bool = False) -> Replayed:
+    """Decide ``history`` with ``variant`` and write the decisions to one place."""
+    if bool(output_path) == bool(output_topic):
+        raise UsageError("give either --output FILE or --output-topic TOPIC")
+    if output_topic:
+        from ia.core.kafka import ensure_topics
+
+        check_output_topic(output_topic, settings.topics)
+        bootstrap = kafka_bootstrap(settings)
+        ensure_topics(bootstrap, [output_topic], settings.topic_partitions)
+        n, acted = asyncio.run(_replay(history, variant, TopicSink(
+            bootstrap, output_topic, settings.wire_format)))
     else:
-        events = read_jsonl(input_path)
-    with output_path.open("w", encoding="utf-8", newline="\n") as out:
-        return asyncio.run(replay_events(events, out, policy))
+        assert output_path is not None
+        with output_path.open("w", encoding="utf-8", newline="\n") as out:
+            n, acted = asyncio.run(_replay(history, variant, FileSink(out, full)))
+    return Replayed(n, acted, sum(history.dead_letters.values()),
+                    str(output_path or output_topic))

@@ -26,7 +26,8 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from ia.core.times import iso
-from ia.offline.backtest import Change, Labels, Row, Variant, detections, thresholds
+from ia.offline.backtest import Change, Labels, Row, detections, thresholds
+from ia.offline.run import Variant
 
 MAX_POINTS = 4000
 COLORS = {"baseline": "#1f77b4", "candidate": "#ff7f0e", "window": "rgba(214,39,40,0.13)",

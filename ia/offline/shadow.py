@@ -1,4 +1,4 @@
-"""Shadow mode: a candidate policy/model beside production, compared, then promoted.
+"""Shadow mode: a candidate policy/model beside production, and the two compared.
 
 * ``ia worker --shadow --policy CANDIDATE`` runs the worker's pipeline on the
   same telemetry with its own consumer group (``<IA_APP_ID>-shadow``), its own
@@ -8,45 +8,21 @@
   ``<prefix>.decisions.shadow``, which no actuator reads; its decisions carry
   ``mode: shadow`` (:mod:`ia.decisions.shadow`).
 * ``ia shadow report`` compares the two decision topics over a time range.
-* ``ia shadow promote`` copies the candidate over the production policy file
-  (the worker and actuator reload it within a second) after keeping the
-  current version; ``ia shadow rollback`` puts the kept version back.  Both
-  append to a hash-chained promotion log (:class:`PromotionLog`).
-
-The promotion log is its own file beside the audit log rather than records in
-it: the audit log has a single leased writer fed from Kafka topics
-(``ia audit-writer``) and a fixed set of record kinds, and a CLI appending to it
-would break that writer's head check.  The log uses the same idea (each line
-carries the SHA-256 of the previous one) and ``ia shadow history`` verifies it.
+* ``ia shadow promote`` and ``rollback`` (:mod:`ia.governance.promotion`) then
+  make the candidate production, on the record, or undo that.
 """
 
 from __future__ import annotations
 
-import getpass
-import hashlib
-import json
-import os
-import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ia.core.clock import now_ms
 from ia.core.settings import Settings
-from ia.decisions.policy import Policy
 from ia.decisions.shadow import PIPELINE_ID
 from ia.offline.backtest import Labels, Row, compare, guard_interventions, quality, volume
 from ia.offline.recording import Partitions
 from ia.schemas.models import Decision
 from ia.schemas.serde import DecodeError, decode
-
-GENESIS = "0" * 64
-
-
-class PromotionError(RuntimeError):
-    """A promotion or rollback that must not happen (message says why)."""
-
 
 # --------------------------------------------------------------------------- the shadow worker
 
@@ -131,155 +107,3 @@ def format_report(r: dict[str, Any]) -> str:
                      f"production {ex['baseline']['mode']} {ex['baseline']['action']} -> "
                      f"shadow {ex['candidate']['mode']} {ex['candidate']['action']}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- promotion log
-
-
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     ensure_ascii=False).encode()).hexdigest()
-
-
-class PromotionLog:
-    """Append-only JSON Lines; each record holds the hash of the one before it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open(encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-
-    def verify(self) -> list[str]:
-        """Problems found (empty if every record is intact and chained)."""
-        problems, prev = [], GENESIS
-        for i, rec in enumerate(self.records(), start=1):
-            body = {k: v for k, v in rec.items() if k != "hash"}
-            if rec.get("seq") != i or rec.get("prev") != prev:
-                problems.append(f"record {i}: broken chain (removed, inserted or reordered)")
-            if _digest(body) != rec.get("hash"):
-                problems.append(f"record {i}: modified")
-            prev = rec.get("hash", "?")
-        return problems
-
-    def append(self, entry: dict[str, Any]) -> dict[str, Any]:
-        problems = self.verify()
-        if problems:
-            raise PromotionError(f"{self.path}: refusing to extend a log that fails "
-                                 f"verification: {problems[0]}")
-        recs = self.records()
-        body = {"seq": len(recs) + 1, "prev": recs[-1]["hash"] if recs else GENESIS,
-                "at": now_ms(), **entry}
-        rec = {**body, "hash": _digest(body)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, (json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return rec
-
-
-# --------------------------------------------------------------------------- promote / rollback
-
-
-@dataclass(frozen=True)
-class Places:
-    """Where promotions are recorded and superseded policy versions are kept."""
-
-    log: Path
-    versions: Path
-
-    @classmethod
-    def of(cls, s: Settings) -> Places:
-        base = s.audit_log.parent
-        return cls(base / f"{s.topic_prefix}.promotions.jsonl", base / "policy-versions")
-
-
-def default_by() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` in one step: a reader (the worker's hot reload) sees the old
-    file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _keep(places: Places, text: bytes, version: str) -> Path:
-    places.versions.mkdir(parents=True, exist_ok=True)
-    kept = places.versions / f"{version}.yaml"
-    if not kept.exists():
-        _write_atomically(kept, text)
-    return kept
-
-
-def _evidence(files: Sequence[Path]) -> list[dict[str, str]]:
-    return [{"file": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-            for f in files]
-
-
-def promote(candidate: Path, production: Path, places: Places, by: str, reason: str,
-            evidence: Sequence[Path] = ()) -> dict[str, Any]:
-    """Make ``candidate`` the production policy, keeping the current one for rollback."""
-    if not reason.strip():
-        raise PromotionError("a reason is required")
-    new = Policy.from_file(candidate)  # a candidate that does not load is never promoted
-    old_text = production.read_bytes()
-    old = Policy.from_text(old_text.decode("utf-8"), str(production))
-    if new.version == old.version:
-        raise PromotionError(f"{candidate} is already the production policy "
-                             f"(version {new.version})")
-    kept = _keep(places, old_text, old.version)
-    _keep(places, candidate.read_bytes(), new.version)
-    _write_atomically(production, candidate.read_bytes())
-    return PromotionLog(places.log).append({
-        "action": "promote", "by": by, "reason": reason, "production": str(production),
-        "candidate": str(candidate), "from_version": old.version, "to_version": new.version,
-        "kept": str(kept), "evidence": _evidence(evidence)})
-
-
-def _in_force(records: list[dict[str, Any]], production: Path) -> list[dict[str, Any]]:
-    """Promotions of ``production`` not yet rolled back, oldest first."""
-    stack: list[dict[str, Any]] = []
-    for rec in records:
-        if rec.get("production") != str(production):
-            continue
-        if rec["action"] == "promote":
-            stack.append(rec)
-        elif rec["action"] == "rollback" and stack:
-            stack.pop()
-    return stack
-
-
-def rollback(production: Path, places: Places, by: str, reason: str,
-             force: bool = False) -> dict[str, Any]:
-    """Put back the policy the last promotion of ``production`` replaced."""
-    if not reason.strip():
-        raise PromotionError("a reason is required")
-    log = PromotionLog(places.log)
-    stack = _in_force(log.records(), production)
-    if not stack:
-        raise PromotionError(f"no promotion of {production} to roll back")
-    last = stack[-1]
-    current = Policy.from_file(production).version
-    if current != last["to_version"] and not force:
-        raise PromotionError(
-            f"{production} is version {current}, not {last['to_version']} as promoted at "
-            f"seq {last['seq']}: it was changed since; use --force to roll back anyway")
-    kept = Path(last["kept"])
-    restored = Policy.from_file(kept)  # the kept file must still be a valid policy
-    _write_atomically(production, kept.read_bytes())
-    return log.append({
-        "action": "rollback", "by": by, "reason": reason, "production": str(production),
-        "from_version": current, "to_version": restored.version, "undoes": last["seq"],
-        "kept": str(kept)})

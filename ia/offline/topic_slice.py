@@ -29,6 +29,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from ia.core.errors import ConfigError, IaError, UsageError
+from ia.core.settings import Settings
+from ia.core.times import TimeFormatError, parse_time
 from ia.offline.recording import Partitions, RawRecord
 
 # A group id librdkafka needs for its configuration; with assign() and no
@@ -37,8 +40,16 @@ READER_GROUP = "ia-history-reader-no-commit"
 IDLE_LIMIT_S = 30.0
 
 
-class SliceError(RuntimeError):
-    """The slice cannot be read (unknown topic, broker gone, bad range)."""
+class SliceError(IaError):
+    """The slice cannot be read (unknown topic, broker gone)."""
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """The broker address; unlike the worker, reading history needs (and opens) no Redis."""
+    if not settings.kafka.bootstrap_servers:
+        raise ConfigError('KAFKA_BOOTSTRAP_SERVERS must be set (eval "$(ia up)" '
+                          "starts an embedded broker)")
+    return settings.kafka.bootstrap_servers
 
 
 def parse_offsets(text: str) -> dict[int, int]:
@@ -47,10 +58,10 @@ def parse_offsets(text: str) -> dict[int, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         p, sep, o = part.partition(":")
         if not sep or not p.strip().isdigit() or not o.strip().isdigit():
-            raise SliceError(f"bad offsets {text!r}: expected PARTITION:OFFSET[,...]")
+            raise UsageError(f"bad offsets {text!r}: expected PARTITION:OFFSET[,...]")
         out[int(p)] = int(o)
     if not out:
-        raise SliceError("no offsets given")
+        raise UsageError("no offsets given")
     return out
 
 
@@ -63,6 +74,20 @@ class SliceSpec:
     from_offsets: dict[int, int] | None = None
     # Partition -> end offset (exclusive); partitions not listed are read to their end.
     to_offsets: dict[int, int] | None = None
+
+    @classmethod
+    def from_options(cls, topic: str, from_time: str | None = None,
+                     to_time: str | None = None, from_offsets: str | None = None,
+                     to_offsets: str | None = None) -> SliceSpec:
+        """The slice that ``--from/--to/--from-offsets/--to-offsets`` name."""
+        try:
+            return cls(topic=topic,
+                       start_ms=parse_time(from_time) if from_time else None,
+                       end_ms=parse_time(to_time) if to_time else None,
+                       from_offsets=parse_offsets(from_offsets) if from_offsets else None,
+                       to_offsets=parse_offsets(to_offsets) if to_offsets else None)
+        except TimeFormatError as exc:
+            raise UsageError(str(exc)) from None
 
     def describe(self) -> dict[str, Any]:
         """The range as given, for headers and reports."""
