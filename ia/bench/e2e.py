@@ -211,13 +211,7 @@ class Bench:
         fresh = recount(self.infra.bootstrap, outputs, wanted)
         progress = group_progress(self.infra.bootstrap, run.app_id, run.topics.telemetry)
         lag = sum(max(0, end - max(0, done)) for done, end in progress.values())
-        if lag:
-            verdict = f"slow pipeline: {lag} telemetry records not committed yet"
-        elif fresh.found < fresh.wanted:
-            verdict = (f"lost: every telemetry record committed, but "
-                       f"{fresh.wanted - fresh.found} backlog events have no output")
-        else:
-            verdict = "short count: the pipeline is done, the live reader missed records"
+        verdict = drain_verdict(lag, fresh.wanted - fresh.found)
         parts = ", ".join(f"{p} {done}/{end}" for p, (done, end) in sorted(progress.items()))
         return (f"{verdict}. A fresh read of {', '.join(outputs)} finds {fresh.records} records, "
                 f"{fresh.distinct_ids} distinct ids, {fresh.found} of the {fresh.wanted} "
@@ -375,6 +369,17 @@ class Bench:
             self.phase_scale()
         self.result["seconds"] = round(time.monotonic() - started, 1)
         return summarise(self.result, self.opts)
+
+
+def drain_verdict(uncommitted: int, missing: int) -> str:
+    """What a drain that timed out means, from the telemetry the group has not committed
+    and the backlog events a fresh read finds no output for."""
+    if uncommitted:
+        return f"slow pipeline: {uncommitted} telemetry records not committed yet"
+    if missing:
+        return (f"lost: every telemetry record committed, but {missing} backlog events "
+                "have no output")
+    return "short count: the pipeline is done, the live reader missed records"
 
 
 def summarise(r: dict[str, Any], opts: BenchOptions) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from ia.core.clock import now_ms
 from ia.core.gaps import GapGuard, guard_assigned
-from ia.core.kafka import from_beginning
+from ia.core.kafka import end_offsets, from_beginning
 
 log = logging.getLogger("ia.bench")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -281,19 +281,16 @@ def recount(bootstrap: str, topics: list[str], wanted: set[str],
 
 
 def group_progress(bootstrap: str, group: str, topic: str) -> dict[int, tuple[int, int]]:
-    """Per partition of ``topic``: the offset ``group`` committed (-1: none) and the high
-    watermark. Reads the offsets only; does not join the group."""
+    """Per partition of ``topic``: the offset ``group`` committed (-1: none) and the offset
+    after the partition's last record. Reads the offsets only; does not join the group."""
+    ends = end_offsets(bootstrap, topic)
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                   "enable.auto.commit": False, "log.connection.close": False})
     try:
-        parts = [TopicPartition(topic, p) for p in c.list_topics(topic, timeout=10)
-                 .topics[topic].partitions]
-        committed = c.committed(parts, timeout=10)
-        return {tp.partition: (tp.offset if tp.offset >= 0 else -1,
-                               c.get_watermark_offsets(tp, timeout=10)[1])
-                for tp in committed}
+        committed = c.committed([TopicPartition(topic, p) for p in ends], timeout=10)
     finally:
         c.close()
+    return {tp.partition: (max(tp.offset, -1), ends[tp.partition]) for tp in committed}
 
 
 class Tap:
