@@ -110,12 +110,17 @@ class Run:
         ensure_topics(self.bench.infra.bootstrap, self.topics.all(),
                                self.bench.opts.partitions)
 
+    @property
+    def app_id(self) -> str:
+        """The consumer group of this run's workers."""
+        return f"{self.prefix}-pipeline"
+
     def env(self, metrics_port: int) -> dict[str, str]:
         return {
             "KAFKA_BOOTSTRAP_SERVERS": self.bench.infra.bootstrap,
             "REDIS_URL": self.bench.infra.redis_url,
             "IA_TOPIC_PREFIX": self.prefix, "IA_REDIS_PREFIX": self.prefix,
-            "IA_APP_ID": f"{self.prefix}-pipeline",
+            "IA_APP_ID": self.app_id,
             "IA_ACTUATOR_APP_ID": f"{self.prefix}-actuator",
             "IA_POLICY_FILE": str(self.bench.policy_file),
             "IA_BATCH_SIZE": str(self.bench.opts.batch_size),
@@ -188,9 +193,31 @@ class Bench:
         meter = self.cpu_meter(run.procs)
         threading.Thread(target=produce_all, daemon=True,
                          args=(self.infra.bootstrap, run.topics.telemetry, backlog)).start()
-        d = wait_drained(counter, base, len(backlog), timeout_s=600)
+        try:
+            d = wait_drained(counter, base, len(backlog), timeout_s=600)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{run.name}: {exc}; {self.diagnose(run, counter, backlog)}") \
+                from exc
         return {"events": len(backlog), "events_per_s": round(d.per_s, 1),
                 "seconds": round(d.total_seconds, 2), "cpu_cores": meter.cores()}
+
+    def diagnose(self, run: Run, counter: Any, backlog: list) -> str:
+        """Why a drain wait fell short: a slow pipeline (the group has not committed the
+        telemetry yet) or a short live count (a fresh read finds what it missed)."""
+        from ia.bench.load import event_id_of, group_progress, recount
+
+        outputs = [run.topics.decisions, run.topics.dlq]
+        wanted = {eid for _, v in backlog if (eid := event_id_of(v)) is not None}
+        fresh = recount(self.infra.bootstrap, outputs, wanted)
+        progress = group_progress(self.infra.bootstrap, run.app_id, run.topics.telemetry)
+        lag = sum(max(0, end - max(0, done)) for done, end in progress.values())
+        verdict = drain_verdict(lag, fresh.wanted - fresh.found)
+        parts = ", ".join(f"{p} {done}/{end}" for p, (done, end) in sorted(progress.items()))
+        return (f"{verdict}. A fresh read of {', '.join(outputs)} finds {fresh.records} records, "
+                f"{fresh.distinct_ids} distinct ids, {fresh.found} of the {fresh.wanted} "
+                f"backlog events; group {run.app_id} committed/end per telemetry partition: "
+                f"{parts}; live reader: {counter.count()} records, gaps {counter.gaps.stats}, "
+                f"{len(counter.errors)} error events")
 
     def throughput(self, name: str, command: str, workers: int, entities: int, events: int,
                    *, keep: bool = False) -> tuple[dict[str, Any], Run]:
@@ -342,6 +369,17 @@ class Bench:
             self.phase_scale()
         self.result["seconds"] = round(time.monotonic() - started, 1)
         return summarise(self.result, self.opts)
+
+
+def drain_verdict(uncommitted: int, missing: int) -> str:
+    """What a drain that timed out means, from the telemetry the group has not committed
+    and the backlog events a fresh read finds no output for."""
+    if uncommitted:
+        return f"slow pipeline: {uncommitted} telemetry records not committed yet"
+    if missing:
+        return (f"lost: every telemetry record committed, but {missing} backlog events "
+                "have no output")
+    return "short count: the pipeline is done, the live reader missed records"
 
 
 def summarise(r: dict[str, Any], opts: BenchOptions) -> dict[str, Any]:

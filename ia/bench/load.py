@@ -6,9 +6,11 @@ Nothing here knows about the phases of the benchmark (see :mod:`ia.bench`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import random
 import re
@@ -22,11 +24,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from ia.core.clock import now_ms
-from ia.core.kafka import from_beginning
+from ia.core.gaps import GapGuard, guard_assigned
+from ia.core.kafka import end_offsets, from_beginning
 
+log = logging.getLogger("ia.bench")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 METRICS = ("cpu_pct", "latency_ms")
 Record = tuple[bytes, bytes]  # (key, value)
@@ -142,24 +146,47 @@ def consume_ready(consumer: Consumer, timeout_s: float, max_records: int = 10_00
     return [first, *consumer.consume(max_records - 1, timeout=0)]
 
 
+def admitted(batch: list, guard: GapGuard, errors: list[str]) -> list:
+    """The records of ``batch`` the gap guard lets through, in order.
+
+    Error events are noted in ``errors`` and logged: librdkafka recovers from them by
+    itself, but a count that falls short should come with them.
+    """
+    out = []
+    for m in batch:
+        err = m.error()
+        if err is not None:
+            errors.append(str(err))
+            log.warning("%s: %s", m.topic() or "consumer", err)
+        elif guard.admit(m.topic(), m.partition(), m.offset()):
+            out.append(m)
+    guard.tick()
+    return out
+
+
 class TopicCounter:
     """Records in a set of topics, counted by reading them in a thread.
 
     (Not from high watermarks: tansu reports a partition's high watermark as
     the base offset of its last batch plus one, not the offset after it.)
+    Each offset counts once: a :class:`~ia.core.gaps.GapGuard` fetches again the
+    batches the broker skipped (see :mod:`ia.core.gaps`); ``gaps`` and ``errors``
+    say what happened on the way.
     """
 
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
         self._n = 0
         self._stop = threading.Event()
+        self.errors: list[str] = []
         self.consumer = from_beginning(bootstrap, topics, "ia-bench-count",
                                        **{"fetch.wait.max.ms": 10})
+        self.gaps = guard_assigned(self.consumer)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._n += sum(1 for m in consume_ready(self.consumer, 0.05) if not m.error())
+            self._n += len(admitted(consume_ready(self.consumer, 0.05), self.gaps, self.errors))
 
     def count(self) -> int:
         return self._n
@@ -201,6 +228,71 @@ def wait_drained(counter: TopicCounter, base: int, n: int, timeout_s: float) -> 
     return Drain(n, t90 - t10, now - started)
 
 
+@dataclass
+class Recount:
+    """The records of some topics as a fresh reader finds them, read to their end."""
+
+    records: int
+    distinct_ids: int
+    found: int  # of the ids looked for
+    wanted: int
+    ends: dict[str, dict[int, int]]  # topic -> partition -> offset after its last record
+
+
+def record_id(value: bytes) -> str | None:
+    """The event id a decision or a dead letter (by its original record) answers."""
+    eid = event_id_of(value)
+    if eid is not None:
+        return eid
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        dead = json.loads(value)
+        original = base64.b64decode(dead["original_b64"])
+        return event_id_of(original) or (f"{dead['source_topic']}[{dead['source_partition']}]"
+                                         f"@{dead['source_offset']}")
+    return None
+
+
+def recount(bootstrap: str, topics: list[str], wanted: set[str],
+            timeout_s: float = 120.0) -> Recount:
+    """Read ``topics`` from the beginning to their end (partition EOF) with a new consumer:
+    how many records, how many distinct ids, how many of ``wanted`` are there."""
+    c = from_beginning(bootstrap, topics, "ia-bench-recount", **{"enable.partition.eof": True})
+    pending = {(tp.topic, tp.partition) for tp in c.assignment()}
+    ends: dict[str, dict[int, int]] = {t: {} for t in topics}
+    ids: set[str] = set()
+    records = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while pending and time.monotonic() < deadline:
+            for m in c.consume(10_000, timeout=0.2):
+                err = m.error()
+                if err is None:
+                    records += 1
+                    ends[m.topic()][m.partition()] = m.offset() + 1
+                    if (rid := record_id(m.value())) is not None:
+                        ids.add(rid)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard((m.topic(), m.partition()))
+    finally:
+        c.close()
+    if pending:
+        raise TimeoutError(f"recount: {sorted(pending)} not read to their end in {timeout_s:g}s")
+    return Recount(records, len(ids), len(wanted & ids), len(wanted), ends)
+
+
+def group_progress(bootstrap: str, group: str, topic: str) -> dict[int, tuple[int, int]]:
+    """Per partition of ``topic``: the offset ``group`` committed (-1: none) and the offset
+    after the partition's last record. Reads the offsets only; does not join the group."""
+    ends = end_offsets(bootstrap, topic)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                  "enable.auto.commit": False, "log.connection.close": False})
+    try:
+        committed = c.committed([TopicPartition(topic, p) for p in ends], timeout=10)
+    finally:
+        c.close()
+    return {tp.partition: (max(tp.offset, -1), ends[tp.partition]) for tp in committed}
+
+
 class Tap:
     """Reads topics in a thread, noting when each record with a marker arrives.
 
@@ -217,6 +309,8 @@ class Tap:
         self._stop = threading.Event()
         self._consumer = from_beginning(bootstrap, list(markers), "ia-bench-tap",
                                         **{"fetch.wait.max.ms": 5})
+        self.gaps = guard_assigned(self._consumer)
+        self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -226,9 +320,7 @@ class Tap:
             now = time.time()
             if not batch:
                 self._idle.set()
-            for m in batch:
-                if m.error():
-                    continue
+            for m in admitted(batch, self.gaps, self.errors):
                 marker = self.markers.get(m.topic())
                 if marker is None or marker in m.value():
                     self.received.append((m.topic(), m.value(), now))

@@ -43,6 +43,39 @@ def from_beginning(bootstrap: str, topics: list[str], group: str = "ia-reader",
     return c
 
 
+def end_offsets(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+    """The offset after the last record of each partition of ``topic``.
+
+    Read, not asked for: tansu answers a high-watermark query with the base offset of
+    the partition's last batch plus one, so the last batch is read from there to the
+    partition's end.
+    """
+    c = _consumer(bootstrap)
+    try:
+        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends: dict[int, int] = {}
+        starts = []
+        for p in parts:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = max(high, 0)
+            starts.append(TopicPartition(topic, p, max(low, high - 1, 0)))
+        c.assign(starts)
+        pending = set(parts)
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for m in c.consume(10_000, timeout=0.2):
+                err = m.error()
+                if err is None:
+                    ends[m.partition()] = max(ends[m.partition()], m.offset() + 1)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(m.partition())
+        if pending:
+            raise TimeoutError(f"{topic}: partitions {sorted(pending)} not read to their end")
+        return ends
+    finally:
+        c.close()
+
+
 def record_count(bootstrap: str, topic: str) -> int:
     """Approximate records in ``topic`` (sum of watermark ranges); cheap, may lag."""
     c = _consumer(bootstrap)
