@@ -29,12 +29,13 @@ import json
 from dataclasses import dataclass
 
 from ia.core import clock
+from ia.core.errors import IaError
 from ia.features.store import RedisFeatureStore
 from ia.schemas.models import Action, Decision
 from ia.schemas.serde import decode, encode
 
 
-class SpecError(ValueError):
+class SpecError(IaError, ValueError):
     pass
 
 

@@ -62,11 +62,14 @@ from pydantic import (
     model_validator,
 )
 
+from ia.core.errors import IaError
 from ia.schemas.models import Action, Mode, RuleTrace
 
 
-class PolicyError(ValueError):
+class PolicyError(IaError, ValueError):
     """A policy document that cannot be used; names the file and line."""
+
+    exit_code = 2
 
     def __init__(self, source: str, line: int | None, message: str) -> None:
         self.source, self.line, self.message = source, line, message

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
+from ia.core.errors import IaError
 from ia.features.aggregations import (
     CORE_FORMAT,
     CORE_FRESH,
@@ -74,7 +75,7 @@ _KIND_OF = {Aggregation.since_event: Kind.event, Aggregation.event_within: Kind.
             Aggregation.counter: Kind.feedback, Aggregation.last_action: Kind.outcome}
 
 
-class DefinitionError(ValueError):
+class DefinitionError(IaError, ValueError):
     """A definition (or the set of them) is inconsistent."""
 
 

@@ -329,7 +329,7 @@ async def test_approval_events_are_recorded(aredis, tmp_path: Path) -> None:
 
 
 def test_story_tells_event_features_models_rules_guards_approval_and_outcomes() -> None:
-    from ia.cli.governance import story
+    from ia.cli.audit import story
 
     d = _decision(7, True).model_dump(mode="json")
     d["mode"] = "needs_approval"

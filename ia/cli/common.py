@@ -1,18 +1,15 @@
-"""What every command shares: settings from the environment, and one place that turns
-library errors into messages and exit codes."""
+"""What every command shares: settings from the environment, a Redis client, and the
+one place that turns library errors into messages and exit codes."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
+import datetime as dt
+from typing import Any
 
 import click
 
-from ia.core.errors import IaError
+from ia.core.errors import ConfigError, IaError
 from ia.core.settings import Settings, load
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def settings(**overrides: object) -> Settings:
@@ -20,11 +17,27 @@ def settings(**overrides: object) -> Settings:
     return load(**overrides)
 
 
+def redis_client(s: Settings) -> Any:
+    """An asyncio Redis client for ``s.redis.url``; :class:`ConfigError` if it is unset."""
+    import redis.asyncio as aioredis
+
+    if not s.redis.url:
+        raise ConfigError('REDIS_URL must be set (eval "$(ia up)" starts one)')
+    return aioredis.from_url(s.redis.url, decode_responses=False)
+
+
+def when(ms: int | None) -> str:
+    """Epoch milliseconds as a UTC time for people, ``-`` for none."""
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 class IaClickError(click.ClickException):
     """An :class:`IaError` as click shows it: ``Error: message``, then its exit code."""
 
     def __init__(self, error: IaError) -> None:
-        super().__init__(error.message)
+        super().__init__(str(error))
         self.exit_code = error.exit_code
 
 
@@ -37,16 +50,3 @@ class IaGroup(click.Group):
             return super().invoke(ctx)
         except IaError as exc:
             raise IaClickError(exc) from exc
-
-
-def cli_errors(command: F) -> F:
-    """Show an :class:`IaError` raised by ``command`` as a message with its exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except IaError as exc:
-            raise IaClickError(exc) from exc
-
-    return wrapper  # type: ignore[return-value]

@@ -1,32 +1,11 @@
-"""Command-line options shared by replay, backtest, record and shadow, and how their
-errors are shown (click only, so ``ia`` starts fast)."""
+"""Command-line options shared by replay, backtest, record and shadow (click only, so
+``ia`` starts fast)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import click
-
-from ia.core.errors import IaError
-
-
-@contextlib.contextmanager
-def cli_errors(*also: type[Exception]) -> Iterator[None]:
-    """Show an :class:`~ia.core.errors.IaError` as ``Error: <message>`` and exit with
-    its ``exit_code``; library code never decides how its errors are shown.
-
-    ``also``: other errors whose message is meant for the user (a
-    :class:`~ia.decisions.policy.PolicyError` names file and line), shown with exit 1.
-    """
-    try:
-        yield
-    except IaError as exc:
-        shown = click.ClickException(exc.message)
-        shown.exit_code = exc.exit_code
-        raise shown from None
-    except also as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _apply(f: Callable, options: list[Callable]) -> Callable:

@@ -1,7 +1,7 @@
 """One error tree for everything a user can get wrong or an environment can lack.
 
 Library code raises an :class:`IaError` subclass and never decides how it is shown:
-the CLI turns it into a message and ``exit_code`` (``ia.cli.options.cli_errors``) and
+the CLI turns it into a message and ``exit_code`` (``ia.cli.common.IaGroup``) and
 the approval API into ``http_status`` (``ia.governance.api``). Nothing is chosen by
 matching the message text.
 """
@@ -10,14 +10,10 @@ from __future__ import annotations
 
 
 class IaError(Exception):
-    """An error with a message meant for the user."""
+    """An error whose text (``str(error)``) is meant for the user."""
 
     exit_code: int = 1
     http_status: int = 500
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class ConfigError(IaError):

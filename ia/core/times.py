@@ -6,13 +6,14 @@ import datetime as dt
 import re
 
 from ia.core import clock
+from ia.core.errors import UsageError
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class TimeFormatError(ValueError):
-    pass
+class TimeFormatError(UsageError, ValueError):
+    """A time on the command line that cannot be read."""
 
 
 def parse_time(text: str, now_ms: int | None = None) -> int:

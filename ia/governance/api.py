@@ -95,12 +95,12 @@ def load_tokens(token: str | None, token_file: Path | None) -> dict[str, str]:
                 continue
             parts = line.split()
             if len(parts) > 2:
-                raise ValueError(f"{token_file}:{n}: expected 'token' or 'name token'")
+                raise ConfigError(f"{token_file}:{n}: expected 'token' or 'name token'")
             name, value = (parts[0], parts[1]) if len(parts) == 2 else ("api", parts[0])
             tokens[value] = name
     for value, name in tokens.items():
         if len(value) < MIN_TOKEN_LEN:
-            raise ValueError(f"API token {name!r} is shorter than {MIN_TOKEN_LEN} characters")
+            raise ConfigError(f"API token {name!r} is shorter than {MIN_TOKEN_LEN} characters")
     return tokens
 
 
@@ -171,7 +171,7 @@ def build_api(desk: ApprovalDesk, tokens: dict[str, str]) -> web.Application:
                                    by=(by or token_name)[:256], via=f"api:{token_name}",
                                    reason=reason[:4096])
         except ApprovalError as exc:
-            return web.json_response({"error": exc.message}, status=exc.http_status)
+            return web.json_response({"error": str(exc)}, status=exc.http_status)
         return web.json_response({"approval": _json(ev)})
 
     async def approve(request: web.Request) -> web.Response:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ia.core.errors import IaError
 from ia.governance import hashchain
 from ia.governance.hashchain import GENESIS, SealError, read_lines
 
@@ -48,7 +49,7 @@ KINDS = frozenset({"decision", "observations", "approval", "outcome"})
 _MAX_PROBLEMS = 50
 
 
-class AuditError(Exception):
+class AuditError(IaError):
     """The log cannot be appended to safely (broken chain, head mismatch)."""
 
 

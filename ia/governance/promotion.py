@@ -14,24 +14,23 @@ would break that writer's head check.  ``ia shadow history`` verifies it.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ia.core.clock import now_ms
+from ia.core.errors import IaError
 from ia.core.settings import Settings
 from ia.decisions.policy import Policy
 from ia.governance import hashchain
 from ia.governance.hashchain import GENESIS, SealError
 
 
-class PromotionError(RuntimeError):
+class PromotionError(IaError):
     """A promotion or rollback that must not happen (message says why)."""
 
 
@@ -92,10 +91,6 @@ class Places:
     def of(cls, s: Settings) -> Places:
         base = s.audit_log.parent
         return cls(base / f"{s.topic_prefix}.promotions.jsonl", base / "policy-versions")
-
-
-def default_by() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

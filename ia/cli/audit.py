@@ -1,159 +1,19 @@
-"""CLI commands of the governance layer: approvals, the audit log, the API.
-
-Registered on the main ``ia`` group by :mod:`ia.cli`.
-"""
+"""``ia audit``: verify the hash-chained audit log and tell a decision's story."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import getpass
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from ia.cli.common import settings
+from ia.cli.common import redis_client, settings, when
 from ia.core.clock import now_ms
 from ia.core.settings import Settings
 from ia.schemas.models import RuleTrace
-
-
-def _settings(**overrides: object) -> Settings:
-    return settings(**overrides)
-
-
-def _redis(s: Settings):
-    import redis.asyncio as aioredis
-
-    if not s.redis.url:
-        raise click.ClickException('REDIS_URL must be set (eval "$(ia up)" starts one)')
-    return aioredis.from_url(s.redis.url, decode_responses=False)
-
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _default_by() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-# --------------------------------------------------------------------------- approvals
-
-
-@click.group()
-def approvals() -> None:
-    """Human approval of needs_approval decisions."""
-
-
-@approvals.command("list")
-@click.option("--all", "show_all", is_flag=True, help="Also resolved requests (most recent first).")
-@click.option("--json", "as_json", is_flag=True)
-def approvals_list(show_all: bool, as_json: bool) -> None:
-    """Pending approval requests (oldest first)."""
-    from ia.actuators.approvals import ApprovalStore
-
-    s = _settings()
-
-    async def run():
-        client = _redis(s)
-        try:
-            return await ApprovalStore(client, s.redis.prefix).list(pending_only=not show_all)
-        finally:
-            await client.aclose()
-
-    events = asyncio.run(run())
-    if as_json:
-        for ev in events:
-            click.echo(ev.model_dump_json())
-        return
-    if not events:
-        click.echo("no pending approval requests" if not show_all else "no approval requests")
-        return
-    now = now_ms()
-    for ev in events:
-        left = max(0, ev.expires_at - now) // 1000
-        state = f"expires in {left}s" if ev.status.value == "requested" else \
-            f"{ev.status.value} by {ev.by} via {ev.via}"
-        click.echo(f"{ev.approval_id}  {ev.action.type} on {ev.action.target}  "
-                   f"(entity {ev.entity}, {ev.metric}, score {ev.anomaly_score:.2f}, "
-                   f"rule {ev.rule or '-'})  {state}")
-
-
-@approvals.command("show")
-@click.argument("approval_id")
-def approvals_show(approval_id: str) -> None:
-    """One approval request and its decision, as JSON (approval or decision id)."""
-    from ia.actuators.approvals import ApprovalStore
-
-    s = _settings()
-
-    async def run():
-        client = _redis(s)
-        try:
-            return await ApprovalStore(client, s.redis.prefix).get(approval_id)
-        finally:
-            await client.aclose()
-
-    found = asyncio.run(run())
-    if found is None:
-        raise click.ClickException(f"no approval request {approval_id}")
-    click.echo(json.dumps({"approval": found[0].model_dump(mode="json"),
-                           "decision": found[1].model_dump(mode="json")}, indent=2))
-
-
-def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> None:
-    from ia.actuators.approvals import ApprovalError, ApprovalStore
-    from ia.governance.api import ApprovalDesk, kafka_publisher
-
-    s = _settings()
-    bootstrap, _ = s.require_endpoints()
-
-    async def run():
-        client = _redis(s)
-        publish, close = kafka_publisher(bootstrap, s.topics.approvals, s.wire_format)
-        try:
-            desk = ApprovalDesk(ApprovalStore(client, s.redis.prefix), publish)
-            return await desk.answer(approval_id, approve, by=by or _default_by(), via="cli",
-                                     reason=reason)
-        finally:
-            close()
-            await client.aclose()
-
-    try:
-        ev = asyncio.run(run())
-    except ApprovalError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"{ev.approval_id} {ev.status.value} by {ev.by} at {_when(ev.at)}")
-
-
-@approvals.command("approve")
-@click.argument("approval_id")
-@click.option("--by", default=None, help="Who approves (default: user@host).")
-@click.option("--reason", default="", help="Why (recorded).")
-def approvals_approve(approval_id: str, by: str | None, reason: str) -> None:
-    """Approve APPROVAL_ID (or the decision id): the actuator runs the action."""
-    _answer(approval_id, True, by, reason)
-
-
-@approvals.command("reject")
-@click.argument("approval_id")
-@click.option("--reason", required=True, help="Why (recorded; required).")
-@click.option("--by", default=None, help="Who rejects (default: user@host).")
-def approvals_reject(approval_id: str, reason: str, by: str | None) -> None:
-    """Reject APPROVAL_ID (or the decision id): the action never runs."""
-    if not reason.strip():
-        raise click.BadParameter("a rejection needs a reason", param_hint="--reason")
-    _answer(approval_id, False, by, reason)
-
-
-# --------------------------------------------------------------------------- audit
 
 
 @click.group()
@@ -165,7 +25,7 @@ def _heads(s: Settings):
     from ia.governance.audit_store import RedisAuditState
 
     async def run():
-        client = _redis(s)
+        client = redis_client(s)
         try:
             return await RedisAuditState(client, s.redis.prefix).heads()
         finally:
@@ -184,7 +44,7 @@ def audit_verify(log_file: Path | None, no_head: bool, as_json: bool) -> None:
     """Check every record's hash, the chain and the stored head (exit 1 on any problem)."""
     from ia.governance.audit import Completeness, verify
 
-    s = _settings()
+    s = settings()
     path = log_file or s.audit_log
     for attempt in range(10):
         head, pending = (None, None) if no_head else _heads(s)
@@ -228,7 +88,7 @@ def audit_show(decision_id: str, log_file: Path | None, as_json: bool) -> None:
     guards, approval and outcome."""
     from ia.governance.audit import AuditError, find
 
-    s = _settings()
+    s = settings()
     path = log_file or s.audit_log
     try:
         records = find(path, decision_id)
@@ -260,7 +120,7 @@ def story(decision_id: str, records) -> str:
         d = decision
         out += [
             "event",
-            f"  {d['entity']} {d['metric']} = {d['value']:g} at {_when(d['ts'])} "
+            f"  {d['entity']} {d['metric']} = {d['value']:g} at {when(d['ts'])} "
             f"(event {d['event_id']}, correlation {d['correlation_id']})",
             "model",
             f"  {d['model']['id']} version {d['model']['version']}; "
@@ -296,17 +156,17 @@ def story(decision_id: str, records) -> str:
         out += ["decision",
                 f"  mode {d['mode']}; action " + (
                     f"{action['type']} on {action['target']} {action.get('params') or {}}"
-                    if action else "none") + f"; decided at {_when(d['decided_at'])}"]
+                    if action else "none") + f"; decided at {when(d['decided_at'])}"]
     approvals_ = [r.data for r in records if r.kind == "approval"]
     out.append("approval")
     if not approvals_:
         out.append("  (none)")
     for a in approvals_:
         if a["status"] == "requested":
-            out.append(f"  requested at {_when(a['requested_at'])} ({a['approval_id']}, "
-                       f"expires {_when(a['expires_at'])}, on expiry {a['on_expiry']})")
+            out.append(f"  requested at {when(a['requested_at'])} ({a['approval_id']}, "
+                       f"expires {when(a['expires_at'])}, on expiry {a['on_expiry']})")
         else:
-            out.append(f"  {a['status']} by {a['by']} via {a['via']} at {_when(a['at'])}"
+            out.append(f"  {a['status']} by {a['by']} via {a['via']} at {when(a['at'])}"
                        + (f": {a['reason']}" if a.get("reason") else ""))
     outcomes = [r.data for r in records if r.kind == "outcome"]
     out.append("outcome")
@@ -316,40 +176,6 @@ def story(decision_id: str, records) -> str:
         extra = f"; approved by {o['approved_by']}" if o.get("approved_by") else ""
         err = f"; error: {o['error']}" if o.get("error") else ""
         out.append(f"  [{o.get('phase', 'action')}] {o['status']}: {o['action_type']} on "
-                   f"{o['target']} at {_when(o['finished_at'])} ({o['duration_ms']:.0f} ms, "
+                   f"{o['target']} at {when(o['finished_at'])} ({o['duration_ms']:.0f} ms, "
                    f"{o['attempts']} attempt(s)){extra}: {o['detail']}{err}")
     return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-@click.command("audit-writer")
-@click.option("--metrics-port", type=int, default=None)
-@click.option("--grace", "grace_s", type=float, default=300.0, show_default=True,
-              help="Seconds a decision's record may stay incomplete before it counts as "
-                   "overdue (after the approval's expiry for needs_approval).")
-def audit_writer(metrics_port: int | None, grace_s: float) -> None:
-    """Append every decision, approval and outcome to the hash-chained audit log."""
-    from ia.streams.app import run_faust
-    from ia.streams.audit import build_audit_writer
-
-    s = _settings(metrics_port=metrics_port)
-    run_faust(build_audit_writer(s, grace_s=grace_s), s)
-
-
-@click.command("api")
-@click.option("--host", default=None, help="Bind address (default: $IA_API_HOST or 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port (default: $IA_API_PORT or 8470).")
-def api(host: str | None, port: int | None) -> None:
-    """Serve the approval HTTP API (token from IA_API_TOKEN or IA_API_TOKEN_FILE)."""
-    from ia.governance.api import serve
-
-    s = _settings()
-    try:
-        serve(s, host, port)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-COMMANDS = [approvals, audit, audit_writer, api]

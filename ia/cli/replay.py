@@ -1,19 +1,16 @@
-"""Model commands: ``ia replay``, ``ia eval nab``, ``ia bench decisions``.
+"""``ia replay`` and ``ia eval nab``: the decision code on history, offline.
 
-None of them needs Redis: they run the decision code on files, or (``ia replay
---topic``) on a slice of a topic read from the broker.
-"""
+Neither needs Redis: they run on files, or (``ia replay --topic``) on a slice of a topic
+read from the broker."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
 
-from ia.cli.options import cli_errors, history_options, replay_output_options
-from ia.core.settings import load
+from ia.cli import common
+from ia.cli.options import history_options, replay_output_options
 
 
 @click.command()
@@ -42,20 +39,18 @@ def replay(input_path: Path | None, output_path: Path | None, fmt: str, entity: 
     With --topic, history comes from Kafka: own consumer, no commits, memory state, no
     actuator; decisions to --output or --output-topic.
     """
-    from ia.decisions.policy import PolicyError
     from ia.offline.backtest import load_variant
     from ia.offline.history import load_history
     from ia.offline.replay import replay as run_replay
     from ia.offline.run import observe_only
 
-    settings = load()
-    with cli_errors(PolicyError):
-        variant = load_variant(policy_file) if policy_file else observe_only()
-        # The default `jsonl` also takes a recording: its header says what it is.
-        history = load_history(settings, input_path, "auto" if fmt == "jsonl" else fmt,
-                               entity, metric, **topic_options)
-        done = run_replay(settings, history, variant, output_path=output_path,
-                          output_topic=output_topic, full=full)
+    settings = common.settings()
+    variant = load_variant(policy_file) if policy_file else observe_only()
+    # The default `jsonl` also takes a recording: its header says what it is.
+    history = load_history(settings, input_path, "auto" if fmt == "jsonl" else fmt,
+                           entity, metric, **topic_options)
+    done = run_replay(settings, history, variant, output_path=output_path,
+                      output_topic=output_topic, full=full)
     click.echo(f"replayed {done.events} events ({done.acted} with an action, "
                f"{done.dead_letters} dead letters skipped) -> {done.target}", err=True)
 
@@ -81,29 +76,3 @@ def eval_nab(data_dir: Path, out_dir: Path, scorer: Path | None) -> None:
     click.echo(f"\nreplayed {result.files} files, {result.rows} rows; score CSVs in {out_dir}")
     for profile, value in result.scores.items():
         click.echo(f"{profile}: {value:.2f}")
-
-
-@click.group()
-def bench() -> None:
-    """Benchmarks printed with ratios against a baseline measured in the same run."""
-
-
-@bench.command(name="decisions")
-@click.option("--series", type=int, default=1000, show_default=True)
-@click.option("--events-per-series", "per_series", type=int, default=30, show_default=True)
-@click.option("--repeat", type=int, default=3, show_default=True)
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Also write the figures as JSON.")
-def bench_decisions_cmd(series: int, per_series: int, repeat: int,
-                        json_file: Path | None) -> None:
-    """Scoring + learning cost per event per series, vs River HalfSpaceTrees."""
-    from ia.bench.decisions import bench_decisions, format_bench
-
-    result = bench_decisions(series, per_series, repeat)
-    click.echo(format_bench(result))
-    if json_file:
-        json_file.write_text(json.dumps(result, indent=2) + "\n")
-    sys.exit(0)
-
-
-COMMANDS = [replay, eval_group, bench]

@@ -1,0 +1,115 @@
+"""``ia approvals``: human approval of needs_approval decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+from ia.cli.common import redis_client, settings, when
+from ia.core.clock import now_ms
+from ia.core.operator import default_by
+
+
+@click.group()
+def approvals() -> None:
+    """Human approval of needs_approval decisions."""
+
+
+@approvals.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also resolved requests (most recent first).")
+@click.option("--json", "as_json", is_flag=True)
+def approvals_list(show_all: bool, as_json: bool) -> None:
+    """Pending approval requests (oldest first)."""
+    from ia.actuators.approvals import ApprovalStore
+
+    s = settings()
+
+    async def run():
+        client = redis_client(s)
+        try:
+            return await ApprovalStore(client, s.redis.prefix).list(pending_only=not show_all)
+        finally:
+            await client.aclose()
+
+    events = asyncio.run(run())
+    if as_json:
+        for ev in events:
+            click.echo(ev.model_dump_json())
+        return
+    if not events:
+        click.echo("no pending approval requests" if not show_all else "no approval requests")
+        return
+    now = now_ms()
+    for ev in events:
+        left = max(0, ev.expires_at - now) // 1000
+        state = f"expires in {left}s" if ev.status.value == "requested" else \
+            f"{ev.status.value} by {ev.by} via {ev.via}"
+        click.echo(f"{ev.approval_id}  {ev.action.type} on {ev.action.target}  "
+                   f"(entity {ev.entity}, {ev.metric}, score {ev.anomaly_score:.2f}, "
+                   f"rule {ev.rule or '-'})  {state}")
+
+
+@approvals.command("show")
+@click.argument("approval_id")
+def approvals_show(approval_id: str) -> None:
+    """One approval request and its decision, as JSON (approval or decision id)."""
+    from ia.actuators.approvals import ApprovalStore
+
+    s = settings()
+
+    async def run():
+        client = redis_client(s)
+        try:
+            return await ApprovalStore(client, s.redis.prefix).get(approval_id)
+        finally:
+            await client.aclose()
+
+    found = asyncio.run(run())
+    if found is None:
+        raise click.ClickException(f"no approval request {approval_id}")
+    click.echo(json.dumps({"approval": found[0].model_dump(mode="json"),
+                           "decision": found[1].model_dump(mode="json")}, indent=2))
+
+
+def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> None:
+    from ia.actuators.approvals import ApprovalStore
+    from ia.governance.api import ApprovalDesk, kafka_publisher
+
+    s = settings()
+    bootstrap, _ = s.require_endpoints()
+
+    async def run():
+        client = redis_client(s)
+        publish, close = kafka_publisher(bootstrap, s.topics.approvals, s.wire_format)
+        try:
+            desk = ApprovalDesk(ApprovalStore(client, s.redis.prefix), publish)
+            return await desk.answer(approval_id, approve, by=by or default_by(), via="cli",
+                                     reason=reason)
+        finally:
+            close()
+            await client.aclose()
+
+    ev = asyncio.run(run())
+    click.echo(f"{ev.approval_id} {ev.status.value} by {ev.by} at {when(ev.at)}")
+
+
+@approvals.command("approve")
+@click.argument("approval_id")
+@click.option("--by", default=None, help="Who approves (default: user@host).")
+@click.option("--reason", default="", help="Why (recorded).")
+def approvals_approve(approval_id: str, by: str | None, reason: str) -> None:
+    """Approve APPROVAL_ID (or the decision id): the actuator runs the action."""
+    _answer(approval_id, True, by, reason)
+
+
+@approvals.command("reject")
+@click.argument("approval_id")
+@click.option("--reason", required=True, help="Why (recorded; required).")
+@click.option("--by", default=None, help="Who rejects (default: user@host).")
+def approvals_reject(approval_id: str, reason: str, by: str | None) -> None:
+    """Reject APPROVAL_ID (or the decision id): the action never runs."""
+    if not reason.strip():
+        raise click.BadParameter("a rejection needs a reason", param_hint="--reason")
+    _answer(approval_id, False, by, reason)
