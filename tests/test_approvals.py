@@ -21,6 +21,7 @@ from ia.actuators.executor import ActionExecutor
 from ia.actuators.registry import ActuatorContext, build_actuators, discover, load_plugins
 from ia.actuators.service import ActuatorService
 from ia.actuators.verification import SpecError, Verifier, spec_of
+from ia.core.errors import ConfigError
 from ia.governance.api import ApprovalDesk, build_api, load_tokens
 from ia.schemas.models import (
     Action,
@@ -345,10 +346,10 @@ def test_token_loading(tmp_path: Path) -> None:
     f.write_text("# comment\n\nops " + "a" * 20 + "\n" + "b" * 20 + "\n")
     assert load_tokens("c" * 16, f) == {"c" * 16: "api", "a" * 20: "ops", "b" * 20: "api"}
     assert load_tokens(None, None) == {}
-    with pytest.raises(ValueError, match="shorter"):
+    with pytest.raises(ConfigError, match="shorter"):
         load_tokens("short", None)
     f.write_text("a b c\n")
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ConfigError, match="expected"):
         load_tokens(None, f)
 
 
