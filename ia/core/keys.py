@@ -16,7 +16,7 @@ family                key                                type    writers / reade
 ====================  =================================  ======  ===================  ==============
 entity                ia:f:v1:{entity}                   hash    worker / worker,     14 d, renewed
                                                                  verifier, CLI
-claim                 ia:claim:{guard key}               string  worker, actuator     24 h
+claim                 ia:claim:{guard key}               string  worker               24 h
 window                ia:g:win:{guard key}               zset    worker               window + 24 h
 slots                 ia:g:slots:{group}                 zset    worker, actuator     2*lease + 60 s
 slot-of               ia:g:slot-of:{decision id}         string  worker, actuator     2*lease + 60 s
@@ -39,7 +39,7 @@ verifications due     ia:verify:due                      zset    actuator       
 approval              ia:appr:{approval id}              hash    actuator, API, CLI   TTL + 30 d
 approvals pending     ia:appr:pending                    zset    actuator, API, CLI   none
 approvals unfinished  ia:appr:unfinished                 zset    actuator, API, CLI   none
-approvals index       ia:appr:index                      zset    actuator / CLI       none
+approvals index       ia:appr:index                      zset    actuator / API, CLI  none
 audit head            ia:audit:head                      string  audit writer / CLI   none
 audit pending         ia:audit:pending                   string  audit writer / CLI   none
 audit offsets         ia:audit:offsets                   hash    audit writer         none
