@@ -1,7 +1,8 @@
 """Human approval of ``needs_approval`` decisions, kept in Redis.
 
 Redis is the authority on an approval's state; the events on ``ia.approvals``
-announce each step.  Layout::
+announce each step.  Layout (keys from :mod:`ia.core.keys`; the spec is
+``docs/redis-layout.md``)::
 
     {prefix}:appr:{approval_id}   hash: status, request (the requested event, JSON),
                                   decision (JSON), expires_at, by, via, at, reason
@@ -22,6 +23,7 @@ import json
 
 from ia.core import clock
 from ia.core.errors import Conflict, IaError, NotFound
+from ia.core.keys import Keys
 from ia.schemas.models import (
     ApprovalEvent,
     ApprovalStatus,
@@ -88,17 +90,11 @@ class ApprovalStore:
     def __init__(self, client, prefix: str = "ia", ttl_s: float = 900.0,
                  on_expiry: str = "reject") -> None:
         self.client = client
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self.ttl_s = ttl_s
         self.on_expiry = ExpiryPolicy(on_expiry)
         self._request = client.register_script(_REQUEST)
         self._resolve = client.register_script(_RESOLVE)
-        self.pending_key = f"{prefix}:appr:pending"
-        self.unfinished_key = f"{prefix}:appr:unfinished"
-        self.index_key = f"{prefix}:appr:index"
-
-    def key(self, approval_id: str) -> str:
-        return f"{self.prefix}:appr:{approval_id}"
 
     def _terms(self, d: Decision) -> tuple[float, ExpiryPolicy]:
         """TTL and expiry policy: the action's params override the defaults."""
@@ -129,7 +125,7 @@ class ApprovalStore:
             confidence=d.confidence, requested_at=now, expires_at=now + int(ttl * 1000),
             on_expiry=policy, rule=d.chosen_rule or "", policy_version=d.policy_version)
         created = await self._request(
-            keys=[self.key(aid), self.pending_key, self.index_key],
+            keys=[self.keys.approval(aid), self.keys.approvals_pending, self.keys.approvals_index],
             args=[ev.model_dump_json(), encode(d, "json"), ev.expires_at, aid, now,
                   int(ttl) + KEEP_S])
         if created:
@@ -139,7 +135,7 @@ class ApprovalStore:
         return found[0], False
 
     async def get(self, approval_id: str) -> tuple[ApprovalEvent, Decision] | None:
-        raw = await self.client.hgetall(self.key(normalise_id(approval_id)))
+        raw = await self.client.hgetall(self.keys.approval(normalise_id(approval_id)))
         if not raw:
             return None
         return self._event(raw), decode(raw[b"decision"], Decision, "json")
@@ -174,7 +170,8 @@ class ApprovalStore:
     async def _transition(self, aid: str, status: ApprovalStatus, by: str, via: str,
                           reason: str, now: int, mode: str) -> str:
         res = await self._resolve(
-            keys=[self.key(aid), self.pending_key, self.unfinished_key],
+            keys=[self.keys.approval(aid), self.keys.approvals_pending,
+                  self.keys.approvals_unfinished],
             args=[status.value, by[:256], via[:256], now, reason[:4096], aid, mode, KEEP_S])
         return res.decode() if isinstance(res, bytes) else str(res)
 
@@ -182,13 +179,14 @@ class ApprovalStore:
                          ) -> list[ApprovalEvent]:
         """Expire every request past its deadline; returns the expiry events."""
         now = clock.now_ms() if now_ms is None else now_ms
-        due = await self.client.zrangebyscore(self.pending_key, "-inf", now, start=0, num=limit)
+        due = await self.client.zrangebyscore(self.keys.approvals_pending, "-inf", now, start=0,
+                                              num=limit)
         out = []
         for raw_id in due:
             aid = raw_id.decode()
             found = await self.get(aid)
             if found is None:  # the hash expired: forget the index entry
-                await self.client.zrem(self.pending_key, aid)
+                await self.client.zrem(self.keys.approvals_pending, aid)
                 continue
             ev = found[0]
             ttl_s = (ev.expires_at - ev.requested_at) / 1000
@@ -205,16 +203,16 @@ class ApprovalStore:
 
     async def unfinished(self, older_than_ms: int, limit: int = 100) -> list[str]:
         """Resolved approvals whose outcome was not produced (e.g. a lost event)."""
-        ids = await self.client.zrangebyscore(self.unfinished_key, "-inf", older_than_ms,
+        ids = await self.client.zrangebyscore(self.keys.approvals_unfinished, "-inf", older_than_ms,
                                               start=0, num=limit)
         return [i.decode() for i in ids]
 
     async def finish(self, approval_id: str) -> None:
-        await self.client.zrem(self.unfinished_key, approval_id)
+        await self.client.zrem(self.keys.approvals_unfinished, approval_id)
 
     async def list(self, *, pending_only: bool = True, limit: int = 100
                    ) -> list[ApprovalEvent]:
-        key = self.pending_key if pending_only else self.index_key
+        key = self.keys.approvals_pending if pending_only else self.keys.approvals_index
         ids = await self.client.zrevrange(key, 0, limit - 1) if not pending_only \
             else await self.client.zrange(key, 0, limit - 1)
         out = []

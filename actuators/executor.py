@@ -32,6 +32,7 @@ from redis.exceptions import LockError
 
 from ia.actuators.base import ActionFailed, Actuator
 from ia.core.clock import now_ms
+from ia.core.keys import Keys
 from ia.schemas.models import (
     Action,
     ActionOutcome,
@@ -55,7 +56,7 @@ class ActionExecutor:
         decisions (None: they are only reported)."""
         self.redis = redis
         self.actuators = dict(actuators)
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self.timeout_s = timeout_s
         self.guard = guard
         self.notifier = notifier
@@ -78,10 +79,6 @@ class ActionExecutor:
             approval_id=approval.approval_id if approval else None,
             approved_by=approval.by if approved and approval else None)
 
-    def claim_key(self, decision_id: str, phase: OutcomePhase = OutcomePhase.action) -> str:
-        suffix = "" if phase is OutcomePhase.action else f":{phase.value}"
-        return f"{self.prefix}:act:{decision_id}{suffix}"
-
     async def _claim(self, key: str, started: int) -> bool:
         return bool(await self.redis.set(key, f"running:{started}", nx=True, ex=CLAIM_TTL_S))
 
@@ -102,7 +99,7 @@ class ActionExecutor:
         """Run the action once (whatever the mode: callers decide that it may run)."""
         assert decision.action is not None
         started = now_ms()
-        claim_key = self.claim_key(decision.decision_id)
+        claim_key = self.keys.action_claim(decision.decision_id)
         if not await self._claim(claim_key, started):
             previous = (await self.redis.get(claim_key) or b"").decode()
             return self._outcome(decision, OutcomeStatus.skipped_duplicate, started,
@@ -128,7 +125,7 @@ class ActionExecutor:
                      approval: ApprovalEvent | None = None) -> ActionOutcome | None:
         """Report ``decision``'s action as not run (``blocked``), once; None if already settled."""
         started = now_ms()
-        claim_key = self.claim_key(decision.decision_id)
+        claim_key = self.keys.action_claim(decision.decision_id)
         if not await self._claim(claim_key, started):
             return None
         outcome = self._outcome(decision, OutcomeStatus.blocked, started, detail,
@@ -146,7 +143,7 @@ class ActionExecutor:
         and budgets are not charged again, the failed verification already was.
         """
         started = now_ms()
-        key = self.claim_key(decision.decision_id, OutcomePhase.compensation)
+        key = self.keys.compensation_claim(decision.decision_id)
         if not await self._claim(key, started):
             return None
         info = await self.guard.kill_switch.info() if self.guard is not None else None
@@ -164,7 +161,7 @@ class ActionExecutor:
 
     async def _notify(self, d: Decision, started: int) -> ActionOutcome:
         """``notify`` mode: tell humans what would be done; the action itself never runs."""
-        claim_key = self.claim_key(d.decision_id)
+        claim_key = self.keys.action_claim(d.decision_id)
         if not await self._claim(claim_key, started):
             return self._outcome(d, OutcomeStatus.skipped_duplicate, started,
                                  "already handled")
@@ -186,7 +183,7 @@ class ActionExecutor:
                                  error=f"unknown action type {action.type!r}", action=action)
         # A waiting action polls the lock every LOCK_POLL_S (redis-py's default of
         # 0.1 s would add up to 100 ms to every action queued behind another).
-        lock = self.redis.lock(f"{self.prefix}:lock:{action.target}",
+        lock = self.redis.lock(self.keys.target_lock(action.target),
                                timeout=self.timeout_s + 5, blocking_timeout=self.timeout_s,
                                sleep=LOCK_POLL_S)
         if not await lock.acquire():

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from ia.core import clock
 from ia.core.errors import IaError
+from ia.core.keys import Keys
 from ia.features.store import RedisFeatureStore
 from ia.schemas.models import Action, Decision
 from ia.schemas.serde import decode, encode
@@ -114,11 +115,7 @@ class Verifier:
     def __init__(self, client, prefix: str = "ia") -> None:
         self.client = client
         self.store = RedisFeatureStore(client, prefix)
-        self.due_key = f"{prefix}:verify:due"
-        self.prefix = prefix
-
-    def key(self, decision_id: str) -> str:
-        return f"{self.prefix}:verify:{decision_id}"
+        self.keys = Keys(prefix)
 
     async def latest(self, entity: str, metric: str) -> tuple[int, float] | None:
         """(samples seen, last value) of one series in the worker's feature store.
@@ -138,25 +135,26 @@ class Verifier:
         body = json.dumps({"decision": encode(d, "json").decode(), "since_n": seen[0] if seen
                            else 0, "started_at": now, "deadline": deadline})
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.key(d.decision_id), body, ex=int(spec.within_s) + 7 * 24 * 3600)
-            pipe.zadd(self.due_key, {d.decision_id: deadline}, nx=True)
+            pipe.set(self.keys.verification(d.decision_id), body,
+                     ex=int(spec.within_s) + 7 * 24 * 3600)
+            pipe.zadd(self.keys.verifications_due, {d.decision_id: deadline}, nx=True)
             await pipe.execute()
 
     async def poll(self, now_ms: int | None = None, limit: int = 500) -> list[Verdict]:
         """Settle every verification that recovered or ran out of time."""
         now = clock.now_ms() if now_ms is None else now_ms
         out = []
-        for raw_id in await self.client.zrange(self.due_key, 0, limit - 1):
+        for raw_id in await self.client.zrange(self.keys.verifications_due, 0, limit - 1):
             did = raw_id.decode()
-            body = await self.client.get(self.key(did))
+            body = await self.client.get(self.keys.verification(did))
             if body is None:
-                await self.client.zrem(self.due_key, did)
+                await self.client.zrem(self.keys.verifications_due, did)
                 continue
             job = json.loads(body)
             d = decode(job["decision"].encode(), Decision, "json")
             spec = spec_of(d)
             if spec is None:  # pragma: no cover - only scheduled with a spec
-                await self.client.zrem(self.due_key, did)
+                await self.client.zrem(self.keys.verifications_due, did)
                 continue
             seen = await self.latest(spec.entity, spec.metric)
             fresh = seen is not None and seen[0] > job["since_n"]
@@ -173,7 +171,7 @@ class Verifier:
             else:
                 continue
             # Whoever removes the entry settles it (several actuators may poll).
-            if await self.client.zrem(self.due_key, did):
-                await self.client.delete(self.key(did))
+            if await self.client.zrem(self.keys.verifications_due, did):
+                await self.client.delete(self.keys.verification(did))
                 out.append(verdict)
         return out

@@ -16,6 +16,7 @@ from typing import Protocol
 from redis.exceptions import WatchError
 
 from ia.core.clock import now_ms
+from ia.core.keys import Keys
 
 
 class ModelStore(Protocol):
@@ -48,23 +49,20 @@ class RedisModelStore:
 
     def __init__(self, client, prefix: str = "ia") -> None:
         self.client = client
-        self.prefix = prefix
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}:model:{name}"
+        self.keys = Keys(prefix)
 
     async def load(self, name: str) -> tuple[int, bytes | None]:
-        raw = await self.client.hmget(self.key(name), "version", "blob")
+        raw = await self.client.hmget(self.keys.model(name), "version", "blob")
         return (int(raw[0]) if raw[0] else 0), raw[1]
 
     async def version(self, name: str) -> int:
-        raw = await self.client.hget(self.key(name), "version")
+        raw = await self.client.hget(self.keys.model(name), "version")
         return int(raw) if raw else 0
 
     async def update(self, name: str, apply: Callable[[bytes | None], tuple[int, bytes]]) -> int:
         """Read, ``apply`` (old blob -> new version and blob), write atomically; retried
         from the read if another writer got in between."""
-        key = self.key(name)
+        key = self.keys.model(name)
         async with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from ia.core.keys import Keys
 from ia.decisions.checkpoint import ModelStore
 from ia.decisions.engine import DecisionEngine
 from ia.decisions.feedback import FeedbackClassifier, counter_name, inputs_of, is_positive
@@ -85,29 +86,23 @@ class RedisDecisionMemory:
 
     def __init__(self, client, prefix: str = "ia") -> None:
         self.client = client
-        self.prefix = prefix
-
-    def decision_key(self, decision_id: str) -> str:
-        return f"{self.prefix}:dfx:{decision_id}"
-
-    def labels_key(self, decision_id: str) -> str:
-        return f"{self.prefix}:labels:{decision_id}"
+        self.keys = Keys(prefix)
 
     async def remember(self, decisions: Sequence[tuple[str, Remembered]]) -> None:
         if not decisions:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for decision_id, r in decisions:
-                pipe.set(self.decision_key(decision_id), json.dumps(asdict(r), sort_keys=True),
-                         ex=REMEMBER_S)
+                pipe.set(self.keys.remembered_decision(decision_id),
+                         json.dumps(asdict(r), sort_keys=True), ex=REMEMBER_S)
             await pipe.execute()
 
     async def recall(self, decision_id: str) -> Remembered | None:
-        raw = await self.client.get(self.decision_key(decision_id))
+        raw = await self.client.get(self.keys.remembered_decision(decision_id))
         return Remembered(**json.loads(raw)) if raw is not None else None
 
     async def first(self, decision_id: str, step: Step, value: str) -> bool:
-        key = self.labels_key(decision_id)
+        key = self.keys.labels(decision_id)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, step.value, value)
             pipe.expire(key, REMEMBER_S)

@@ -3,7 +3,7 @@
 Layout (Redis), one hash per entity so one read serves every metric of that
 entity and idle entities expire as a unit (TTL refreshed on every write)::
 
-    {prefix}:f:v1:{entity}
+    {prefix}:f:v1:{entity}      (ia.core.keys.Keys.entity; spec: docs/redis-layout.md)
         s1:{metric}     packed series state: every per-metric definition
                         (features.registry; ~750 bytes, fixed per layout)
         c:event:{name}  recent occurrences of a discrete event ("t1,t2,..", newest first)
@@ -40,11 +40,11 @@ from typing import Protocol
 
 from redis.exceptions import NoScriptError
 
+from ia.core.keys import Keys
 from ia.features.aggregations import DROPPED, LAST_TS, LAST_VALUE, LATE
 from ia.features.registry import DEFAULT_REGISTRY, SERIES_FIELD_PREFIX, FeatureRegistry, MetricPlan
 from ia.features.series import SeriesState
 
-STATE_VERSION = "v1"
 DEFAULT_TTL_S = DEFAULT_REGISTRY.ttl_s
 # Enough to cover any batch still unacknowledged when a worker dies; action
 # decisions are rare, so this costs nothing for most entities.
@@ -350,11 +350,8 @@ class RedisFeatureStore:
 
     def __init__(self, client, prefix: str = "ia", ttl_s: int = DEFAULT_TTL_S) -> None:
         self.client = client
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self.ttl_s = ttl_s
-
-    def key(self, entity: str) -> str:
-        return f"{self.prefix}:f:{STATE_VERSION}:{entity}"
 
     async def load_scripts(self) -> None:
         """Cache the scripts in Redis now (else the first call of each does it)."""
@@ -367,7 +364,7 @@ class RedisFeatureStore:
             return {}
         # Arguments go as bytes: redis-py's asyncio packer is Python, and bytes are
         # its cheapest case (a batch sends thousands of arguments).
-        raws = await LOAD_SCRIPT(self.client, [self.key(e).encode() for e in names], [])
+        raws = await LOAD_SCRIPT(self.client, [self.keys.entity(e).encode() for e in names], [])
         return {e: EntityRecord.from_items(_pairs(raw)) for e, raw in zip(names, raws,
                                                                           strict=True)}
 
@@ -378,7 +375,7 @@ class RedisFeatureStore:
             if not rec.dirty():
                 continue
             changes, deletions = rec.changes(), rec.deletions()
-            keys.append(self.key(entity).encode())
+            keys.append(self.keys.entity(entity).encode())
             args += (b"%d" % len(changes), b"%d" % len(deletions))
             for item in changes.items():
                 args += item
@@ -390,19 +387,20 @@ class RedisFeatureStore:
 
     async def incr_context(self, entity: str, name: str, amount: int = 1) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self.key(entity), f"c:{name}", amount)
-            pipe.expire(self.key(entity), self.ttl_s)
+            pipe.hincrby(self.keys.entity(entity), f"c:{name}", amount)
+            pipe.expire(self.keys.entity(entity), self.ttl_s)
             await pipe.execute()
 
     async def set_context(self, entity: str, values: dict[str, str]) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(self.key(entity), mapping={f"c:{k}": v for k, v in values.items()})
-            pipe.expire(self.key(entity), self.ttl_s)
+            pipe.hset(self.keys.entity(entity),
+                      mapping={f"c:{k}": v for k, v in values.items()})
+            pipe.expire(self.keys.entity(entity), self.ttl_s)
             await pipe.execute()
 
     async def record_action(self, entity: str, action_type: str, status: str,
                             finished_at: int) -> None:
         """Set ``c:last_action`` unless a newer outcome is already there (atomic)."""
-        await LAST_ACTION_SCRIPT(self.client, [self.key(entity)],
+        await LAST_ACTION_SCRIPT(self.client, [self.keys.entity(entity)],
                                  [f"{action_type}:{status}:{finished_at}", finished_at,
                                   self.ttl_s])

@@ -16,13 +16,13 @@ import httpx
 import pytest
 
 from ia.core.kafka import ensure_topics
+from ia.core.keys import Keys
 from ia.core.settings import Topics
-from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.detector import DetectorState
 from ia.decisions.feedback import FeedbackClassifier, inputs_of
 from ia.decisions.learning import MODEL_NAME
 from ia.decisions.policy import Policy
-from ia.features.store import EntityRecord, RedisFeatureStore
+from ia.features.store import EntityRecord
 from ia.offline.run import Runner, Variant
 from ia.runtime.embedded import free_port
 from ia.schemas.models import Decision, TelemetryEvent
@@ -106,7 +106,7 @@ def _spike_decisions(loop, spikes: dict[str, int]) -> dict[str, dict]:
 
 
 def _model(redis_client, prefix: str) -> tuple[int, bytes | None]:
-    raw = redis_client.hmget(RedisModelStore(None, prefix).key(MODEL_NAME), "version", "blob")
+    raw = redis_client.hmget(Keys(prefix).model(MODEL_NAME), "version", "blob")
     return (int(raw[0]) if raw[0] else 0), raw[1]
 
 
@@ -136,7 +136,7 @@ def _p_on(blob: bytes | None, decision: dict) -> float:
 
 
 def _counters(redis_client, prefix: str, entity: str) -> dict[str, str]:
-    raw = redis_client.hgetall(RedisFeatureStore(None, prefix).key(entity))
+    raw = redis_client.hgetall(Keys(prefix).entity(entity))
     return EntityRecord.from_hash(raw).context
 
 
@@ -306,7 +306,7 @@ def _events_in(port: int, topic: str) -> float:
 
 
 def _detector_n(redis_client, prefix: str, entity: str) -> int:
-    raw = redis_client.hgetall(RedisFeatureStore(None, prefix).key(entity))
+    raw = redis_client.hgetall(Keys(prefix).entity(entity))
     return DetectorState.unpack(EntityRecord.from_hash(raw).detectors.get("load", b"")).n
 
 

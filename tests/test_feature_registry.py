@@ -207,6 +207,6 @@ async def test_redis_memory_per_entity_metric(aredis, topic_prefix,
         await enrich_batch(chunk, store, [(0, 10**6 + i + j) for j in range(len(chunk))])
     for k in range(3):
         for _ in range(5):  # a hash caught mid-rehash holds two tables for a moment:
-            raw = await aredis.hgetall(store.key(f"e{k}"))  # lookups finish the rehash
-        used = await aredis.memory_usage(store.key(f"e{k}"), samples=0)
+            raw = await aredis.hgetall(store.keys.entity(f"e{k}"))  # lookups finish the rehash
+        used = await aredis.memory_usage(store.keys.entity(f"e{k}"), samples=0)
         assert used / series_per_entity <= 1024, (used, {f: len(v) for f, v in raw.items()})

@@ -84,7 +84,7 @@ def assert_state_equals_replay(infra, prefix: str, records: list[dict]) -> None:
     store = RedisFeatureStore(None, prefix)
     try:
         for entity in sorted({rec["entity"] for rec in records}):
-            online = feature_fields(r.hgetall(store.key(entity)))
+            online = feature_fields(r.hgetall(store.keys.entity(entity)))
             assert online, f"nothing stored for {entity}"
             assert online == feature_fields(expected.raw(entity)), entity
     finally:

@@ -356,7 +356,7 @@ async def test_redis_and_memory_stores_serve_identical_features(aredis, topic_pr
     assert any(f.get("seconds_since_restart", NEVER_S) < NEVER_S for f in red_feats)
     entities = ["svc-a", "svc-b", "db-1"]
     for e in entities:  # the very same bytes in both stores
-        assert await aredis.hgetall(red.key(e)) == mem.raw(e)
+        assert await aredis.hgetall(red.keys.entity(e)) == mem.raw(e)
     red_recs = await red.load(entities)
     assert red_recs["svc-a"].get_series("cpu").dropped >= 1  # the very late sample, counted
 
@@ -366,7 +366,7 @@ async def test_redis_and_memory_stores_serve_identical_features(aredis, topic_pr
     await enrich_batch(events[:30], red, positions[:30])
     for e in entities:
         assert mem.raw(e) == before[e]
-        assert await aredis.hgetall(red.key(e)) == before[e]
+        assert await aredis.hgetall(red.keys.entity(e)) == before[e]
     assert len(again) == 30
 
 
@@ -392,10 +392,10 @@ async def test_redis_store_round_trips_and_ttl(aredis, topic_prefix) -> None:
     await store.save(recs)  # nothing dirty: no round trip at all
     assert counting.direct_calls == 0
     for e in entities:
-        ttl = await aredis.ttl(store.key(e))
+        ttl = await aredis.ttl(store.keys.entity(e))
         assert 990 <= ttl <= 1000
-    assert store.key("e0") == f"{topic_prefix}:f:v1:e0"
-    raw = await aredis.hgetall(store.key("e3"))
+    assert store.keys.entity("e0") == f"{topic_prefix}:f:v1:e0"
+    raw = await aredis.hgetall(store.keys.entity("e3"))
     assert EntityRecord.from_hash(raw).get_series("cpu").mean == 3.0
     assert raw[b"c:note"] == b"x3"
 
@@ -416,11 +416,11 @@ async def check_context_counters(store, aredis=None) -> None:
     assert rec.context["owner"] == "team-a"
     assert rec.context["fp"] == "3"
     if aredis is not None:
-        assert 490 <= await aredis.ttl(store.key("svc-x")) <= 500
+        assert 490 <= await aredis.ttl(store.keys.entity("svc-x")) <= 500
         await store.incr_context("fresh", "fp")  # a brand-new key gets a TTL too
-        assert 490 <= await aredis.ttl(store.key("fresh")) <= 500
+        assert 490 <= await aredis.ttl(store.keys.entity("fresh")) <= 500
         await store.set_context("fresh2", {"a": "b"})
-        assert 490 <= await aredis.ttl(store.key("fresh2")) <= 500
+        assert 490 <= await aredis.ttl(store.keys.entity("fresh2")) <= 500
 
 
 async def test_incr_and_set_context_memory() -> None:

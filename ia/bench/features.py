@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ia.core.keys import Keys
 from ia.features.aggregations import Out
 from ia.features.enrich import Enricher
 from ia.features.registry import DEFAULT_REGISTRY, FeatureRegistry
@@ -149,8 +150,8 @@ async def populate(client, store: RedisFeatureStore, entities: list[str],
     for i in range(0, len(entities), chunk):
         async with client.pipeline(transaction=False) as pipe:
             for e in entities[i:i + chunk]:
-                pipe.hset(store.key(e), mapping=fields)
-                pipe.expire(store.key(e), store.ttl_s)
+                pipe.hset(store.keys.entity(e), mapping=fields)
+                pipe.expire(store.keys.entity(e), store.ttl_s)
             await pipe.execute()
 
 
@@ -181,7 +182,7 @@ async def time_batches(client, store: RedisFeatureStore, work: Workload, size: i
     enrich, baseline, enrich_cpu, baseline_cpu = [], [], [], []
     for _ in range(rounds):
         events, positions = work.batch(size)
-        keys = [store.key(e) for e in dict.fromkeys(ev.entity for ev in events)]
+        keys = [store.keys.entity(e) for e in dict.fromkeys(ev.entity for ev in events)]
         wall, cpu = await _timed(lambda k=keys: raw_hgetall(client, k))
         baseline.append(wall / size)
         baseline_cpu.append(cpu / size)
@@ -217,7 +218,7 @@ async def stage_breakdown(store: RedisFeatureStore, work: Workload, size: int,
 
 async def unpipelined_hgetall(client, store: RedisFeatureStore, work: Workload,
                               n: int = 200) -> float:
-    keys = [store.key(work.rng.choice(work.entities)) for _ in range(n)]
+    keys = [store.keys.entity(work.rng.choice(work.entities)) for _ in range(n)]
     started = time.perf_counter()
     for k in keys:
         await client.hgetall(k)
@@ -237,7 +238,7 @@ async def single_series_memory(client, store: RedisFeatureStore, work: Workload,
               or k == b"s1:" + one}
     names = [f"one-{i:06d}" for i in range(work.opts.memory_samples)]
     await populate(client, store, names, single)
-    return await memory_per_series(client, [store.key(e) for e in names], 1)
+    return await memory_per_series(client, [store.keys.entity(e) for e in names], 1)
 
 
 async def detector_memory(client, store: RedisFeatureStore, work: Workload,
@@ -250,11 +251,11 @@ async def detector_memory(client, store: RedisFeatureStore, work: Workload,
     with_detector = {**fields, **{b"a:" + m.encode(): blob for m in work.metrics}}
     names = [f"det-{i:06d}" for i in range(work.opts.memory_samples)]
     await populate(client, store, names, with_detector)
-    return await memory_per_series(client, [store.key(e) for e in names], len(work.metrics))
+    return await memory_per_series(client, [store.keys.entity(e) for e in names], len(work.metrics))
 
 
 async def cleanup(client, prefix: str) -> None:
-    async for batch in _scan_batches(client, f"{prefix}:*"):
+    async for batch in _scan_batches(client, Keys(prefix).everything):
         await client.unlink(*batch)
 
 
@@ -281,7 +282,7 @@ async def run(client, opts: BenchOptions) -> dict[str, Any]:
         result: dict[str, Any] = {"redis_prefix": prefix, "options": {**asdict(opts), "rounds": {
             str(k): v for k, v in opts.rounds.items()}}, "environment": environment(),
             "series_state_bytes": DEFAULT_REGISTRY.plan(work.metrics[0]).size}
-        sample = [store.key(e) for e in work.rng.sample(work.entities, opts.memory_samples)]
+        sample = [store.keys.entity(e) for e in work.rng.sample(work.entities, opts.memory_samples)]
         result["redis_bytes_per_entity_metric"] = await memory_per_series(
             client, sample, len(work.metrics))
         result["redis_bytes_per_entity_metric_single_series"] = await single_series_memory(

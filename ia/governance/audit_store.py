@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ia.core.clock import now_ms
+from ia.core.keys import Keys
 from ia.governance.audit import (
     AuditError,
     AuditFile,
@@ -99,24 +100,22 @@ class RedisAuditState:
 
     def __init__(self, client, prefix: str = "ia") -> None:
         self.client = client
-        base = f"{prefix}:audit"
-        self.head_key, self.pending_key = f"{base}:head", f"{base}:pending"
-        self.offsets_key, self.lease_key = f"{base}:offsets", f"{base}:lease"
+        self.keys = Keys(prefix)
         self._begin = client.register_script(_BEGIN)
         self._commit = client.register_script(_COMMIT)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     async def heads(self) -> tuple[Head | None, Head | None]:
-        head, pending = await self.client.mget(self.head_key, self.pending_key)
+        head, pending = await self.client.mget(self.keys.audit_head, self.keys.audit_pending)
         return Head.decode(head), Head.decode(pending)
 
     async def offsets(self) -> dict[str, int]:
-        raw = await self.client.hgetall(self.offsets_key)
+        raw = await self.client.hgetall(self.keys.audit_offsets)
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def begin(self, expected: Head | None, pending: Head) -> None:
-        res = await self._begin(keys=[self.head_key, self.pending_key],
+        res = await self._begin(keys=[self.keys.audit_head, self.keys.audit_pending],
                                 args=[expected.encode() if expected else "", pending.encode()])
         if res not in (b"OK", "OK"):
             raise AuditError(f"the stored head moved ({res!r}): another writer is active")
@@ -128,24 +127,25 @@ class RedisAuditState:
                                  new.encode() if new else ""]
         for k, v in offsets.items():
             args += [k, v]
-        res = await self._commit(keys=[self.head_key, self.pending_key, self.offsets_key],
+        res = await self._commit(keys=[self.keys.audit_head, self.keys.audit_pending,
+                                       self.keys.audit_offsets],
                                  args=args)
         if res not in (b"OK", "OK"):
             raise AuditError(f"the stored head moved ({res!r}): another writer is active")
 
     async def acquire(self, owner: str, ttl_ms: int = LEASE_TTL_MS) -> bool:
-        return bool(await self.client.set(self.lease_key, owner, nx=True, px=ttl_ms))
+        return bool(await self.client.set(self.keys.audit_lease, owner, nx=True, px=ttl_ms))
 
     async def renew(self, owner: str, ttl_ms: int = LEASE_TTL_MS) -> bool:
-        return bool(await self._renew(keys=[self.lease_key], args=[owner, ttl_ms]))
+        return bool(await self._renew(keys=[self.keys.audit_lease], args=[owner, ttl_ms]))
 
     async def release(self, owner: str) -> None:
-        await self._release(keys=[self.lease_key], args=[owner])
+        await self._release(keys=[self.keys.audit_lease], args=[owner])
 
     async def adopt(self, head: Head) -> None:
         """Store ``head`` as the head of a log whose head was lost (operator action)."""
-        await self.client.set(self.head_key, head.encode())
-        await self.client.delete(self.pending_key)
+        await self.client.set(self.keys.audit_head, head.encode())
+        await self.client.delete(self.keys.audit_pending)
 
 
 def _offsets_of(records: list[Record]) -> dict[str, int]:
@@ -186,7 +186,7 @@ class AuditWriter:
         while not await self.state.acquire(self.owner):
             if time.monotonic() >= deadline:
                 raise AuditError("another audit writer holds the lease "
-                                 f"({self.state.lease_key}); only one may write the chain")
+                                 f"({self.state.keys.audit_lease}); only one may write the chain")
             await asyncio.sleep(0.5)
         try:
             await self._recover()
@@ -208,7 +208,7 @@ class AuditWriter:
             offsets.update(batch)
             log.warning("audit: committed an interrupted batch up to seq %d", new_head.seq)
         elif pending is not None:
-            await self.state.client.delete(self.state.pending_key)
+            await self.state.client.delete(self.state.keys.audit_pending)
         self.chain = Chain(new_head)
         self.committed = new_head if new_head.seq else None
         self.offsets = offsets
