@@ -7,11 +7,12 @@ event time, and gets byte-identical decisions for the same input.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ia.core.clock import now_ms
-from ia.decisions.detector import AdaptiveDetector, DetectorState
+from ia.decisions.detector import AdaptiveDetector, DetectorState, SeriesDetector
 from ia.decisions.explain import explain
 from ia.decisions.feedback import (
     FeedbackClassifier,
@@ -29,8 +30,8 @@ from ia.decisions.guards import (
 )
 from ia.decisions.policy import Policy, PolicyResult
 from ia.features.enrich import Enricher
-from ia.features.series import WARMUP_SAMPLES, rebaseline
-from ia.features.store import EntityRecord, FeatureStore
+from ia.features.series import WARMUP_SAMPLES
+from ia.features.store import FeatureStore
 from ia.schemas.models import (
     Decision,
     DriftState,
@@ -40,6 +41,31 @@ from ia.schemas.models import (
     derive_decision_id,
 )
 from ia.schemas.serde import encode
+
+
+class EntityState(Protocol):
+    """What the decision path reads and writes of an entity's record.
+
+    The record belongs to the feature store (:class:`ia.features.store.EntityRecord`:
+    one Redis hash per entity, loaded and saved once per batch); the engine sees it
+    only through this view.
+    """
+
+    @property
+    def context(self) -> Mapping[str, str]: ...
+
+    def detector(self, metric: str) -> bytes: ...
+
+    def put_detector(self, metric: str, blob: bytes) -> None: ...
+
+    def rebaseline(self, metric: str) -> None: ...
+
+    def recall_decision(self, decision_id: str) -> bytes | None: ...
+
+    def remember_decision(self, decision_id: str, ts: int, payload: bytes) -> None: ...
+
+
+States = dict[tuple[str, str], DetectorState]
 
 
 def confidence_of(score: float, features: dict[str, float]) -> float:
@@ -68,7 +94,7 @@ class DecisionEngine:
                  pipeline_id: str = "main",
                  kill_switch: KillSwitchState | None = None,
                  feedback: FeedbackClassifier | None = None,
-                 detector: AdaptiveDetector | None = None) -> None:
+                 detector: SeriesDetector | None = None) -> None:
         self.policy = policy
         self.store = store
         self.guard_store = guard_store
@@ -79,7 +105,6 @@ class DecisionEngine:
         # Shared "will this action be useful?" model; the worker swaps in newer
         # checkpoints (ia.decisions.checkpoint) between batches.
         self.feedback = feedback or FeedbackClassifier()
-        self._states: dict[tuple[str, str], DetectorState] = {}
         self.stats = EngineStats()
 
     async def process(self, events: Sequence[TelemetryEvent],
@@ -89,7 +114,7 @@ class DecisionEngine:
         ``positions`` ((partition, offset) per event, from the worker) let the
         feature store recognise records delivered again and not fold them twice."""
         records = await self.store.load(ev.entity for ev in events)
-        self._states = {}
+        states: States = {}
         policy = self.policy()
         await observe_fleet(self.guard_store, policy, events)
         decisions = []
@@ -106,36 +131,36 @@ class DecisionEngine:
                 # verbatim instead of re-deciding against newer state.
                 decisions.append(Decision.model_validate_json(earlier))
                 continue
-            d = await self._decide(ev, f, rec, policy, decision_id)
+            d = await self._decide(ev, f, rec, policy, decision_id, states)
             if d.action is not None:
                 rec.remember_decision(d.decision_id, d.ts, encode(d, "json"))
             decisions.append(d)
         enricher.finish()
-        for (entity, metric), st in self._states.items():
+        for (entity, metric), st in states.items():
             records[entity].put_detector(metric, st.pack())
         await self.store.save(records)
         return decisions
 
-    def _score(self, ev: TelemetryEvent, f: dict[str, float],
-               rec: EntityRecord) -> tuple[float, DriftState, str | None]:
+    def _score(self, ev: TelemetryEvent, f: dict[str, float], rec: EntityState,
+               states: States) -> tuple[float, DriftState, str | None]:
         """Score before learning (no look-ahead); per-series state is unpacked once
-        per batch and packed back into the entity's record by :meth:`process`."""
+        per batch (``states``) and packed back into the entity's record by
+        :meth:`process`."""
         if ev.kind is not EventKind.metric:
             return 0.0, DriftState.stable, None
-        st = self._states.get((ev.entity, ev.metric))
+        st = states.get((ev.entity, ev.metric))
         if st is None:
-            st = DetectorState.unpack(rec.detectors.get(ev.metric, b""))
-            self._states[(ev.entity, ev.metric)] = st
+            st = states[(ev.entity, ev.metric)] = self.detector.unpack(rec.detector(ev.metric))
         scored = self.detector.score(st, ev.value, ev.ts)
         state, detected = self.detector.learn(st, scored)
         f.update(scored.components)
         if detected:
             self.stats.drift_detections += 1
             if "level" in detected:
-                rec.put_series(ev.metric, rebaseline(rec.get_series(ev.metric)))
+                rec.rebaseline(ev.metric)
         return scored.score, state, detected
 
-    def _second_opinion(self, f: dict[str, float], rec: EntityRecord, score: float,
+    def _second_opinion(self, f: dict[str, float], rec: EntityState, score: float,
                         confidence: float, drift: DriftState,
                         result: PolicyResult) -> tuple[Prediction | None, float]:
         """Confidence once an action is proposed: the feedback classifier's view of
@@ -147,9 +172,9 @@ class DecisionEngine:
         factor = pred.factor * action_trust(rec.context, result.action.type)
         return pred, max(0.0, min(1.0, confidence * factor))
 
-    async def _decide(self, ev: TelemetryEvent, f: dict[str, float], rec: EntityRecord,
-                      policy: Policy, decision_id: str) -> Decision:
-        score, drift, drift_event = self._score(ev, f, rec)
+    async def _decide(self, ev: TelemetryEvent, f: dict[str, float], rec: EntityState,
+                      policy: Policy, decision_id: str, states: States) -> Decision:
+        score, drift, drift_event = self._score(ev, f, rec, states)
         confidence = confidence_of(score, f)
         result = policy.evaluate(entity=ev.entity, metric=ev.metric, kind=ev.kind.value,
                                  labels=ev.labels, features=f, score=score,

@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError
 from ia.core.keys import Keys
 from ia.features.aggregations import DROPPED, LAST_TS, LAST_VALUE, LATE
 from ia.features.registry import DEFAULT_REGISTRY, SERIES_FIELD_PREFIX, FeatureRegistry, MetricPlan
-from ia.features.series import SeriesState
+from ia.features.series import SeriesState, rebaseline
 
 DEFAULT_TTL_S = DEFAULT_REGISTRY.ttl_s
 # Enough to cover any batch still unacknowledged when a worker dies; action
@@ -136,6 +136,14 @@ class EntityRecord:
     def put_context(self, name: str, value: str) -> None:
         self.context = {**self.context, name: value}
         self.dirty_context = {*self.dirty_context, name}
+
+    def rebaseline(self, metric: str) -> None:
+        """Forget a series' baseline but keep its level (after a level drift)."""
+        self.put_series(metric, rebaseline(self.get_series(metric)))
+
+    def detector(self, metric: str) -> bytes:
+        """The packed detector state of one series (empty: none yet)."""
+        return self.detectors.get(metric, b"")
 
     def put_detector(self, metric: str, blob: bytes) -> None:
         if self.detectors is _EMPTY:
