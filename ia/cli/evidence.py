@@ -34,14 +34,14 @@ def _variant(path: Path, name: str | None) -> Any:
 
 def _feedback(settings: Settings) -> tuple[list, str]:
     """Every Feedback record on the feedback topic (labels for a backtest)."""
-    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
+    from ia.offline.topic_slice import SliceSpec, read_slice, require_kafka
     from ia.schemas.models import Feedback
     from ia.schemas.serde import DecodeError, decode
 
-    bootstrap = kafka_bootstrap(settings)
+    kafka = require_kafka(settings)
     topic = settings.topics.feedback
     out = []
-    for recs in read_slice(bootstrap, SliceSpec(topic)).values():
+    for recs in read_slice(kafka, SliceSpec(topic)).values():
         for rec in recs:
             try:
                 out.append(decode(rec.value or b"", Feedback, settings.wire_format))
@@ -124,13 +124,13 @@ def record(topic: str, to_file: Path, **rng: Any) -> None:
     value, so replaying it equals replaying the slice from Kafka.
     """
     from ia.offline.recording import write_recording
-    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
+    from ia.offline.topic_slice import SliceSpec, read_slice, require_kafka
 
     settings = _settings()
     with cli_errors():
         spec = SliceSpec.from_options(topic, rng["from_time"], rng["to_time"],
                                       rng["from_offsets"], rng["to_offsets"])
-        partitions = read_slice(kafka_bootstrap(settings), spec)
+        partitions = read_slice(require_kafka(settings), spec)
     n = write_recording(to_file, topic, settings.wire_format, partitions, spec.describe())
     click.echo(f"recorded {n} records of {topic} -> {to_file}", err=True)
 
@@ -148,12 +148,12 @@ def shadow() -> None:
 
 def _topic_decisions(settings: Settings, topic: str, kafka: dict[str, Any]) -> list:
     from ia.offline.shadow import decisions_of
-    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
+    from ia.offline.topic_slice import SliceSpec, read_slice, require_kafka
 
     with cli_errors():
         spec = SliceSpec.from_options(topic, kafka["from_time"], kafka["to_time"],
                                       kafka["from_offsets"], kafka["to_offsets"])
-        found, _bad = decisions_of(read_slice(kafka_bootstrap(settings), spec),
+        found, _bad = decisions_of(read_slice(require_kafka(settings), spec),
                                    settings.wire_format)
     return found
 
