@@ -3,8 +3,8 @@
 consumers, admin clients and the Faust apps.  Also the plumbing every process shares:
 creating topics, and reading whole topics with a plain consumer (no group, no commits).
 
-A client's own settings are keyword arguments named as librdkafka's with ``_`` for
-``.`` (``linger_ms=5`` is ``linger.ms``).  A bare ``host:port`` string instead of the
+A client's own settings are a mapping of librdkafka properties (``{"linger.ms": 5}``),
+laid over the connection settings.  A bare ``host:port`` string instead of the
 settings is a plaintext cluster: the embedded broker, tests and benchmarks.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import (
@@ -39,23 +40,23 @@ def kafka_settings(kafka: Brokers) -> KafkaSettings:
     return kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(bootstrap_servers=kafka)
 
 
-def client_config(kafka: Brokers, **overrides: Any) -> dict[str, Any]:
+def client_config(kafka: Brokers, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A librdkafka configuration: the connection of ``kafka`` and the client's own
-    ``overrides`` (``fetch_wait_max_ms=10`` is ``fetch.wait.max.ms``)."""
-    return {**kafka_settings(kafka).librdkafka(),
-            **{key.replace("_", "."): value for key, value in overrides.items()}}
+    ``config``."""
+    return {**kafka_settings(kafka).librdkafka(), **(config or {})}
 
 
-def producer(kafka: Brokers, **overrides: Any) -> Producer:
-    return Producer(client_config(kafka, **overrides))
+def producer(kafka: Brokers, config: Mapping[str, Any] | None = None) -> Producer:
+    return Producer(client_config(kafka, config))
 
 
-def consumer(kafka: Brokers, group: str, **overrides: Any) -> Consumer:
-    return Consumer(client_config(kafka, group_id=group, **overrides))
+def consumer(kafka: Brokers, group: str,
+             config: Mapping[str, Any] | None = None) -> Consumer:
+    return Consumer(client_config(kafka, {"group.id": group, **(config or {})}))
 
 
-def admin(kafka: Brokers, **overrides: Any) -> AdminClient:
-    return AdminClient(client_config(kafka, **overrides))
+def admin(kafka: Brokers, config: Mapping[str, Any] | None = None) -> AdminClient:
+    return AdminClient(client_config(kafka, config))
 
 
 def faust_app_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -79,16 +80,17 @@ def _reader(kafka: Brokers) -> Consumer:
     # Partition EOF events mark the end of each partition as seen by the
     # fetches themselves: some brokers (tansu) answer watermark queries with a
     # high watermark that lags the records a fetch returns.
-    return consumer(kafka, "ia-reader", enable_auto_commit=False,
-                    auto_offset_reset="earliest", enable_partition_eof=True)
+    return consumer(kafka, "ia-reader", {"enable.auto.commit": False,
+                                         "auto.offset.reset": "earliest",
+                                         "enable.partition.eof": True})
 
 
 def from_beginning(kafka: Brokers, topics: list[str], group: str = "ia-reader",
-                   **overrides: Any) -> Consumer:
+                   config: Mapping[str, Any] | None = None) -> Consumer:
     """A consumer assigned to every partition of ``topics`` from the first record: it
-    joins no group and commits nothing (``overrides``: further librdkafka settings)."""
-    c = consumer(kafka, group, enable_auto_commit=False, log_connection_close=False,
-                 **overrides)
+    joins no group and commits nothing (``config``: further librdkafka settings)."""
+    c = consumer(kafka, group, {"enable.auto.commit": False, "log.connection.close": False,
+                                **(config or {})})
     c.assign([TopicPartition(t, p, OFFSET_BEGINNING)
               for t in topics for p in c.list_topics(t, timeout=10).topics[t].partitions])
     return c

@@ -66,7 +66,8 @@ def kafka_publisher(kafka: KafkaSettings, topic: str,
     """A publisher of approval events (confluent-kafka) and its closer."""
     from ia.core.kafka import producer as kafka_producer
 
-    producer = kafka_producer(kafka, acks="all", enable_idempotence=True, linger_ms=0)
+    producer = kafka_producer(kafka, {"acks": "all", "enable.idempotence": True,
+                                      "linger.ms": 0})
 
     def _send(ev: ApprovalEvent) -> None:
         errors: list = []

@@ -78,7 +78,8 @@ class TopicSink:
 
         self.topic, self.fmt = topic, fmt
         self.errors: list[str] = []
-        self.producer = producer(kafka, acks="all", enable_idempotence=True, linger_ms=20)
+        self.producer = producer(kafka, {"acks": "all", "enable.idempotence": True,
+                                         "linger.ms": 20})
 
     def _delivered(self, err: Any, _msg: Any) -> None:
         if err is not None:

@@ -114,15 +114,14 @@ class _Progress:
 
 
 def _consumer(kafka: Brokers) -> Consumer:
-    return consumer(
-        kafka, READER_GROUP,
-        enable_auto_commit=False,
-        enable_auto_offset_store=False,
-        enable_partition_eof=True,
+    return consumer(kafka, READER_GROUP, {
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
         # An offset outside the log is an error, never a silent jump to the start.
-        auto_offset_reset="error",
-        isolation_level="read_committed",
-    )
+        "auto.offset.reset": "error",
+        "isolation.level": "read_committed",
+    })
 
 
 def _partitions(c: Consumer, topic: str) -> list[int]:

@@ -191,7 +191,8 @@ def broker_healthy(bootstrap: str, timeout: float = 2.0) -> bool:
     if hostport and not port_open(hostport[1], hostport[0], timeout=min(timeout, 1.0)):
         return False
     try:
-        metadata = admin(bootstrap, log_connection_close=False).list_topics(timeout=timeout)
+        client = admin(bootstrap, {"log.connection.close": False})
+        metadata = client.list_topics(timeout=timeout)
     except Exception:
         return False
     return bool(metadata.brokers)

@@ -785,7 +785,7 @@ class _KafkaSink:
     def __init__(self, kafka: Brokers, topic: str,
                  config: Mapping[str, Any] | None = None) -> None:
         self.topic = topic
-        self.producer = producer(kafka, linger_ms=5, acks="all", **(config or {}))
+        self.producer = producer(kafka, {"linger.ms": 5, "acks": "all", **(config or {})})
         self.delivered = 0
         self.errors = 0
         self.last_error: str | None = None
