@@ -99,8 +99,8 @@ class KafkaSettings(_Group):
     sasl_password: SecretStr | None = Field(default=None, description="SASL password")
     sasl_password_file: Path | None = Field(
         default=None,
-        description="file holding the SASL password (a mounted secret), read whenever a "
-                    "client is created; instead of the password itself")
+        description="file holding the SASL password (as Docker and Kubernetes mount "
+                    "them), read whenever a client is created; instead of the password")
     ssl_ca_location: Path | None = Field(
         default=None,
         description="CA certificates (PEM) the brokers' certificates are checked against "
@@ -194,7 +194,7 @@ class KafkaSettings(_Group):
 
     def password(self) -> str:
         """The SASL password, from :attr:`sasl_password_file` when that is given (read
-        now, so a rotated secret reaches the next client)."""
+        now, so a rotated password reaches the next client)."""
         if self.sasl_password_file is None:
             return self.sasl_password.get_secret_value() if self.sasl_password else ""
         try:
@@ -312,7 +312,8 @@ class AuditSettings(_Group):
 class Settings(BaseSettings):
     """Everything a process of ``ia`` is configured with."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    # A validation error would otherwise quote its input, secrets (passwords, tokens) too.
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
     ENV_PREFIX: ClassVar[str] = "IA_"
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {}
 
