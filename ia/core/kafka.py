@@ -52,6 +52,8 @@ def producer(kafka: Brokers, config: Mapping[str, Any] | None = None) -> Produce
 
 def consumer(kafka: Brokers, group: str,
              config: Mapping[str, Any] | None = None) -> Consumer:
+    """A consumer of ``group``; it joins the group only when it subscribes (readers that
+    assign partitions themselves never do)."""
     return Consumer(client_config(kafka, {"group.id": group, **(config or {})}))
 
 
