@@ -11,6 +11,7 @@ from typing import TypeVar
 import faust
 from pydantic import BaseModel
 
+from ia.core.kafka import ensure_topics, faust_app_options
 from ia.core.metrics import RETRIES
 from ia.core.settings import Settings
 from ia.schemas.serde import DecodeError, decode
@@ -18,10 +19,6 @@ from ia.schemas.serde import DecodeError, decode
 log = logging.getLogger("ia.streams")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-def faust_broker_url(bootstrap: str) -> str:
-    return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
 
 
 def _use_fetch_max_wait(app: faust.App, seconds: float) -> None:
@@ -51,10 +48,10 @@ def _use_fetch_max_wait(app: faust.App, seconds: float) -> None:
 
 
 def make_app(settings: Settings, app_id: str) -> faust.App:
-    bootstrap, _ = settings.require_endpoints()
+    settings.require_endpoints()
     app = faust.App(
         app_id,
-        broker=faust_broker_url(bootstrap),
+        **faust_app_options(settings.kafka),
         store="memory://",
         web_enabled=False,
         autodiscover=False,
@@ -188,9 +185,7 @@ def run_faust(app: faust.App, settings: Settings) -> None:
     """Run a Faust app in this process until it is stopped (its topics created first)."""
     from faust.worker import Worker
 
-    from ia.core.kafka import ensure_topics
-
-    bootstrap, _ = settings.require_endpoints()
-    ensure_topics(bootstrap, settings.topics.all(), settings.topic_partitions)
+    settings.require_endpoints()
+    ensure_topics(settings.kafka, settings.topics.all(), settings.topic_partitions)
     tune_gc()
     Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from ia.core import kafka
 from ia.core.clock import now_ms
 from ia.core.gaps import GapGuard, guard_assigned
-from ia.core.kafka import end_offsets, from_beginning
 
 log = logging.getLogger("ia.bench")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -75,9 +75,10 @@ def action_events(n: int, *, run: str, start: int = 0) -> Iterator[Record]:
 
 
 def producer(bootstrap: str, linger_ms: int = 20) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "acks": "all",
-                     "queue.buffering.max.messages": 1_000_000,
-                     "batch.num.messages": 10_000, "log.connection.close": False})
+    return kafka.producer(bootstrap, {"linger.ms": linger_ms, "acks": "all",
+                                      "queue.buffering.max.messages": 1_000_000,
+                                      "batch.num.messages": 10_000,
+                                      "log.connection.close": False})
 
 
 def produce_all(bootstrap: str, topic: str, records: Iterable[Record]) -> int:
@@ -178,8 +179,8 @@ class TopicCounter:
         self._n = 0
         self._stop = threading.Event()
         self.errors: list[str] = []
-        self.consumer = from_beginning(bootstrap, topics, "ia-bench-count",
-                                       **{"fetch.wait.max.ms": 10})
+        self.consumer = kafka.from_beginning(bootstrap, topics, "ia-bench-count",
+                                             {"fetch.wait.max.ms": 10})
         self.gaps = guard_assigned(self.consumer)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -256,7 +257,8 @@ def recount(bootstrap: str, topics: list[str], wanted: set[str],
             timeout_s: float = 120.0) -> Recount:
     """Read ``topics`` from the beginning to their end (partition EOF) with a new consumer:
     how many records, how many distinct ids, how many of ``wanted`` are there."""
-    c = from_beginning(bootstrap, topics, "ia-bench-recount", **{"enable.partition.eof": True})
+    c = kafka.from_beginning(bootstrap, topics, "ia-bench-recount",
+                             {"enable.partition.eof": True})
     pending = {(tp.topic, tp.partition) for tp in c.assignment()}
     ends: dict[str, dict[int, int]] = {t: {} for t in topics}
     ids: set[str] = set()
@@ -283,9 +285,9 @@ def recount(bootstrap: str, topics: list[str], wanted: set[str],
 def group_progress(bootstrap: str, group: str, topic: str) -> dict[int, tuple[int, int]]:
     """Per partition of ``topic``: the offset ``group`` committed (-1: none) and the offset
     after the partition's last record. Reads the offsets only; does not join the group."""
-    ends = end_offsets(bootstrap, topic)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                  "enable.auto.commit": False, "log.connection.close": False})
+    ends = kafka.end_offsets(bootstrap, topic)
+    c = kafka.consumer(bootstrap, group, {"enable.auto.commit": False,
+                                          "log.connection.close": False})
     try:
         committed = c.committed([TopicPartition(topic, p) for p in ends], timeout=10)
     finally:
@@ -307,8 +309,8 @@ class Tap:
         self.markers = markers
         self._idle = threading.Event()
         self._stop = threading.Event()
-        self._consumer = from_beginning(bootstrap, list(markers), "ia-bench-tap",
-                                        **{"fetch.wait.max.ms": 5})
+        self._consumer = kafka.from_beginning(bootstrap, list(markers), "ia-bench-tap",
+                                              {"fetch.wait.max.ms": 5})
         self.gaps = guard_assigned(self._consumer)
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -78,11 +78,11 @@ def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> Non
     from ia.governance.api import ApprovalDesk, kafka_publisher
 
     s = settings()
-    bootstrap, _ = s.require_endpoints()
+    s.require_endpoints()
 
     async def run():
         client = redis_client(s)
-        publish, close = kafka_publisher(bootstrap, s.topics.approvals, s.wire_format)
+        publish, close = kafka_publisher(s.kafka, s.topics.approvals, s.wire_format)
         try:
             desk = ApprovalDesk(ApprovalStore(client, s.redis.prefix), publish)
             return await desk.answer(approval_id, approve, by=by or default_by(), via="cli",

@@ -22,14 +22,14 @@ def _variant(path: Path, name: str | None) -> Any:
 
 def _feedback(settings: Settings) -> tuple[list, str]:
     """Every Feedback record on the feedback topic (labels for a backtest)."""
-    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
+    from ia.offline.topic_slice import SliceSpec, read_slice, require_kafka
     from ia.schemas.models import Feedback
     from ia.schemas.serde import DecodeError, decode
 
-    bootstrap = kafka_bootstrap(settings)
+    kafka = require_kafka(settings)
     topic = settings.topics.feedback
     out = []
-    for recs in read_slice(bootstrap, SliceSpec(topic)).values():
+    for recs in read_slice(kafka, SliceSpec(topic)).values():
         for rec in recs:
             try:
                 out.append(decode(rec.value or b"", Feedback, settings.wire_format))
@@ -105,11 +105,11 @@ def record(topic: str, to_file: Path, **rng: Any) -> None:
     value, so replaying it equals replaying the slice from Kafka.
     """
     from ia.offline.recording import write_recording
-    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
+    from ia.offline.topic_slice import SliceSpec, read_slice, require_kafka
 
     settings = common.settings()
     spec = SliceSpec.from_options(topic, rng["from_time"], rng["to_time"],
                                   rng["from_offsets"], rng["to_offsets"])
-    partitions = read_slice(kafka_bootstrap(settings), spec)
+    partitions = read_slice(require_kafka(settings), spec)
     n = write_recording(to_file, topic, settings.wire_format, partitions, spec.describe())
     click.echo(f"recorded {n} records of {topic} -> {to_file}", err=True)

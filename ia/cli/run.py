@@ -32,8 +32,8 @@ def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> 
         if policy_file is None:
             raise click.UsageError("--shadow needs --policy CANDIDATE")
         s = shadow_settings(s)
-        ensure_topics(s.require_endpoints()[0], [s.topics.decisions_shadow],
-                               s.topic_partitions)
+        s.require_endpoints()
+        ensure_topics(s.kafka, [s.topics.decisions_shadow], s.topic_partitions)
     run_faust(build_worker(s, shadow=shadow), s)
 
 

@@ -25,11 +25,11 @@ def shadow() -> None:
 
 def _topic_decisions(settings: Settings, topic: str, kafka: dict[str, Any]) -> list:
     from ia.offline.shadow import decisions_of
-    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap, read_slice
+    from ia.offline.topic_slice import SliceSpec, read_slice, require_kafka
 
     spec = SliceSpec.from_options(topic, kafka["from_time"], kafka["to_time"],
                                   kafka["from_offsets"], kafka["to_offsets"])
-    found, _bad = decisions_of(read_slice(kafka_bootstrap(settings), spec),
+    found, _bad = decisions_of(read_slice(require_kafka(settings), spec),
                                settings.wire_format)
     return found
 

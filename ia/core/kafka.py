@@ -1,56 +1,111 @@
-"""Kafka plumbing every process shares: creating topics, and reading whole topics with a
-plain consumer (no group, no commits)."""
+"""Every Kafka client of ``ia`` is made here, from :class:`~ia.core.settings.KafkaSettings`
+(brokers and security), so a TLS or SASL setting reaches all of them: producers,
+consumers, admin clients and the Faust apps.  Also the plumbing every process shares:
+creating topics, and reading whole topics with a plain consumer (no group, no commits).
+
+A client's own settings are a mapping of librdkafka properties (``{"linger.ms": 5}``),
+laid over the connection settings.  A bare ``host:port`` string instead of the
+settings is a plaintext cluster: the embedded broker, tests and benchmarks.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
+    Producer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ia.core.errors import IaError
+from ia.core.settings import KafkaSettings
+
+Brokers = KafkaSettings | str
 
 
 class TopicSetupError(IaError):
     """The broker did not create or list the topics in time."""
 
 
+def kafka_settings(kafka: Brokers) -> KafkaSettings:
+    """``kafka`` as settings: a bare bootstrap string is a plaintext cluster."""
+    return kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(bootstrap_servers=kafka)
 
-def _consumer(bootstrap: str) -> Consumer:
+
+def client_config(kafka: Brokers, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A librdkafka configuration: the connection of ``kafka`` and the client's own
+    ``config``."""
+    return {**kafka_settings(kafka).librdkafka(), **(config or {})}
+
+
+def producer(kafka: Brokers, config: Mapping[str, Any] | None = None) -> Producer:
+    return Producer(client_config(kafka, config))
+
+
+def consumer(kafka: Brokers, group: str,
+             config: Mapping[str, Any] | None = None) -> Consumer:
+    """A consumer of ``group``; it joins the group only when it subscribes (readers that
+    assign partitions themselves never do)."""
+    return Consumer(client_config(kafka, {"group.id": group, **(config or {})}))
+
+
+def admin(kafka: Brokers, config: Mapping[str, Any] | None = None) -> AdminClient:
+    return AdminClient(client_config(kafka, config))
+
+
+def faust_app_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """The ``faust.App`` options that say where the brokers are and how to authenticate;
+    Faust hands the credentials to every aiokafka client it makes."""
+    import faust  # only Faust processes need it
+
+    auth = kafka.aiokafka()
+    options: dict[str, Any] = {
+        "broker": ";".join(f"kafka://{host}" for host in auth["bootstrap_servers"])}
+    if kafka.uses_sasl:
+        options["broker_credentials"] = faust.SASLCredentials(
+            username=auth["sasl_plain_username"], password=auth["sasl_plain_password"],
+            mechanism=auth["sasl_mechanism"], ssl_context=auth.get("ssl_context"))
+    elif kafka.uses_tls:
+        options["broker_credentials"] = faust.SSLCredentials(auth["ssl_context"])
+    return options
+
+
+def _reader(kafka: Brokers) -> Consumer:
     # Partition EOF events mark the end of each partition as seen by the
     # fetches themselves: some brokers (tansu) answer watermark queries with a
     # high watermark that lags the records a fetch returns.
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": "ia-reader",
-                     "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                     "enable.partition.eof": True})
+    return consumer(kafka, "ia-reader", {"enable.auto.commit": False,
+                                         "auto.offset.reset": "earliest",
+                                         "enable.partition.eof": True})
 
 
-def from_beginning(bootstrap: str, topics: list[str], group: str = "ia-reader",
-                   **config: object) -> Consumer:
+def from_beginning(kafka: Brokers, topics: list[str], group: str = "ia-reader",
+                   config: Mapping[str, Any] | None = None) -> Consumer:
     """A consumer assigned to every partition of ``topics`` from the first record: it
     joins no group and commits nothing (``config``: further librdkafka settings)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                  "enable.auto.commit": False, "log.connection.close": False, **config})
+    c = consumer(kafka, group, {"enable.auto.commit": False, "log.connection.close": False,
+                                **(config or {})})
     c.assign([TopicPartition(t, p, OFFSET_BEGINNING)
               for t in topics for p in c.list_topics(t, timeout=10).topics[t].partitions])
     return c
 
 
-def end_offsets(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+def end_offsets(kafka: Brokers, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
     """The offset after the last record of each partition of ``topic``.
 
     Read, not asked for: tansu answers a high-watermark query with the base offset of
     the partition's last batch plus one, so the last batch is read from there to the
     partition's end.
     """
-    c = _consumer(bootstrap)
+    c = _reader(kafka)
     try:
         parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
         ends: dict[int, int] = {}
@@ -76,9 +131,9 @@ def end_offsets(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int
         c.close()
 
 
-def record_count(bootstrap: str, topic: str) -> int:
+def record_count(kafka: Brokers, topic: str) -> int:
     """Approximate records in ``topic`` (sum of watermark ranges); cheap, may lag."""
-    c = _consumer(bootstrap)
+    c = _reader(kafka)
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         total = 0
@@ -90,9 +145,9 @@ def record_count(bootstrap: str, topic: str) -> int:
         c.close()
 
 
-def read_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[dict]:
+def read_all(kafka: Brokers, topic: str, timeout_s: float = 60.0) -> list[dict]:
     """Every JSON record in ``topic`` up to its current end, in partition order."""
-    c = _consumer(bootstrap)
+    c = _reader(kafka)
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         pending = set(meta.partitions)
@@ -112,7 +167,7 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[dict]:
 
 
 def ensure_topics(
-    bootstrap: str,
+    kafka: Brokers,
     topics: list[str],
     partitions: int,
     *,
@@ -128,8 +183,8 @@ def ensure_topics(
     if not wanted:
         return []
     deadline = time.monotonic() + timeout
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
+    client = admin(kafka)
+    futures = client.create_topics(
         [
             NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
             for t in wanted
@@ -148,7 +203,7 @@ def ensure_topics(
     missing = wanted
     while True:
         try:
-            metadata = admin.list_topics(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            metadata = client.list_topics(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
             missing = [
                 t
                 for t in wanted
@@ -162,6 +217,7 @@ def ensure_topics(
             return created
         if time.monotonic() >= deadline:
             raise TopicSetupError(
-                f"topics not visible in {bootstrap} metadata after {timeout:.0f}s: {missing}"
+                f"topics not visible in {kafka_settings(kafka).bootstrap_servers} metadata "
+                f"after {timeout:.0f}s: {missing}"
             )
         time.sleep(0.1)

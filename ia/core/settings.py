@@ -17,6 +17,7 @@ the effective values with secrets masked.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from functools import cached_property
@@ -24,7 +25,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -64,9 +73,44 @@ class _Group(BaseModel):
         return cls.ENV.get(field, (cls.ENV_PREFIX + field.upper(),))
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+_SASL_FIELDS = ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file")
+_SSL_FIELDS = ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location",
+               "ssl_key_password")
+
+
 class KafkaSettings(_Group):
+    """Where the Kafka cluster is and how every client authenticates to it.
+
+    :mod:`ia.core.kafka` builds every producer, consumer, admin client and Faust app
+    from these settings, through :meth:`librdkafka` and :meth:`aiokafka`.
+    """
+
     bootstrap_servers: str | None = Field(
         default=None, description="host:port[,host:port] of the Kafka cluster")
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="how clients reach the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT "
+                    "or SASL_SSL (SASL over TLS)")
+    sasl_mechanism: SaslMechanism | None = Field(
+        default=None, description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str | None = Field(default=None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password")
+    sasl_password_file: Path | None = Field(
+        default=None,
+        description="file holding the SASL password (as Docker and Kubernetes mount "
+                    "them), read whenever a client is created; instead of the password")
+    ssl_ca_location: Path | None = Field(
+        default=None,
+        description="CA certificates (PEM) the brokers' certificates are checked against "
+                    "(default: the system's)")
+    ssl_certificate_location: Path | None = Field(
+        default=None, description="client certificate (PEM), for TLS client authentication")
+    ssl_key_location: Path | None = Field(
+        default=None, description="private key (PEM) of the client certificate")
+    ssl_key_password: SecretStr | None = Field(
+        default=None, description="password of the client certificate's private key")
     session_timeout_s: float = Field(
         default=6.0, gt=0,
         description="consumer session timeout; short sessions make rebalances fast")
@@ -82,7 +126,126 @@ class KafkaSettings(_Group):
                     "commit are delivered again after a crash and skipped by the store")
 
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {
-        "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", "IA_KAFKA_BOOTSTRAP_SERVERS")}
+        "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", "IA_KAFKA_BOOTSTRAP_SERVERS"),
+        **{name: (f"IA_KAFKA_{name.upper()}",)
+           for name in ("security_protocol", *_SASL_FIELDS, *_SSL_FIELDS)}}
+
+    @field_validator("security_protocol", "sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, value: Any) -> Any:
+        # librdkafka takes these in any case; so do we.
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        problems = self._security_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def _var(self, name: str) -> str:
+        return self.env_names(name)[0]
+
+    def _security_problems(self) -> list[str]:
+        """What is missing or contradictory in the security settings, in words that name
+        the variables to set."""
+        protocol = f"{self._var('security_protocol')}={self.security_protocol}"
+        given = {name for name in (*_SASL_FIELDS, *_SSL_FIELDS) if getattr(self, name)}
+        problems = []
+        if self.uses_sasl:
+            missing = [self._var(n) for n in ("sasl_mechanism", "sasl_username")
+                       if n not in given]
+            if not given & {"sasl_password", "sasl_password_file"}:
+                missing.append(f"{self._var('sasl_password')} (or "
+                               f"{self._var('sasl_password_file')})")
+            if missing:
+                problems.append(f"{protocol} needs {', '.join(missing)}")
+        elif given & set(_SASL_FIELDS):
+            problems.append(f"{', '.join(self._var(n) for n in _SASL_FIELDS if n in given)} "
+                            f"set but {protocol} uses no SASL (SASL_SSL or SASL_PLAINTEXT do)")
+        if {"sasl_password", "sasl_password_file"} <= given:
+            problems.append(f"set {self._var('sasl_password')} or "
+                            f"{self._var('sasl_password_file')}, not both")
+        if not self.uses_tls and given & set(_SSL_FIELDS):
+            problems.append(f"{', '.join(self._var(n) for n in _SSL_FIELDS if n in given)} "
+                            f"set but {protocol} uses no TLS (SSL or SASL_SSL do)")
+        client_cert = given & {"ssl_certificate_location", "ssl_key_location"}
+        if len(client_cert) == 1:
+            problems.append(f"{self._var('ssl_certificate_location')} and "
+                            f"{self._var('ssl_key_location')} go together")
+        if "ssl_key_password" in given and "ssl_key_location" not in given:
+            problems.append(f"{self._var('ssl_key_password')} needs "
+                            f"{self._var('ssl_key_location')}")
+        return problems
+
+    def servers(self) -> str:
+        """The bootstrap servers; :class:`ConfigError` if none are configured."""
+        if not self.bootstrap_servers:
+            raise ConfigError("KAFKA_BOOTSTRAP_SERVERS must be set")
+        return self.bootstrap_servers
+
+    def password(self) -> str:
+        """The SASL password, from :attr:`sasl_password_file` when that is given (read
+        now, so a rotated password reaches the next client)."""
+        if self.sasl_password_file is None:
+            return self.sasl_password.get_secret_value() if self.sasl_password else ""
+        try:
+            return self.sasl_password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{self._var('sasl_password_file')}: cannot read "
+                              f"{self.sasl_password_file}: {exc.strerror}") from None
+
+    def librdkafka(self) -> dict[str, str]:
+        """The connection part of a confluent-kafka (librdkafka) client configuration."""
+        config = {"bootstrap.servers": self.servers(),
+                  "security.protocol": self.security_protocol}
+        if self.uses_sasl:
+            assert self.sasl_mechanism and self.sasl_username  # checked when validated
+            config |= {"sasl.mechanism": self.sasl_mechanism,
+                       "sasl.username": self.sasl_username, "sasl.password": self.password()}
+        for name in ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location"):
+            if (location := getattr(self, name)) is not None:
+                config[name.replace("_", ".")] = str(location)
+        if self.ssl_key_password is not None:
+            config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        return config
+
+    def aiokafka(self) -> dict[str, Any]:
+        """The connection keyword arguments of an aiokafka client (Faust's clients are
+        aiokafka's): TLS as an :class:`ssl.SSLContext` built from the PEM files."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": [h.strip() for h in self.servers().split(",") if h.strip()],
+            "security_protocol": self.security_protocol}
+        if self.uses_sasl:
+            kwargs |= {"sasl_mechanism": self.sasl_mechanism,
+                       "sasl_plain_username": self.sasl_username,
+                       "sasl_plain_password": self.password()}
+        if self.uses_tls:
+            kwargs["ssl_context"] = self.ssl_context()
+        return kwargs
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client TLS context that checks the brokers' certificates and host names (as
+        librdkafka does), with the client certificate if one is configured."""
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ssl_ca_location) if self.ssl_ca_location else None)
+            if self.ssl_certificate_location and self.ssl_key_location:
+                context.load_cert_chain(
+                    self.ssl_certificate_location, self.ssl_key_location,
+                    self.ssl_key_password.get_secret_value() if self.ssl_key_password
+                    else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the Kafka TLS files: {exc}") from None
+        return context
 
 
 class RedisSettings(_Group):
@@ -149,7 +312,8 @@ class AuditSettings(_Group):
 class Settings(BaseSettings):
     """Everything a process of ``ia`` is configured with."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    # A validation error would otherwise quote its input, secrets (passwords, tokens) too.
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
     ENV_PREFIX: ClassVar[str] = "IA_"
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {}
 
@@ -298,7 +462,7 @@ def _where(loc: tuple[Any, ...]) -> str:
     group = _GROUPS.get(str(loc[0])) if loc else None
     if group is not None and len(loc) > 1:
         names = group.env_names(str(loc[1]))
-    elif loc and str(loc[0]) in Settings.model_fields:
+    elif group is None and loc and str(loc[0]) in Settings.model_fields:
         names = Settings.env_names(str(loc[0]))
     else:
         return dotted

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from ia.actuators.approvals import ApprovalError, ApprovalStore
 from ia.core.errors import ConfigError
+from ia.core.settings import KafkaSettings
 from ia.schemas.models import ApprovalEvent, ApprovalStatus
 from ia.schemas.serde import encode
 
@@ -60,12 +61,13 @@ class ApprovalDesk:
         return ev
 
 
-def kafka_publisher(bootstrap: str, topic: str, fmt: str = "json") -> tuple[Publish, Callable]:
+def kafka_publisher(kafka: KafkaSettings, topic: str,
+                    fmt: str = "json") -> tuple[Publish, Callable]:
     """A publisher of approval events (confluent-kafka) and its closer."""
-    from confluent_kafka import Producer
+    from ia.core.kafka import producer as kafka_producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
-                         "enable.idempotence": True, "linger.ms": 0})
+    producer = kafka_producer(kafka, {"acks": "all", "enable.idempotence": True,
+                                      "linger.ms": 0})
 
     def _send(ev: ApprovalEvent) -> None:
         errors: list = []
@@ -195,7 +197,7 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
     """``ia api``: serve until interrupted."""
     import redis.asyncio as aioredis
 
-    bootstrap, redis_url = settings.require_endpoints()
+    _, redis_url = settings.require_endpoints()
     tokens = load_tokens(
         settings.api.token.get_secret_value() if settings.api.token else None,
         settings.api.token_file)
@@ -204,7 +206,7 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
 
     async def make() -> web.Application:
         client = aioredis.from_url(redis_url, decode_responses=False)
-        publish, close = kafka_publisher(bootstrap, settings.topics.approvals,
+        publish, close = kafka_publisher(settings.kafka, settings.topics.approvals,
                                          settings.wire_format)
         app = build_api(ApprovalDesk(ApprovalStore(client, settings.redis.prefix), publish),
                         tokens)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia.core.errors import IaError, UsageError
-from ia.core.settings import Settings
+from ia.core.settings import KafkaSettings, Settings
 from ia.offline.recording import Partitions, RawRecord, is_recording, read_recording
 from ia.schemas.models import DeadLetter, TelemetryEvent
 from ia.schemas.validation import validate_record
@@ -196,12 +196,12 @@ def from_recording(path: Path) -> History:
                             "range": header.get("range", {})})
 
 
-def from_topic(bootstrap: str, spec: SliceSpec, fmt: str) -> History:
+def from_topic(kafka: KafkaSettings, spec: SliceSpec, fmt: str) -> History:
     """A slice of a topic, read without joining or committing to any consumer group."""
     # Imported here: reading files needs no Kafka client.
     from ia.offline.topic_slice import read_slice
 
-    partitions = read_slice(bootstrap, spec)
+    partitions = read_slice(kafka, spec)
     return from_partitions(partitions, fmt, spec.topic,
                            {"topic": spec.topic, "range": spec.describe()})
 
@@ -221,8 +221,8 @@ def load_history(settings: Settings, input_path: Path | None, fmt: str = "auto",
         if from_time or to_time or from_offsets or to_offsets:
             raise UsageError("--from/--to/--from-offsets/--to-offsets need --topic")
         return from_file(input_path, fmt, entity, metric)
-    from ia.offline.topic_slice import SliceSpec, kafka_bootstrap
+    from ia.offline.topic_slice import SliceSpec, require_kafka
 
     assert topic is not None
     spec = SliceSpec.from_options(topic, from_time, to_time, from_offsets, to_offsets)
-    return from_topic(kafka_bootstrap(settings), spec, settings.wire_format)
+    return from_topic(require_kafka(settings), spec, settings.wire_format)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from ia.core.errors import IaError, UsageError
-from ia.core.settings import Settings, Topics
+from ia.core.settings import KafkaSettings, Settings, Topics
 from ia.offline.history import History
 from ia.offline.run import Variant, decide
-from ia.offline.topic_slice import kafka_bootstrap
+from ia.offline.topic_slice import require_kafka
 from ia.schemas.models import Decision
 from ia.schemas.serde import encode
 
@@ -73,13 +73,13 @@ class FileSink:
 class TopicSink:
     """Publishes decisions keyed by entity; every record is confirmed before close returns."""
 
-    def __init__(self, bootstrap: str, topic: str, fmt: str) -> None:
-        from confluent_kafka import Producer
+    def __init__(self, kafka: KafkaSettings, topic: str, fmt: str) -> None:
+        from ia.core.kafka import producer
 
         self.topic, self.fmt = topic, fmt
         self.errors: list[str] = []
-        self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
-                                  "enable.idempotence": True, "linger.ms": 20})
+        self.producer = producer(kafka, {"acks": "all", "enable.idempotence": True,
+                                         "linger.ms": 20})
 
     def _delivered(self, err: Any, _msg: Any) -> None:
         if err is not None:
@@ -127,10 +127,10 @@ def replay(settings: Settings, history: History, variant: Variant, *,
         from ia.core.kafka import ensure_topics
 
         check_output_topic(output_topic, settings.topics)
-        bootstrap = kafka_bootstrap(settings)
-        ensure_topics(bootstrap, [output_topic], settings.topic_partitions)
+        kafka = require_kafka(settings)
+        ensure_topics(kafka, [output_topic], settings.topic_partitions)
         n, acted = asyncio.run(_replay(history, variant, TopicSink(
-            bootstrap, output_topic, settings.wire_format)))
+            kafka, output_topic, settings.wire_format)))
     else:
         assert output_path is not None
         with output_path.open("w", encoding="utf-8", newline="\n") as out:

@@ -30,7 +30,8 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from ia.core.errors import ConfigError, IaError, UsageError
-from ia.core.settings import Settings
+from ia.core.kafka import Brokers, consumer
+from ia.core.settings import KafkaSettings, Settings
 from ia.core.times import TimeFormatError, parse_time
 from ia.offline.recording import Partitions, RawRecord
 
@@ -44,12 +45,13 @@ class SliceError(IaError):
     """The slice cannot be read (unknown topic, broker gone)."""
 
 
-def kafka_bootstrap(settings: Settings) -> str:
-    """The broker address; unlike the worker, reading history needs (and opens) no Redis."""
+def require_kafka(settings: Settings) -> KafkaSettings:
+    """The Kafka settings, with a broker; unlike the worker, reading history needs (and
+    opens) no Redis."""
     if not settings.kafka.bootstrap_servers:
         raise ConfigError('KAFKA_BOOTSTRAP_SERVERS must be set (eval "$(ia up)" '
                           "starts an embedded broker)")
-    return settings.kafka.bootstrap_servers
+    return settings.kafka
 
 
 def parse_offsets(text: str) -> dict[int, int]:
@@ -111,10 +113,8 @@ class _Progress:
     done: set[int] = field(default_factory=set)
 
 
-def _consumer(bootstrap: str) -> Consumer:
-    return Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": READER_GROUP,
+def _consumer(kafka: Brokers) -> Consumer:
+    return consumer(kafka, READER_GROUP, {
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "enable.partition.eof": True,
@@ -164,9 +164,9 @@ def _keep(m: Any, spec: SliceSpec, progress: _Progress) -> bool:
     return True
 
 
-def read_slice(bootstrap: str, spec: SliceSpec, timeout_s: float = 600.0) -> Partitions:
+def read_slice(kafka: Brokers, spec: SliceSpec, timeout_s: float = 600.0) -> Partitions:
     """Every record of the slice, per partition in offset order."""
-    c = _consumer(bootstrap)
+    c = _consumer(kafka)
     try:
         starts = _start_offsets(c, spec, _partitions(c, spec.topic))
         return _consume(c, spec, starts, timeout_s)

@@ -184,15 +184,15 @@ def _split_hostport(bootstrap: str) -> tuple[str, int] | None:
 
 def broker_healthy(bootstrap: str, timeout: float = 2.0) -> bool:
     """True if a Kafka AdminClient can fetch cluster metadata from ``bootstrap``."""
-    from confluent_kafka.admin import AdminClient
+    from ia.core.kafka import admin
 
     # Cheap TCP probe first: librdkafka logs every refused connection to stderr.
     hostport = _split_hostport(bootstrap)
     if hostport and not port_open(hostport[1], hostport[0], timeout=min(timeout, 1.0)):
         return False
     try:
-        admin = AdminClient({"bootstrap.servers": bootstrap, "log.connection.close": False})
-        metadata = admin.list_topics(timeout=timeout)
+        client = admin(bootstrap, {"log.connection.close": False})
+        metadata = client.list_topics(timeout=timeout)
     except Exception:
         return False
     return bool(metadata.brokers)

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ia.core.kafka import ensure_topics, read_all
-from ia.core.settings import Settings, Topics
+from ia.core.settings import KafkaSettings, Settings, Topics
 from ia.decisions.policy_source import builtin_policy_path
 from ia.runtime import embedded
 from ia.sim import simulator
@@ -54,11 +54,11 @@ def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
             proc.wait()
 
 
-def _endpoints(settings: Settings, stack: ExitStack) -> tuple[str, str, str]:
+def _endpoints(settings: Settings, stack: ExitStack) -> tuple[KafkaSettings, str, str]:
     """Broker, Redis and topic prefix: external if configured, else embedded."""
     if settings.kafka.bootstrap_servers and settings.redis.url:
         # Shared infrastructure: keep this run's topics and keys apart.
-        return (settings.kafka.bootstrap_servers, settings.redis.url,
+        return (settings.kafka, settings.redis.url,
                 f"{settings.topic_prefix}-demo-{int(time.time())}")
     run_dir = settings.run_dir / "demo"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,32 +66,33 @@ def _endpoints(settings: Settings, stack: ExitStack) -> tuple[str, str, str]:
     console.print("[bold]starting[/] embedded broker (tansu) and Redis (valkey) ...")
     emb.start()
     stack.callback(emb.stop)
-    return emb.kafka_bootstrap_servers, emb.redis_url, settings.topic_prefix
+    return (KafkaSettings(bootstrap_servers=emb.kafka_bootstrap_servers), emb.redis_url,
+            settings.topic_prefix)
 
 
 def run_demo(settings: Settings, *, seed: int = 7, speed: float = 60.0,
              duration_s: float = 6000.0) -> dict:
     started = time.monotonic()
     with ExitStack() as stack:
-        bootstrap, redis_url, prefix = _endpoints(settings, stack)
+        kafka, redis_url, prefix = _endpoints(settings, stack)
         topics = Topics(prefix)
-        ensure_topics(bootstrap, topics.all(), settings.topic_partitions)
+        ensure_topics(kafka, topics.all(), settings.topic_partitions)
         log_dir = settings.run_dir / "demo"
         log_dir.mkdir(parents=True, exist_ok=True)
         sim_summary = asyncio.run(_run_loop(
-            stack, bootstrap=bootstrap, redis_url=redis_url, topics=topics, log_dir=log_dir,
+            stack, kafka=kafka, redis_url=redis_url, topics=topics, log_dir=log_dir,
             seed=seed, speed=speed, duration_s=duration_s))
-        summary = summarise(sim_summary, read_all(bootstrap, topics.decisions),
-                            read_all(bootstrap, topics.outcomes))
+        summary = summarise(sim_summary, read_all(kafka, topics.decisions),
+                            read_all(kafka, topics.outcomes))
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     _print_summary(summary)
     return summary
 
 
-async def _run_loop(stack: ExitStack, *, bootstrap: str, redis_url: str, topics: Topics,
+async def _run_loop(stack: ExitStack, *, kafka: KafkaSettings, redis_url: str, topics: Topics,
                     log_dir: Path, seed: int, speed: float, duration_s: float) -> dict:
     async with simulator.SimulatorServer() as server:
-        env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,
+        env = {"KAFKA_BOOTSTRAP_SERVERS": kafka.servers(), "REDIS_URL": redis_url,
                "IA_TOPIC_PREFIX": topics.prefix, "IA_REDIS_PREFIX": topics.prefix,
                "IA_POLICY_FILE": str(builtin_policy_path("demo")),
                "IA_SIMULATOR_URL": server.url, "IA_BATCH_WITHIN_S": "0.01",
@@ -107,10 +108,10 @@ async def _run_loop(stack: ExitStack, *, bootstrap: str, redis_url: str, topics:
                       f"({duration_s / 60:.0f} simulated minutes at {speed:g}x); "
                       f"logs in {log_dir}")
         sim = await simulator.run_simulation(
-            bootstrap, topics.telemetry, seed=seed, speed=speed, duration_s=duration_s,
+            kafka, topics.telemetry, seed=seed, speed=speed, duration_s=duration_s,
             server=server, on_progress=_progress)
         t0 = time.monotonic()
-        await _drain(bootstrap, topics, sim["events_produced"], procs)
+        await _drain(kafka, topics, sim["events_produced"], procs)
         console.print(f"[bold]drained[/] in {time.monotonic() - t0:.1f}s; stopping processes")
         for p in procs:
             _stop(p)
@@ -137,16 +138,16 @@ def _progress(p: dict) -> None:
                   f"{p['actions_remediating']})")
 
 
-async def _drain(bootstrap: str, topics: Topics, produced: int, procs: list,
+async def _drain(kafka: KafkaSettings, topics: Topics, produced: int, procs: list,
                  timeout_s: float = 60.0) -> None:
     """Wait until every event has a decision and every automatic action an outcome."""
     deadline = time.monotonic() + timeout_s
     decided, missing = 0, -1
     while time.monotonic() < deadline:
-        decisions = await asyncio.to_thread(read_all, bootstrap, topics.decisions)
+        decisions = await asyncio.to_thread(read_all, kafka, topics.decisions)
         decided = len({d["event_id"] for d in decisions})
         if decided >= produced:
-            outcomes = await asyncio.to_thread(read_all, bootstrap, topics.outcomes)
+            outcomes = await asyncio.to_thread(read_all, kafka, topics.outcomes)
             # Decisions waiting for a human (needs_approval) have no outcome yet.
             acting = {d["decision_id"] for d in decisions
                       if d["action"] and d["mode"] == "auto"}
@@ -236,14 +237,14 @@ def _print_summary(s: dict) -> None:
 def run_simulator_cli(settings: Settings, *, seed: int, speed: float, duration_s: float,
                       n_services: int, n_incidents: int, port: int) -> None:
     """``ia simulate``: only the fleet, against an already running loop."""
-    bootstrap, _ = settings.require_endpoints()
+    settings.require_endpoints()
 
     async def go() -> dict:
         async with simulator.SimulatorServer(port=port) as server:
             console.print(f"simulator control API: {server.url}  "
                           f"(set IA_SIMULATOR_URL={server.url} for `ia actuate`)")
             return await simulator.run_simulation(
-                bootstrap, settings.topics.telemetry, seed=seed, speed=speed,
+                settings.kafka, settings.topics.telemetry, seed=seed, speed=speed,
                 duration_s=duration_s, n_services=n_services, n_incidents=n_incidents,
                 server=server, on_progress=_progress)
 

@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from aiohttp import web
-from confluent_kafka import Producer
 
+from ia.core.kafka import Brokers, producer
 from ia.schemas.models import EventKind, TelemetryEvent
 
 log = logging.getLogger("ia.simulator")
@@ -782,11 +782,10 @@ async def drive(fleet: Fleet, emit: Callable[[list[TelemetryEvent]], None], *,
 class _KafkaSink:
     """Produces telemetry: key = entity, value = the event's JSON contract."""
 
-    def __init__(self, bootstrap_servers: str, topic: str,
+    def __init__(self, kafka: Brokers, topic: str,
                  config: Mapping[str, Any] | None = None) -> None:
         self.topic = topic
-        self.producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 5,
-                                  "acks": "all", **(config or {})})
+        self.producer = producer(kafka, {"linger.ms": 5, "acks": "all", **(config or {})})
         self.delivered = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -817,7 +816,7 @@ class _KafkaSink:
         return self.producer.flush(timeout_s)
 
 
-async def run_simulation(bootstrap_servers: str, topic: str, *, seed: int = DEFAULT_SEED,
+async def run_simulation(kafka: Brokers, topic: str, *, seed: int = DEFAULT_SEED,
                          speed: float = DEFAULT_SPEED,
                          sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S,
                          duration_s: float = DEFAULT_DURATION_S,
@@ -840,7 +839,7 @@ async def run_simulation(bootstrap_servers: str, topic: str, *, seed: int = DEFA
     fleet = Fleet(seed, n_services, duration_s, n_incidents, start_ts_ms=start_ts_ms)
     if server is not None:
         server.attach(fleet)
-    sink = _KafkaSink(bootstrap_servers, topic, producer_config)
+    sink = _KafkaSink(kafka, topic, producer_config)
     emitted = await drive(fleet, sink, speed=speed, sample_interval_s=sample_interval_s,
                           on_progress=on_progress, progress_every_s=progress_every_s)
     undelivered = await asyncio.to_thread(sink.flush, flush_timeout_s)
