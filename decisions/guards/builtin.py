@@ -94,8 +94,8 @@ class StaleEventGuard:
     Hours-old samples (a backlog after an outage, a back-dated producer) say
     how a target was, not how it is.  The decision is blocked rather than
     downgraded: ``notify`` and approval requests call out too, and a stale
-    anomaly is still on record in the decision and its trace.  Nothing is
-    reserved yet at this point, so the later guards see nothing of it.  The
+    anomaly is still on record in the decision and its trace.  It runs before
+    every guard that reserves something, so a stale event uses no budget.  The
     age is the clock minus the event time, so offline (event time) it is 0.
     """
 
