@@ -8,6 +8,7 @@ and reports errors with the file and line::
     version: 1
     defaults:                      # every rule inherits these unless it overrides them
       cooldown_s: 300
+      max_event_age_s: 600         # older events do not act live (false: no limit)
       circuit_breaker: {failures: 3, window_s: 600, open_s: 300}   # on by default
     cost_cap: {max: 100, window_s: 86400}     # shared budget of rules with a `cost`
     rules:
@@ -50,11 +51,12 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -238,6 +240,26 @@ class Autonomy(_Strict):
 # ``false`` switches a guard off for one rule (or, in defaults, for all rules).
 Off = Literal[False]
 
+# Samples older than this (by the worker's clock) do not act: a backlog or a
+# back-dated producer describes targets as they were, not as they are.  Twice
+# the 5 minutes of future skew validation accepts and the default cooldown;
+# a worker that is further behind is catching up, which is a job for humans.
+DEFAULT_MAX_EVENT_AGE_S = 600.0
+
+
+def _event_age_limit(v: object) -> object:
+    """``max_event_age_s`` is seconds > 0 or ``false`` (no limit).  Checked before the
+    union so ``0`` and ``true`` are refused with one message instead of being read
+    as ``false`` and ``1``."""
+    if v is False:
+        return v
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ValueError("give a number of seconds > 0, or false for no limit")
+    return v
+
+
+EventAgeLimit = Annotated[float | Off, BeforeValidator(_event_age_limit)]
+
 
 class Rule(_Strict):
     name: str = Field(min_length=1)
@@ -252,6 +274,7 @@ class Rule(_Strict):
     circuit_breaker: CircuitBreaker | Off | None = None
     blast_radius: BlastRadius | Off | None = None
     error_budget: ErrorBudget | Off | None = None
+    max_event_age_s: EventAgeLimit | None = None
     cost: float = Field(default=0.0, ge=0.0)
 
 
@@ -263,6 +286,7 @@ class Defaults(_Strict):
     circuit_breaker: CircuitBreaker | Off | None = Field(default_factory=CircuitBreaker)
     blast_radius: BlastRadius | Off | None = None
     error_budget: ErrorBudget | Off | None = None
+    max_event_age_s: EventAgeLimit = DEFAULT_MAX_EVENT_AGE_S
 
 
 class PolicyDocument(_Strict):
@@ -299,6 +323,7 @@ class RuleGuards:
     circuit_breaker: CircuitBreaker | None = None
     blast_radius: BlastRadius | None = None
     error_budget: ErrorBudget | None = None
+    max_event_age_s: float | None = None  # None: events of any age may act
     cost: float = 0.0
     cost_cap: CostCap | None = None
 
@@ -359,6 +384,7 @@ class Policy:
             circuit_breaker=_pick(rule.circuit_breaker, d.circuit_breaker),  # type: ignore[arg-type]
             blast_radius=_pick(rule.blast_radius, d.blast_radius),  # type: ignore[arg-type]
             error_budget=_pick(rule.error_budget, d.error_budget),  # type: ignore[arg-type]
+            max_event_age_s=_pick(rule.max_event_age_s, d.max_event_age_s),  # type: ignore[arg-type]
             cost=rule.cost, cost_cap=self.doc.cost_cap if rule.cost > 0 else None)
 
     def guards_for(self, rule: str | None) -> RuleGuards:

@@ -29,7 +29,7 @@ from tests.support import WebhookSink
 
 POLICY = """\
 version: 1
-defaults: {{cooldown_s: 0, circuit_breaker: false}}
+defaults: {{cooldown_s: 0, circuit_breaker: false, max_event_age_s: false}}  # a day ago
 rules:
   - name: act
     match: {{kind: event, metric: fault_act}}

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 POLICY = """
 version: 1
-defaults: {{cooldown_s: 600}}
+defaults: {{cooldown_s: 600, max_event_age_s: false}}  # historical timestamps
 rules:
   - name: page-on-latency
     match: {{entity: "it-*", metric: latency_ms}}

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 POLICY = """
 version: 1
-defaults: {{cooldown_s: 0}}
+defaults: {{cooldown_s: 0, max_event_age_s: false}}  # historical timestamps
 rules:
   - name: act-on-spike
     match: {{entity: "crash-*", metric: load}}

@@ -39,7 +39,7 @@ SPIKE = 400.0
 # needs_approval, then notify, then no action at all.
 FEEDBACK_POLICY = """
 version: 1
-defaults: {{cooldown_s: 0}}
+defaults: {{cooldown_s: 0, max_event_age_s: false}}  # historical timestamps
 rules:
   - name: page-on-latency
     match: {{entity: "fb-*", metric: latency_ms}}

@@ -32,7 +32,7 @@ START_MS = 1_700_000_000_000
 
 POLICY = """
 version: 1
-defaults: {{cooldown_s: 600}}
+defaults: {{cooldown_s: 600, max_event_age_s: false}}  # historical timestamps
 rules:
   - name: ask-first
     match: {{entity: "gov-appr-*", metric: latency_ms}}

@@ -108,6 +108,23 @@ BAD = {
         cost_cap:
           max: 0
         """, 3, "cost_cap.max"),
+    "event-age-zero": ("""\
+        version: 1
+        defaults:
+          max_event_age_s: 0
+        """, 3, "defaults.max_event_age_s: Value error, give a number of seconds > 0"),
+    "event-age-true": ("""\
+        version: 1
+        rules:
+          - name: a
+            action: {type: log}
+            max_event_age_s: true
+        """, 5, "rules.0.max_event_age_s: Value error, give a number of seconds > 0, or false"),
+    "event-age-null-default": ("""\
+        version: 1
+        defaults:
+          max_event_age_s: null
+        """, 3, "defaults.max_event_age_s"),
 }
 
 
@@ -157,6 +174,26 @@ def test_guard_settings_inherit_and_switch_off() -> None:
     assert b.cost == 2 and b.cost_cap.max == 10
     assert c.rate_limit is None and c.circuit_breaker is None
     assert p.guards_for("no-such-rule").rate_limit.max == 5  # the defaults
+
+
+def test_max_event_age_has_a_default_a_rule_override_and_an_off_switch() -> None:
+    rules = """\
+        rules:
+          - name: inherits
+            action: {type: log}
+          - name: tighter
+            action: {type: log}
+            max_event_age_s: 30
+          - name: any-age
+            action: {type: log}
+            max_event_age_s: false
+    """
+    p = policy("version: 1\n" + textwrap.dedent(rules))
+    assert [p.guards_for(n).max_event_age_s for n in ("inherits", "tighter", "any-age")] \
+        == [600, 30, None]
+    off = policy("version: 1\ndefaults: {max_event_age_s: false}\n" + textwrap.dedent(rules))
+    assert [off.guards_for(n).max_event_age_s for n in ("inherits", "tighter", "any-age")] \
+        == [None, 30, None]
 
 
 # --- the autonomy ladder --------------------------------------------------------------------
@@ -287,6 +324,99 @@ async def test_cooldown_per_target_spans_rules() -> None:
     mode, trace = await guard(p, store, n=2, ts=T0 + 5000, metric="mem")
     assert mode is Mode.blocked and guard_lines(trace) == ["guard:cooldown"]
     assert "svc-a in cooldown (60s) after decision d1" in trace[-1].reason
+
+
+STALE = """\
+    version: 1
+    defaults: {cooldown_s: 60}
+    rules:
+      - name: restart
+        match: {metric: cpu}
+        action: {type: log}
+        rate_limit: {max: 5, window_s: 600}
+        max_event_age_s: 600
+      - name: ask
+        match: {metric: mem}
+        action: {type: log}
+        mode: needs_approval
+      - name: tell
+        match: {metric: disk}
+        action: {type: log}
+        mode: notify
+      - name: backfill
+        match: {metric: backfill}
+        action: {type: log}
+        max_event_age_s: false
+"""
+HOURS_2 = 2 * 3600 * 1000
+
+
+async def test_an_event_two_hours_old_does_not_act_live_and_reserves_nothing() -> None:
+    p, store = policy(STALE), MemoryGuardStore()
+    mode, trace = await guard(p, store, n=1, ts=T0, now=T0 + HOURS_2)
+    assert mode is Mode.blocked and guard_lines(trace) == ["guard:stale_event"]
+    assert trace[-1].guard == "stale_event"
+    assert trace[-1].reason == ("event is 7200s old (max_event_age_s 600): "
+                                "stale data does not act")
+    # Blocked first: no cooldown claim, no rate-limit entry, so a fresh sample acts.
+    assert not store._claims and not any(store._windows.values())
+    assert (await guard(p, store, n=2, ts=T0 + HOURS_2, now=T0 + HOURS_2 + 50))[0] is Mode.auto
+
+
+@pytest.mark.parametrize("metric", ["mem", "disk"])
+async def test_stale_approval_requests_and_notifications_are_blocked_too(metric: str) -> None:
+    mode, trace = await guard(policy(STALE), MemoryGuardStore(), n=1, ts=T0,
+                              now=T0 + HOURS_2, metric=metric)
+    assert mode is Mode.blocked and guard_lines(trace) == ["guard:stale_event"]
+
+
+async def test_max_event_age_is_inclusive_and_per_rule() -> None:
+    p = policy(STALE)
+    assert (await guard(p, MemoryGuardStore(), n=1, ts=T0, now=T0 + 600_000))[0] is Mode.auto
+    assert (await guard(p, MemoryGuardStore(), n=1, ts=T0, now=T0 + 600_001))[0] \
+        is Mode.blocked
+    assert (await guard(p, MemoryGuardStore(), n=1, ts=T0, now=T0 + HOURS_2,
+                        metric="backfill"))[0] is Mode.auto
+    # Stamped ahead of the clock is not stale (validation bounds how far ahead).
+    assert (await guard(p, MemoryGuardStore(), n=1, ts=T0 + 300_000, now=T0))[0] is Mode.auto
+
+
+async def test_a_sample_stamped_ahead_of_the_clock_cannot_skip_the_cooldown() -> None:
+    p = policy("""\
+        version: 1
+        rules:
+          - name: restart
+            action: {type: log}
+    """)  # the default cooldown: 300 s
+    store = MemoryGuardStore()
+    assert (await guard(p, store, n=1, ts=T0, now=T0))[0] is Mode.auto
+    # A second later, a sample stamped 300 s ahead (the skew validation accepts).
+    mode, trace = await guard(p, store, n=2, ts=T0 + 300_000, now=T0 + 1000)
+    assert mode is Mode.blocked and guard_lines(trace) == ["guard:cooldown"]
+    assert (await guard(p, store, n=3, ts=T0 + 300_000, now=T0 + 300_000))[0] is Mode.auto
+
+
+async def test_a_sample_stamped_ahead_of_the_clock_cannot_slide_a_window() -> None:
+    p = policy("""\
+        version: 1
+        defaults: {cooldown_s: 0}
+        cost_cap: {max: 1, window_s: 300}
+        rules:
+          - name: once
+            match: {metric: cpu}
+            action: {type: log}
+            rate_limit: {once_within: 300}
+          - name: costly
+            match: {metric: mem}
+            action: {type: log}
+            cost: 1
+    """)
+    store = MemoryGuardStore()
+    for n, metric, name in ((1, "cpu", "rate_limit"), (3, "mem", "cost_cap")):
+        assert (await guard(p, store, n=n, ts=T0, now=T0, metric=metric))[0] is Mode.auto
+        mode, trace = await guard(p, store, n=n + 1, ts=T0 + 300_000, now=T0 + 1000,
+                                  metric=metric)
+        assert mode is Mode.blocked and guard_lines(trace) == [f"guard:{name}"]
 
 
 BREAKER = """\

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 POLICY = """\
 version: 1
-defaults: {{cooldown_s: 0}}
+defaults: {{cooldown_s: 0, max_event_age_s: false}}  # historical timestamps
 cost_cap: {{max: 100, window_s: 3600}}
 commands:
   fail: ["false"]

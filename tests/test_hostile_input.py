@@ -55,7 +55,7 @@ RECORDER = ("import json, os; argv = open('/proc/self/cmdline').read().split(chr
 
 POLICY = """\
 version: 1
-defaults: {{cooldown_s: 0}}
+defaults: {{cooldown_s: 0, max_event_age_s: false}}  # historical timestamps
 commands:
   record: {argv}
 rules:

@@ -56,6 +56,8 @@ def test_demo_policy_rules() -> None:
     assert (r.rule, r.action.type, r.action.params, r.mode) == (
         "rollback-bad-deploy", "simulator", {"op": "rollback"}, Mode.auto)
     assert r.action.target == "svc-pay" and r.guards.cooldown_s == 300
+    # the simulated fleet's clock is not the wall clock: its samples may act at any age
+    assert r.guards.max_event_age_s is None
     # long after a deploy it does not (and falls through to asking a human)
     r = evaluate(p, entity="svc-pay", metric="error_rate",
                  features={**SPIKE_UP, "seconds_since_deploy": 7200.0})
@@ -63,6 +65,7 @@ def test_demo_policy_rules() -> None:
     # the observe policy only logs strong anomalies
     obs = Policy.from_file(builtin_policy_path("observe"))
     assert evaluate(obs, score=0.95).action.type == "log"
+    assert evaluate(obs, score=0.95).guards.max_event_age_s == 600  # live data: the default
     assert evaluate(obs, score=0.5).action is None
 
 

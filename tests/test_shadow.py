@@ -36,6 +36,7 @@ rules:
 """
 CANDIDATE = """
 version: 1
+defaults: {{max_event_age_s: false}}  # historical timestamps
 rules:
   - name: page-on-latency
     match: {{entity: "sh-*", metric: latency_ms}}

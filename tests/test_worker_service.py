@@ -50,6 +50,9 @@ from ia.schemas.models import (
 from ia.schemas.serde import encode
 
 STEP_MS = 10_000
+# A 100-sample baseline starts this many steps ago, so its spike is 400 s old: young
+# enough to act (max_event_age_s), old enough for later samples not to be in the future.
+BASELINE_START_STEPS = 140
 POLICY = """\
 version: 1
 rules:
@@ -102,7 +105,7 @@ def normal(entity: str, n: int, start: int, seed: int = 1) -> list[TelemetryEven
 
 async def spike_decision(worker: Worker, entity: str = "svc-a") -> Decision:
     """A learnt baseline, then a spike the policy acts on."""
-    start = now_ms() - 200 * STEP_MS
+    start = now_ms() - BASELINE_START_STEPS * STEP_MS
     await worker.decide(normal(entity, 100, start))
     spike = TelemetryEvent(entity=entity, metric="latency", value=400.0,
                            ts=start + 100 * STEP_MS)
@@ -156,7 +159,7 @@ async def test_a_redelivered_batch_gets_its_original_decisions_back() -> None:
 async def test_a_shadow_worker_marks_its_action_decisions() -> None:
     d = await spike_decision(Worker(), "svc-s")
     shadow = Worker(shadow=True)
-    start = now_ms() - 200 * STEP_MS
+    start = now_ms() - BASELINE_START_STEPS * STEP_MS
     await shadow.decide(normal("svc-s", 100, start))
     spike = TelemetryEvent(entity="svc-s", metric="latency", value=400.0,
                            ts=start + 100 * STEP_MS)

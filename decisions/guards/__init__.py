@@ -11,6 +11,7 @@ every decision that carries an action:
 guard              what it does                                clock                 effect
 =================  ==========================================  ====================  =======
 kill_switch        ``ia pause`` stops all automation            live (cached 200 ms)  blocked
+stale_event        an event older than ``max_event_age_s``      event time vs. live   blocked
 circuit_breaker    per action type + target: K failures in a   live                  blocked
                    window open it; after ``open_s`` one
                    half-open probe may run; its outcome closes
@@ -29,7 +30,9 @@ blast-radius slot, a half-open probe) hand it back when a later guard blocks
 the decision, so a refused action uses no budget.
 
 *Event-time* guards are keyed by the owning decision id, so reprocessing a
-batch after a crash finds its own reservations and makes the same call.
+batch after a crash finds its own reservations and makes the same call; they
+place a decision at its event time, but never ahead of the worker's clock
+(:attr:`GuardCall.window_ts`), so a producer's fast clock cannot skip a cooldown.
 *Live* guards depend on what actuators are doing; the worker evaluates them
 with its clock (wall time live; event time in replay, where the memory store
 sees no outcomes and so makes deterministic calls).  Because decision-time

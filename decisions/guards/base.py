@@ -37,8 +37,10 @@ from ia.schemas.models import Action, Mode
 class GuardCall:
     """One action decision in front of the guards.
 
-    ``ts`` is the event time (cooldown, rate limit, cost cap), ``now`` the
-    clock of whoever asks (kill switch, breaker, error budget, blast radius).
+    ``ts`` is the event time (its age, and through :attr:`window_ts` the
+    cooldown, rate limit and cost cap), ``now`` the clock of whoever asks
+    (kill switch, breaker, error budget, blast radius): wall time live, event
+    time offline.
     ``labels`` are the triggering event's labels at decision time; at
     execution time they are ``None`` and the blast-radius group is the one
     noted when the decision was made.  ``lease_ms`` overrides blast-radius
@@ -56,6 +58,20 @@ class GuardCall:
     kill_switch: KillSwitchState | None = None
     labels: Mapping[str, str] | None = None
     lease_ms: int | None = None
+
+    @property
+    def window_ts(self) -> int:
+        """When the event-time guards place this decision: its event time, but never
+        ahead of the clock.
+
+        Validation accepts samples stamped up to 5 minutes ahead, and the stamp is
+        the producer's; an event dated ahead of the clock would otherwise be
+        measured as already past a cooldown or a window that is still running.
+        Events behind the clock keep their own time (a lagging worker decides
+        as it would have on time), and offline, where the clock is event time,
+        this is the event time.
+        """
+        return min(self.ts, self.now)
 
     # Each guard reaches the store through the one mechanism it uses.
     @property

@@ -10,6 +10,10 @@ Which modes a guard looks at is its ``modes``: ``shadow`` decisions never act
 and consume nothing; the cooldown and the rate limit also count ``notify``
 decisions (telling humans twice is noise too); the error budget only
 downgrades ``auto``.
+
+The event-time guards (cooldown, rate limit, cost cap) place a decision at
+:attr:`GuardCall.window_ts`, so a timestamp ahead of the clock cannot move
+it past a cooldown or out of a window.
 """
 
 from __future__ import annotations
@@ -78,6 +82,33 @@ class KillSwitchGuard:
             return PASS
         reason = pause_reason(info)
         return Block(reason, f"kill switch: {reason}")
+
+    async def release(self, call: GuardCall) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class StaleEventGuard:
+    """An event older than ``max_event_age_s`` by the clock does not act.
+
+    Hours-old samples (a backlog after an outage, a back-dated producer) say
+    how a target was, not how it is.  The decision is blocked rather than
+    downgraded: ``notify`` and approval requests call out too, and a stale
+    anomaly is still on record in the decision and its trace.  It runs before
+    every guard that reserves something, so a stale event uses no budget.  The
+    age is the clock minus the event time, so offline (event time) it is 0.
+    """
+
+    name: str = "stale_event"
+    modes: frozenset[Mode] = ACTING
+
+    async def check(self, call: GuardCall) -> Verdict:
+        limit_s = call.settings.max_event_age_s
+        age_ms = call.now - call.ts
+        if limit_s is None or age_ms <= limit_s * 1000:
+            return PASS
+        return Block(f"event is {age_ms / 1000:.0f}s old (max_event_age_s {limit_s:g}): "
+                     "stale data does not act")
 
     async def release(self, call: GuardCall) -> None:
         return None
@@ -204,8 +235,9 @@ class CooldownGuard:
         g = call.settings
         if g.cooldown_s <= 0:
             return PASS
-        holder = await call.claims.claim(self._key(call), call.decision_id, call.ts,
-                                         call.ts + int(g.cooldown_s * 1000))
+        at = call.window_ts
+        holder = await call.claims.claim(self._key(call), call.decision_id, at,
+                                         at + int(g.cooldown_s * 1000))
         if holder == call.decision_id:
             return Pass(reserved=True)
         return Block(f"{call.action.target} in cooldown ({g.cooldown_s:g}s) "
@@ -234,7 +266,7 @@ class RateLimitGuard:
         if rl is None:
             return PASS
         admitted, used = await call.windows.window_admit(self._key(call), call.decision_id,
-                                                         call.ts, rl.window_ms, rl.max)
+                                                         call.window_ts, rl.window_ms, rl.max)
         if admitted:
             return Pass(reserved=True)
         per = f" on {call.action.target}" if rl.per == "target" else ""
@@ -259,7 +291,7 @@ class CostCapGuard:
         if cap is None or g.cost <= 0:
             return PASS
         admitted, used = await call.windows.window_admit(
-            "cost", call.decision_id, call.ts, int(cap.window_s * 1000), cap.max, g.cost)
+            "cost", call.decision_id, call.window_ts, int(cap.window_s * 1000), cap.max, g.cost)
         if admitted:
             return Pass(reserved=True)
         return Block(f"cost {g.cost:g} would exceed the cap: {used:g} of {cap.max:g} spent "
@@ -269,6 +301,7 @@ class CostCapGuard:
         await call.windows.window_release("cost", call.decision_id, call.settings.cost)
 
 
-DECISION_GUARDS = (KillSwitchGuard(), CircuitBreakerGuard(), ErrorBudgetGuard(),
-                   BlastRadiusGuard(), CooldownGuard(), RateLimitGuard(), CostCapGuard())
+DECISION_GUARDS = (KillSwitchGuard(), StaleEventGuard(), CircuitBreakerGuard(),
+                   ErrorBudgetGuard(), BlastRadiusGuard(), CooldownGuard(), RateLimitGuard(),
+                   CostCapGuard())
 EXECUTION_GUARDS = (KillSwitchGuard(), CircuitBreakerGuard(), BlastRadiusGuard())

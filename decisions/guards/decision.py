@@ -26,8 +26,9 @@ async def apply_guards(result: PolicyResult, *, decision_id: str, ts: int, now: 
     """Run :data:`DECISION_GUARDS` over one policy result; append what they say to
     ``result.trace``.
 
-    ``ts`` is the event time (cooldown, rate limit, cost cap), ``now`` the
-    engine's clock (kill switch, breaker, error budget, blast radius).
+    ``ts`` is the event time (its age; cooldown, rate limit and cost cap, never
+    ahead of ``now``), ``now`` the engine's clock (wall time live, event time
+    offline: kill switch, breaker, error budget, blast radius).
     ``lease_ms`` overrides blast-radius leases (the policy tester uses it to
     model how long actions take).  Every guard that intervenes adds a
     ``guard:<name>`` entry (``matched=True``); a note that does not
