@@ -32,6 +32,7 @@ N = 300
 ENTITIES = ("rk-web-1", "rk-web-2", "rk-web-3")
 POLICY = """
 version: 1
+defaults: {{max_event_age_s: false}}  # historical timestamps
 rules:
   - name: page
     match: {{entity: "rk-*"}}
