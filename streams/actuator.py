@@ -63,7 +63,7 @@ def build_actuator(settings: Settings) -> faust.App:
             ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
                           on_expiry=settings.approvals.on_expiry),
             Verifier(client, settings.redis.prefix), notifier=notifier)
-        metrics.serve(settings.metrics_port, settings.metrics_host)
+        metrics.serve(settings.metrics_port, settings.metrics_host, role="actuator")
 
     _connect()
 

@@ -39,7 +39,7 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
     writer = AuditWriter(client, settings.audit_log, prefix=settings.redis.prefix,
                          fmt=settings.wire_format, all_decisions=settings.audit.all_decisions,
                          grace_ms=int(grace_s * 1000))
-    metrics.serve(settings.metrics_port, settings.metrics_host)
+    metrics.serve(settings.metrics_port, settings.metrics_host, role="audit")
 
     async def _start() -> None:
         if ctx.get("started"):

@@ -58,7 +58,7 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
     feedback_t = raw_topic(app, topics.feedback)
     fmt = settings.wire_format
     service = connect_worker(settings, shadow)
-    metrics.serve(settings.metrics_port, settings.metrics_host)
+    metrics.serve(settings.metrics_port, settings.metrics_host, role="worker")
 
     async def publish(decided: Decided) -> None:
         started = time.perf_counter()

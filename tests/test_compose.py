@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 import ia.core.metrics
@@ -142,7 +141,8 @@ def registered_metric_names() -> set[str]:
                                                                    "_gcount"]}
     ours = _ia_metric_families()
     names = set()
-    for family in REGISTRY.collect():
+    collectors = {c for cs in ia.core.metrics.FAMILIES.values() for c in cs}
+    for family in (f for c in collectors for f in c.collect()):
         if family.name in ours:
             names.update(family.name + s for s in suffixes.get(family.type, [""]))
     return names

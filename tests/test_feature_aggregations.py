@@ -23,9 +23,9 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
 
 from ia.bench.features import enrich_batch, enrich_events
+from ia.core.metrics import registry_of
 from ia.features.aggregations import HOUR_MS, hour_of_week
 from ia.features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef
 from ia.features.registry import (
@@ -145,8 +145,8 @@ def test_late_samples_are_reported_to_prometheus() -> None:
     events.append(max(events, key=lambda e: e.ts).model_copy())  # repeat of the newest
 
     def sample(outcome: str) -> float:
-        return REGISTRY.get_sample_value("ia_feature_late_events_total",
-                                         {"outcome": outcome}) or 0.0
+        return registry_of("worker").get_sample_value("ia_feature_late_events_total",
+                                                      {"outcome": outcome}) or 0.0
 
     before = {o: sample(o) for o in ("folded", "dropped", "duplicate", "redelivered")}
     rec = EntityRecord()

@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
 
+from ia.core import metrics
 from ia.core.clock import now_ms
 from ia.decisions.checkpoint import MemoryModelStore
 from ia.decisions.detector import AdaptiveDetector, DetectorConfig
@@ -266,7 +266,7 @@ async def test_false_positive_labels_lower_the_next_decisions_confidence() -> No
 
 
 def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.registry_of("worker").get_sample_value(name, labels) or 0.0
 
 
 async def test_published_batches_are_counted_per_decision_and_guard() -> None:

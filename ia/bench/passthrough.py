@@ -18,7 +18,7 @@ def build_passthrough(settings: Settings) -> faust.App:
     app = make_app(settings, settings.worker.app_id)
     source = raw_topic(app, settings.topics.telemetry)
     sink = settings.topics.decisions
-    metrics.serve(settings.metrics_port, settings.metrics_host)
+    metrics.serve(settings.metrics_port, settings.metrics_host, role="bench")
 
     @app.agent(source)
     async def passthrough(stream: faust.StreamT) -> None:

@@ -16,6 +16,7 @@ from ia.cli import (
     bench,
     config,
     features,
+    feedback,
     killswitch,
     policy,
     replay,
@@ -41,7 +42,7 @@ COMMANDS: list[click.Command] = [
     run.worker, run.actuate, run.audit_writer, run.api, run.simulate, run.demo,
     killswitch.pause, killswitch.resume, policy.policy, approvals.approvals, audit.audit,
     replay.replay, replay.eval_group, backtest.backtest, backtest.record, shadow.shadow,
-    features.features, bench.bench,
+    feedback.feedback, features.features, bench.bench,
 ]
 for command in COMMANDS:
     main.add_command(command)

@@ -4,11 +4,12 @@ one place that turns library errors into messages and exit codes."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 from typing import Any
 
 import click
 
-from ia.core.errors import ConfigError, IaError
+from ia.core.errors import ConfigError, IaError, Unavailable
 from ia.core.settings import Settings, load
 
 
@@ -42,11 +43,45 @@ class IaClickError(click.ClickException):
 
 
 class IaGroup(click.Group):
-    """The ``ia`` group: an :class:`IaError` from any command is shown as a message with
-    its exit code, never as a traceback."""
+    """The ``ia`` group: an :class:`IaError` from any command, or a dependency that
+    cannot be reached, is shown as one line with its exit code, never as a traceback.
+
+    Exit codes: 1 an error, 2 bad usage, settings or policy, 3 a dependency (broker,
+    Redis, a port, a file) unavailable.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except IaError as exc:
             raise IaClickError(exc) from exc
+        except Exception as exc:
+            known = as_user_error(exc)
+            if known is None:
+                raise
+            raise IaClickError(known) from exc
+
+
+def as_user_error(exc: BaseException) -> IaError | None:
+    """The user-facing form of an environment failure, or None for a real bug."""
+    import redis.exceptions
+
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return ConfigError(f"Redis refused the credentials: {exc}")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return Unavailable(f"cannot reach Redis: {str(exc).rstrip('.')}. Is it running? "
+                           "Check REDIS_URL "
+                           '(eval "$(ia up)" starts one)')
+    from confluent_kafka import KafkaException
+
+    if isinstance(exc, KafkaException):
+        return Unavailable(f"Kafka: {exc.args[0] if exc.args else exc}. Is the broker "
+                           "running? Check KAFKA_BOOTSTRAP_SERVERS")
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return Unavailable(f"address already in use: {exc.strerror}; choose another port "
+                           "(e.g. --metrics-port, --port) or stop the process using it")
+    if isinstance(exc, FileNotFoundError):
+        return Unavailable(f"no such file: {exc.filename}")
+    if isinstance(exc, PermissionError):
+        return Unavailable(f"permission denied: {exc.filename}")
+    return None

@@ -29,6 +29,13 @@ class UsageError(IaError):
     http_status = 400
 
 
+class Unavailable(IaError):
+    """A dependency (the broker, Redis, a port) cannot be reached or used right now."""
+
+    exit_code = 3
+    http_status = 503
+
+
 class NotFound(IaError):
     """The thing asked for does not exist."""
 

@@ -11,6 +11,7 @@ settings is a plaintext cluster: the embedded broker, tests and benchmarks.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from ia.core.errors import IaError
+from ia.core.errors import IaError, Unavailable
 from ia.core.settings import KafkaSettings
 
 Brokers = KafkaSettings | str
@@ -166,6 +167,39 @@ def read_all(kafka: Brokers, topic: str, timeout_s: float = 60.0) -> list[dict]:
         c.close()
 
 
+REACHABLE_TIMEOUT_S = 10.0
+
+
+class _QuietLog(logging.Logger):
+    """Takes librdkafka's log lines (a refused connection is logged every second per
+    broker) so a failure can be summarised in one line instead of hundreds."""
+
+    def __init__(self) -> None:
+        super().__init__("ia.kafka.client", logging.DEBUG)
+        self.propagate = False
+        self.count = 0
+        self.last = ""
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        self.last = record.getMessage()
+
+
+def _require_reachable(client: AdminClient, kafka: Brokers, noise: _QuietLog,
+                       timeout_s: float) -> None:
+    try:
+        client.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        servers = kafka if isinstance(kafka, str) else kafka.bootstrap_servers
+        detail = f"; last client message: {noise.last}" if noise.last else ""
+        err = exc.args[0] if exc.args else exc
+        reason = err.str() if isinstance(err, KafkaError) else str(err)
+        raise Unavailable(
+            f"cannot reach Kafka at {servers} within {timeout_s:.0f}s ({reason}{detail}). "
+            'Is it running? Check KAFKA_BOOTSTRAP_SERVERS (eval "$(ia up)" starts one)'
+        ) from None
+
+
 def ensure_topics(
     kafka: Brokers,
     topics: list[str],
@@ -183,7 +217,9 @@ def ensure_topics(
     if not wanted:
         return []
     deadline = time.monotonic() + timeout
-    client = admin(kafka)
+    noise = _QuietLog()
+    client = admin(kafka, {"logger": noise})
+    _require_reachable(client, kafka, noise, min(timeout, REACHABLE_TIMEOUT_S))
     futures = client.create_topics(
         [
             NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)

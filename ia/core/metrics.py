@@ -1,45 +1,99 @@
-"""Prometheus metrics of the worker and the actuator (conventional names, SI units)."""
+"""Prometheus metrics of every ``ia`` process (conventional names, SI units).
+
+The families are created unregistered; :func:`serve` exposes, for each process, only
+the families that process updates (:data:`FAMILIES`), so an audit gauge is never read
+as 0 from a worker, nor a worker counter from the audit writer.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from typing import Literal
 
-EVENTS_IN = Counter("ia_events_in_total", "Records consumed", ["topic"])
-EVENTS_OUT = Counter("ia_events_out_total", "Records produced", ["topic"])
-DLQ_RECORDS = Counter("ia_dlq_records_total", "Records sent to the dead-letter topic", ["reason"])
-DECISIONS = Counter("ia_decisions_total", "Decisions published", ["action", "mode"])
-OUTCOMES = Counter("ia_outcomes_total", "Action outcomes", ["action", "status"])
-GUARD_INTERVENTIONS = Counter("ia_guard_interventions_total",
-                              "Decisions a guard blocked or downgraded", ["guard"])
-FEEDBACK = Counter("ia_feedback_total", "Feedback and outcome records applied", ["kind"])
-RETRIES = Counter("ia_batch_retries_total", "Batches retried after a dependency failure",
-                  ["stage"])
-STAGE_SECONDS = Histogram(
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.registry import Collector
+
+Role = Literal["worker", "actuator", "audit", "api", "bench"]
+
+
+def _counter(name: str, doc: str, labels: tuple[str, ...] | list[str] = ()) -> Counter:
+    return Counter(name, doc, labels, registry=None)
+
+
+def _gauge(name: str, doc: str, labels: tuple[str, ...] | list[str] = ()) -> Gauge:
+    return Gauge(name, doc, labels, registry=None)
+
+
+def _histogram(name: str, doc: str, labels: tuple[str, ...] | list[str] = (), *,
+               buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(name, doc, labels, buckets=buckets, registry=None)
+
+
+EVENTS_IN = _counter("ia_events_in_total", "Records consumed", ["topic"])
+EVENTS_OUT = _counter("ia_events_out_total", "Records produced", ["topic"])
+DLQ_RECORDS = _counter("ia_dlq_records_total", "Records sent to the dead-letter topic", ["reason"])
+DECISIONS = _counter("ia_decisions_total", "Decisions published", ["action", "mode"])
+OUTCOMES = _counter("ia_outcomes_total", "Action outcomes", ["action", "status"])
+GUARD_INTERVENTIONS = _counter("ia_guard_interventions_total",
+                               "Decisions a guard blocked or downgraded", ["guard"])
+FEEDBACK = _counter("ia_feedback_total", "Feedback and outcome records applied", ["kind"])
+RETRIES = _counter("ia_batch_retries_total", "Batches retried after a dependency failure",
+                   ["stage"])
+STAGE_SECONDS = _histogram(
     "ia_stage_duration_seconds", "Time per batch spent in each pipeline stage", ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-EVENT_TO_DECISION = Histogram(
-    "ia_event_to_decision_seconds", "Event time to decision publication",
+EVENT_TO_DECISION = _histogram(
+    "ia_event_to_decision_seconds",
+    "Event-time lag: from the event's own timestamp to its decision's publication "
+    "(includes producer delay and, for replayed history, its age)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-BATCH_SIZE = Histogram("ia_batch_size", "Events per processed batch",
-                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
+BATCH_SIZE = _histogram("ia_batch_size", "Events per processed batch",
+                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
 # Feature store (ia.features.enrich): samples at or before their series' watermark --
 # folded (within the allowed lateness), dropped (later), duplicate, redelivered.
-FEATURE_LATE_EVENTS = Counter("ia_feature_late_events_total",
-                              "Samples at or before their series' watermark, by outcome",
-                              ["outcome"])
+FEATURE_LATE_EVENTS = _counter("ia_feature_late_events_total",
+                               "Samples at or before their series' watermark, by outcome",
+                               ["outcome"])
 # Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
-APPROVALS = Counter("ia_approval_events_total", "Approval events published", ["status"])
-AUDIT_RECORDS = Counter("ia_audit_records_total", "Records appended to the audit chain",
-                        ["kind"])
-AUDIT_COMPLETENESS = Gauge(
+APPROVALS = _counter("ia_approval_events_total", "Approval events published", ["status"])
+AUDIT_RECORDS = _counter("ia_audit_records_total", "Records appended to the audit chain",
+                         ["kind"])
+AUDIT_COMPLETENESS = _gauge(
     "ia_audit_completeness_ratio",
     "Decisions with a complete audit record / (those + decisions overdue for one)")
-AUDIT_DECISIONS = Gauge("ia_audit_decisions", "Decisions known to the audit log by state",
-                        ["state"])
-AUDIT_HEAD_SEQ = Gauge("ia_audit_head_seq", "Sequence number of the audit chain's head")
+AUDIT_DECISIONS = _gauge("ia_audit_decisions", "Decisions known to the audit log by state",
+                         ["state"])
+AUDIT_HEAD_SEQ = _gauge("ia_audit_head_seq", "Sequence number of the audit chain's head")
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Expose ``/metrics`` on ``host:port`` (port 0 disables)."""
+FAMILIES: dict[Role, tuple[Collector, ...]] = {
+    "worker": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, DECISIONS, GUARD_INTERVENTIONS, FEEDBACK,
+               RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE, FEATURE_LATE_EVENTS),
+    "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES),
+    "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,
+              RETRIES),
+    "api": (APPROVALS,),
+    "bench": (EVENTS_IN, EVENTS_OUT, BATCH_SIZE),
+}
+
+
+def registry_of(role: Role) -> CollectorRegistry:
+    """The families of one process, with Python's process, platform and GC collectors."""
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in (*FAMILIES[role], PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+def serve(port: int, host: str = "127.0.0.1", *, role: Role) -> None:
+    """Expose ``role``'s families on ``http://host:port/metrics`` (port 0 disables)."""
     if port:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, registry=registry_of(role))

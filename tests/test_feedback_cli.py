@@ -1,0 +1,51 @@
+"""``ia feedback``: a label for a known action decision reaches the feedback topic with
+the decision's entity; one for an unknown decision is refused and publishes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from click.testing import CliRunner
+
+from ia.cli import main
+from ia.core.kafka import ensure_topics, read_all
+from ia.core.settings import Topics
+from ia.decisions.learning import RedisDecisionMemory, Remembered
+
+
+async def _remember(url: str, prefix: str, decision_id: str, entity: str) -> None:
+    client = aioredis.from_url(url)
+    try:
+        await RedisDecisionMemory(client, prefix).remember(
+            [(decision_id, Remembered(entity, "restart", {"score": 0.9}))])
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def env(infra, topic_prefix, monkeypatch) -> Topics:
+    for name, value in {"KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "REDIS_URL": infra.redis_url,
+                        "IA_TOPIC_PREFIX": topic_prefix, "IA_REDIS_PREFIX": topic_prefix}.items():
+        monkeypatch.setenv(name, value)
+    topics = Topics(topic_prefix)
+    ensure_topics(infra.kafka, topics.all(), 1)
+    return topics
+
+
+def test_a_label_for_a_known_decision_is_published(env: Topics, infra, topic_prefix) -> None:
+    asyncio.run(_remember(infra.redis_url, topic_prefix, "dc-known", "svc-1"))
+    out = CliRunner().invoke(main, ["feedback", "dc-known", "--label", "false_positive",
+                                    "--by", "ops@example", "--comment", "deploy, not a leak"])
+    assert out.exit_code == 0, out.output
+    (record,) = read_all(infra.kafka, env.feedback, timeout_s=10)
+    assert (record["decision_id"], record["label"], record["entity"], record["by"]) == (
+        "dc-known", "false_positive", "svc-1", "ops@example")
+
+
+def test_a_label_for_an_unknown_decision_is_refused(env: Topics, infra) -> None:
+    out = CliRunner().invoke(main, ["feedback", "dc-unknown", "--label", "true_positive"])
+    assert out.exit_code == 1
+    assert "no action decision dc-unknown is known" in out.output
+    assert read_all(infra.kafka, env.feedback, timeout_s=5) == []
