@@ -35,6 +35,7 @@ from ia.schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
+from tests.redis_faults import FailOnce, RedisConnectionError
 from tests.test_governance import make_plugin
 
 pytestmark = pytest.mark.integration
@@ -238,6 +239,61 @@ async def test_verification_recovered_failed_and_compensated(aredis, topic_prefi
     assert "no new latency_ms sample" in texts[(silent.decision_id, OutcomePhase.verification)]
     assert act.ran.count(bad.decision_id) == 2  # the action, then the compensation
     assert await svc.tick() == []  # each verification is settled once
+
+
+def make_service(client, prefix: str, store: ApprovalStore, act: LogActuator,
+                 verifier: Verifier) -> ActuatorService:
+    ex = ActionExecutor(client, {"log": act}, prefix=prefix, timeout_s=5)
+    return ActuatorService(ex, store, verifier)
+
+
+async def test_blip_between_the_action_and_its_verification_keeps_both(aredis, topic_prefix,
+                                                                        store) -> None:
+    flaky = FailOnce(aredis, "pipeline")  # the transaction that would schedule the verification
+    verifier = FakeSeries(flaky, topic_prefix)
+    act = Recorder()
+    svc = make_service(flaky, topic_prefix, store, act, verifier)
+    d = decision(Mode.auto, entity="svc-v", verify_within_s="0.2", verify_below="200")
+    verifier.seen[(d.entity, "latency_ms")] = (10, 900)
+    with pytest.raises(RedisConnectionError):
+        await svc.on_decision(d)
+    assert flaky.fired
+    [out] = await svc.on_decision(d)  # what with_retry does next
+    assert out.status is OutcomeStatus.succeeded, out
+    assert act.ran == [d.decision_id]
+    await asyncio.sleep(0.3)
+    assert [(o.phase, o.status) for o in await svc.tick()] == [
+        (OutcomePhase.verification, OutcomeStatus.failed)]
+
+
+async def test_verdict_and_compensation_survive_a_crash_before_they_are_published(
+        aredis, topic_prefix, store) -> None:
+    act = Recorder()
+    verifier = FakeSeries(aredis, topic_prefix)
+    svc = make_service(aredis, topic_prefix, store, act, verifier)
+    d = decision(Mode.auto, entity="svc-bad", verify_within_s="0.2", verify_below="200",
+                 compensate="log", **{"compensate.op": "undo"})
+    verifier.seen[(d.entity, "latency_ms")] = (10, 900)
+    await svc.on_decision(d)
+    await asyncio.sleep(0.3)
+    lost = await svc.tick()  # ... and the actuator dies before publishing these
+    assert [(o.phase, o.status) for o in lost] == [
+        (OutcomePhase.verification, OutcomeStatus.failed),
+        (OutcomePhase.compensation, OutcomeStatus.succeeded)]
+    # another actuator process, once the first one's hold on the job has run out
+    later = int(__import__("time").time() * 1000) + 3_600_000
+    other_verifier = FakeSeries(aredis, topic_prefix)
+    other_verifier.seen = verifier.seen
+    other = make_service(aredis, topic_prefix, store, act, other_verifier)
+    again = await other.tick(later)
+    assert [(o.phase, o.status) for o in again] == [
+        (OutcomePhase.verification, OutcomeStatus.failed),
+        (OutcomePhase.compensation, OutcomeStatus.skipped_duplicate)]
+    assert again[0].detail == lost[0].detail and again[0].finished_at == lost[0].finished_at
+    assert "succeeded" in again[1].detail
+    assert act.ran == [d.decision_id] * 2  # the action and one compensation, never two
+    await other.published(again)
+    assert await other.tick(later) == []
 
 
 async def test_kill_switch_stops_approved_actions(aredis, topic_prefix, store) -> None:
