@@ -14,8 +14,8 @@ import json
 
 import avro.io
 
-from ia.governance.audit import Completeness
-from ia.governance.hashchain import GENESIS, seal
+from ia.governance.audit import Completeness, seal
+from ia.governance.hashchain import GENESIS
 from ia.schemas.compat import compatibility_report
 from ia.schemas.models import ActionOutcome, OutcomeStatus
 from ia.schemas.serde import HISTORY_DIR, _SpecDatumReader, encode, history_refs, load_schema
