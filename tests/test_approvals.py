@@ -130,11 +130,16 @@ class Recorder(LogActuator):
         return "ran"
 
 
+def make_service(client, prefix: str, store: ApprovalStore, act: LogActuator,
+                 verifier: Verifier) -> ActuatorService:
+    ex = ActionExecutor(client, {"log": act}, prefix=prefix, timeout_s=5, verifier=verifier)
+    return ActuatorService(ex, store)
+
+
 @pytest.fixture
 def service(aredis, topic_prefix, store):
     act = Recorder()
-    ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5)
-    return ActuatorService(ex, store, Verifier(aredis, topic_prefix)), act
+    return make_service(aredis, topic_prefix, store, act, Verifier(aredis, topic_prefix)), act
 
 
 async def test_approved_decision_runs_once(service, store) -> None:
@@ -207,13 +212,14 @@ class FakeSeries(Verifier):
         return self.seen.get((entity, metric))
 
 
-async def test_verification_recovered_failed_and_compensated(aredis, topic_prefix, service
+async def test_verification_recovered_failed_and_compensated(aredis, topic_prefix, store
                                                              ) -> None:
-    svc, act = service
-    svc.verifier = FakeSeries(aredis, topic_prefix)
+    act = Recorder()
+    verifier = FakeSeries(aredis, topic_prefix)
+    svc = make_service(aredis, topic_prefix, store, act, verifier)
 
     async def sample(entity: str, n: int, value: float) -> None:
-        svc.verifier.seen[(entity, "latency_ms")] = (n, value)
+        verifier.seen[(entity, "latency_ms")] = (n, value)
 
     ok = decision(Mode.auto, entity="svc-ok", verify_within_s="30", verify_below="200")
     bad = decision(Mode.auto, entity="svc-bad", verify_within_s="0.2", verify_below="200",
@@ -238,13 +244,8 @@ async def test_verification_recovered_failed_and_compensated(aredis, topic_prefi
     assert "last value 650" in texts[(bad.decision_id, OutcomePhase.verification)]
     assert "no new latency_ms sample" in texts[(silent.decision_id, OutcomePhase.verification)]
     assert act.ran.count(bad.decision_id) == 2  # the action, then the compensation
+    await svc.published(out)
     assert await svc.tick() == []  # each verification is settled once
-
-
-def make_service(client, prefix: str, store: ApprovalStore, act: LogActuator,
-                 verifier: Verifier) -> ActuatorService:
-    ex = ActionExecutor(client, {"log": act}, prefix=prefix, timeout_s=5)
-    return ActuatorService(ex, store, verifier)
 
 
 async def test_blip_between_the_action_and_its_verification_keeps_both(aredis, topic_prefix,
@@ -302,7 +303,7 @@ async def test_kill_switch_stops_approved_actions(aredis, topic_prefix, store) -
     act = Recorder()
     ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5,
                         guard=ExecutionGuard(aredis, topic_prefix))
-    svc = ActuatorService(ex, store, Verifier(aredis, topic_prefix))
+    svc = ActuatorService(ex, store)
     [req] = await svc.on_decision(decision())
     await KillSwitch(aredis, topic_prefix).pause("ops", "incident review")
     ok = await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
