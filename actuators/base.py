@@ -10,6 +10,13 @@ so an actuator stays a few lines long::
 
         async def execute(self, action, decision):
             return f"echo {action.target}"
+
+A compensating action (run after a failed verification) goes to the
+actuator's optional ``compensate(action, decision)`` method, with the
+compensating ``action`` and the ``decision`` whose own action it undoes, so
+the receiver can tell the two apart; an actuator without one gets
+``execute(action, decision)`` with ``decision.action`` set to the
+compensating action.
 """
 
 from __future__ import annotations

@@ -44,8 +44,11 @@ class WebhookActuator:
     """HTTP POST of the decision to ``params.url`` (or the default URL).
 
     Sends an ``Idempotency-Key`` header (the decision id) so receivers can
-    deduplicate too.  Retries transport errors, 429 and 5xx with exponential
-    backoff; 4xx is final.
+    deduplicate too; a compensation has its own key
+    (``<decision id>:compensation``) and says so in its body, so a
+    de-duplicating receiver does not drop it as a repeat of the action.
+    Retries transport errors, 429 and 5xx with exponential backoff; 4xx is
+    final.
     """
 
     name = "webhook"
@@ -71,6 +74,15 @@ class WebhookActuator:
                 "anomaly_score": decision.anomaly_score, "mode": decision.mode.value}
 
     async def execute(self, action: Action, decision: Decision) -> str:
+        return await self._post(action, self.payload(action, decision), decision.decision_id)
+
+    async def compensate(self, action: Action, decision: Decision) -> str:
+        """POST the compensating ``action`` of ``decision`` (whose own action it undoes)."""
+        undone = decision.action.model_dump(mode="json") if decision.action else None
+        body = {**self.payload(action, decision), "phase": "compensation", "compensates": undone}
+        return await self._post(action, body, f"{decision.decision_id}:compensation")
+
+    async def _post(self, action: Action, body: dict, key: str) -> str:
         url = self.url_for(action)
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout_s)
@@ -83,9 +95,8 @@ class WebhookActuator:
             ):
                 with attempt:
                     attempts += 1
-                    resp = await self._client.post(
-                        url, json=self.payload(action, decision),
-                        headers={"Idempotency-Key": decision.decision_id})
+                    resp = await self._client.post(url, json=body,
+                                                   headers={"Idempotency-Key": key})
                     resp.raise_for_status()
         except RetryError as exc:
             raise ActionFailed(f"POST {self.describe(url)} failed after {attempts} attempts: "

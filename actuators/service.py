@@ -4,7 +4,7 @@ outcomes and approval events out, plus the periodic work (expiry, verification).
 Flow of one decision with an action:
 
 * ``auto`` → executed once (:class:`~actuators.executor.ActionExecutor`); if
-  the action declares a verification it is scheduled
+  the action declares a verification it is scheduled with the outcome
   (:mod:`ia.actuators.verification`);
 * ``needs_approval`` → an approval request is stored and announced
   (``requested`` on ``ia.approvals``); nothing runs yet.  ``approved`` runs
@@ -19,7 +19,9 @@ expires overdue approval requests, settles approvals whose resolution event
 was lost, and finishes verifications: recovered → a ``verification``
 outcome ``succeeded``; not recovered → ``verification`` ``failed``, then the
 compensating action and its ``compensation`` outcome.  Every step is
-claimed in Redis, so any number of actuator processes cooperate.
+claimed in Redis, so any number of actuator processes cooperate.  A
+verification stays pending until :meth:`ActuatorService.published` is told
+that its outcomes are on the topic.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pydantic import BaseModel
 from ia.actuators.approvals import ApprovalStore
 from ia.actuators.base import Actuator
 from ia.actuators.executor import ActionExecutor
-from ia.actuators.verification import SpecError, Verifier, spec_of
+from ia.actuators.verification import SpecError, Verdict, spec_of
 from ia.core import clock
 from ia.schemas.models import (
     ActionOutcome,
@@ -54,11 +56,11 @@ UNFINISHED_GRACE_MS = 10_000
 
 
 class ActuatorService:
-    def __init__(self, executor: ActionExecutor, approvals: ApprovalStore, verifier: Verifier,
+    def __init__(self, executor: ActionExecutor, approvals: ApprovalStore,
                  notifier: Actuator | None = None) -> None:
+        """Verifications are the executor's ``verifier``'s (None: no verification)."""
         self.executor = executor
         self.approvals = approvals
-        self.verifier = verifier
         self.notifier = notifier
 
     async def on_decision(self, d: Decision) -> list[BaseModel]:
@@ -90,24 +92,21 @@ class ActuatorService:
                 OutcomePhase.action:
             return out
         try:
-            spec = spec_of(d)
+            spec_of(d)  # a valid one was scheduled with the outcome
         except SpecError as exc:
-            out.append(self._verification(d, outcome.finished_at, False,
+            out.append(self._verification(d, outcome.finished_at, clock.now_ms(), False,
                                           f"invalid verification: {exc}"))
-            return out
-        if spec is not None:
-            await self.verifier.schedule(d, spec)
         return out
 
-    def _verification(self, d: Decision, started: int, ok: bool, detail: str
+    def _verification(self, d: Decision, started: int, finished: int, ok: bool, detail: str
                       ) -> ActionOutcome:
         assert d.action is not None
-        now = clock.now_ms()
         return ActionOutcome(
             decision_id=d.decision_id, entity=d.entity, action_type=d.action.type,
             target=d.action.target,
             status=OutcomeStatus.succeeded if ok else OutcomeStatus.failed, actuator="verifier",
-            started_at=started, finished_at=now, duration_ms=float(max(0, now - started)),
+            started_at=started, finished_at=finished,
+            duration_ms=float(max(0, finished - started)),
             detail=detail, error=None if ok else "verification failed",
             phase=OutcomePhase.verification)
 
@@ -146,7 +145,7 @@ class ActuatorService:
         return out
 
     async def tick(self, now_ms: int | None = None) -> list[BaseModel]:
-        """Periodic work; returns the records to publish."""
+        """Periodic work; returns the records to publish (then call :meth:`published`)."""
         now = clock.now_ms() if now_ms is None else now_ms
         out: list[BaseModel] = []
         for ev in await self.approvals.expire_due(now):
@@ -165,16 +164,33 @@ class ActuatorService:
             settled = await self._settle(ev, d)
             if settled:
                 out += [ev, *settled]  # re-announce the resolution with its outcome
-        for verdict in await self.verifier.poll(now):
-            d = verdict.decision
-            out.append(self._verification(d, verdict.started_at, verdict.recovered,
-                                          verdict.detail))
-            if verdict.recovered:
-                continue
-            if self.executor.guard is not None:
-                await self.executor.guard.finished(d, "verification_failed")
-            if verdict.spec.compensate is not None:
-                comp = await self.executor.compensate(d, verdict.spec.compensate)
-                if comp is not None:
-                    out.append(comp)
+        verifier = self.executor.verifier
+        for verdict in await verifier.poll(now) if verifier is not None else []:
+            try:
+                out += await self._conclude(verdict)
+            except Exception as exc:  # the job stays pending: retried at the next tick
+                log.warning("verification of %s not concluded (%s: %s); retrying",
+                            verdict.decision.decision_id, type(exc).__name__, exc)
         return out
+
+    async def _conclude(self, verdict: Verdict) -> list[BaseModel]:
+        """The verification outcome and, if it failed, the compensation's."""
+        d = verdict.decision
+        out: list[BaseModel] = [self._verification(d, verdict.started_at, verdict.at,
+                                                   verdict.recovered, verdict.detail)]
+        if verdict.recovered:
+            return out
+        if self.executor.guard is not None:
+            await self.executor.guard.finished(d, "verification_failed")
+        if verdict.spec.compensate is not None:
+            out.append(await self.executor.compensate(d, verdict.spec.compensate))
+        return out
+
+    async def published(self, records: list[BaseModel]) -> None:
+        """``records`` (from :meth:`tick`) are confirmed on their topics: the
+        verifications they conclude are done."""
+        verifier = self.executor.verifier
+        if verifier is not None:
+            await verifier.finish(r.decision_id for r in records
+                                  if isinstance(r, ActionOutcome)
+                                  and r.phase is OutcomePhase.verification)

@@ -21,11 +21,22 @@ time (including no sample at all) verification fails, the compensating action
 runs, and both outcomes are published (phases ``verification`` and
 ``compensation``).  Pending verifications live in Redis, so they survive an
 actuator restart and any actuator process may finish them.
+
+A pending verification is scheduled in the same transaction as the action's
+``done`` claim (:class:`VerificationJob`, written by the executor), and
+removed only once its verdict and compensation are published
+(:meth:`Verifier.finish`).  In between, the actuator that reached the verdict
+holds the job for a lease with the verdict stored in it: if that actuator dies
+before publishing, another one publishes the same verdict once the lease has
+run out (the compensation, claimed on its own, does not run twice).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ia.core import clock
@@ -106,16 +117,45 @@ class Verdict:
     recovered: bool
     detail: str
     started_at: int
+    at: int
 
+
+@dataclass(frozen=True)
+class VerificationJob:
+    """A pending verification, to be written in the caller's transaction (:meth:`queue`)."""
+
+    key: str
+    due_key: str
+    decision_id: str
+    body: str
+    deadline: int
+    ttl_s: int
+
+    def queue(self, pipe) -> None:
+        # NX: a retry after a reply lost on the way must not reset a job already taken.
+        pipe.set(self.key, self.body, ex=self.ttl_s, nx=True)
+        pipe.zadd(self.due_key, {self.decision_id: self.deadline}, nx=True)
+
+
+# Compare-and-set of a job's body, keeping its expiry.
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
 
 
 class Verifier:
     """Pending verifications in Redis, checked against the feature store."""
 
-    def __init__(self, client, prefix: str = "ia") -> None:
+    def __init__(self, client, prefix: str = "ia", lease_s: float = 120.0) -> None:
+        """``lease_s``: how long a verdict is held for publication by the actuator
+        that reached it before another one may publish it instead."""
         self.client = client
         self.store = RedisFeatureStore(client, prefix)
         self.keys = Keys(prefix)
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_ms = int(lease_s * 1000)
 
     async def latest(self, entity: str, metric: str) -> tuple[int, float] | None:
         """(samples seen, last value) of one series in the worker's feature store.
@@ -127,21 +167,24 @@ class Verifier:
         state = rec.series.get(metric)
         return None if state is None else (state.n, state.last_value)
 
-    async def schedule(self, d: Decision, spec: VerifySpec, now_ms: int | None = None) -> None:
-        """Start watching ``spec.metric`` from its current state (call after the action)."""
+    async def job(self, d: Decision, spec: VerifySpec, now_ms: int | None = None
+                  ) -> VerificationJob:
+        """The verification of ``d``'s action, watching ``spec.metric`` from its current
+        state (build it after the action ran)."""
         now = clock.now_ms() if now_ms is None else now_ms
         seen = await self.latest(spec.entity, spec.metric)
         deadline = now + int(spec.within_s * 1000)
         body = json.dumps({"decision": encode(d, "json").decode(), "since_n": seen[0] if seen
                            else 0, "started_at": now, "deadline": deadline})
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.verification(d.decision_id), body,
-                     ex=int(spec.within_s) + 7 * 24 * 3600)
-            pipe.zadd(self.keys.verifications_due, {d.decision_id: deadline}, nx=True)
-            await pipe.execute()
+        return VerificationJob(self.keys.verification(d.decision_id),
+                               self.keys.verifications_due, d.decision_id, body, deadline,
+                               int(spec.within_s) + 7 * 24 * 3600)
 
     async def poll(self, now_ms: int | None = None, limit: int = 500) -> list[Verdict]:
-        """Settle every verification that recovered or ran out of time."""
+        """Every verification that recovered or ran out of time, held for publication.
+
+        Call :meth:`finish` once the verdicts (and compensations) are published.
+        """
         now = clock.now_ms() if now_ms is None else now_ms
         out = []
         for raw_id in await self.client.zrange(self.keys.verifications_due, 0, limit - 1):
@@ -151,27 +194,47 @@ class Verifier:
                 await self.client.zrem(self.keys.verifications_due, did)
                 continue
             job = json.loads(body)
+            held = job.get("held")
+            if held and held["owner"] != self.owner and held["until"] > now:
+                continue  # another actuator is publishing its verdict
             d = decode(job["decision"].encode(), Decision, "json")
             spec = spec_of(d)
             if spec is None:  # pragma: no cover - only scheduled with a spec
-                await self.client.zrem(self.keys.verifications_due, did)
+                await self.finish([did])
                 continue
-            seen = await self.latest(spec.entity, spec.metric)
-            fresh = seen is not None and seen[0] > job["since_n"]
-            value = seen[1] if seen is not None else 0.0
-            waited = (now - job["started_at"]) / 1000
-            if fresh and spec.recovered(value):
-                verdict = Verdict(d, spec, True, f"{spec.metric} recovered to {value:g} after "
-                                  f"{waited:.1f}s ({spec.describe()})", job["started_at"])
-            elif now >= job["deadline"]:
-                seen_text = f"last value {value:g}" if fresh else \
-                    f"no new {spec.metric} sample"
-                verdict = Verdict(d, spec, False, f"{spec.metric} did not recover: {seen_text} "
-                                  f"after {waited:.1f}s ({spec.describe()})", job["started_at"])
-            else:
+            verdict = job.get("verdict") or await self._judge(job, spec, now)
+            if verdict is None:
                 continue
-            # Whoever removes the entry settles it (several actuators may poll).
-            if await self.client.zrem(self.keys.verifications_due, did):
-                await self.client.delete(self.keys.verification(did))
-                out.append(verdict)
+            taken = {**job, "verdict": verdict, "held": {"owner": self.owner,
+                                                         "until": now + self.lease_ms}}
+            # Whoever swaps the body publishes the verdict (several actuators may poll).
+            if await self.client.eval(_SWAP, 1, self.keys.verification(did), body,
+                                      json.dumps(taken)):
+                out.append(Verdict(d, spec, verdict["recovered"], verdict["detail"],
+                                   job["started_at"], verdict["at"]))
         return out
+
+    async def _judge(self, job: dict, spec: VerifySpec, now: int) -> dict | None:
+        """The verdict on ``job`` at ``now``, or None while it may still recover."""
+        seen = await self.latest(spec.entity, spec.metric)
+        fresh = seen is not None and seen[0] > job["since_n"]
+        value = seen[1] if seen is not None else 0.0
+        waited = (now - job["started_at"]) / 1000
+        if fresh and spec.recovered(value):
+            return {"recovered": True, "at": now, "detail": f"{spec.metric} recovered to "
+                    f"{value:g} after {waited:.1f}s ({spec.describe()})"}
+        if now < job["deadline"]:
+            return None
+        seen_text = f"last value {value:g}" if fresh else f"no new {spec.metric} sample"
+        return {"recovered": False, "at": now, "detail": f"{spec.metric} did not recover: "
+                f"{seen_text} after {waited:.1f}s ({spec.describe()})"}
+
+    async def finish(self, decision_ids: Iterable[str]) -> None:
+        """Remove the verifications of ``decision_ids``: their outcomes are published."""
+        ids = list(decision_ids)
+        if not ids:
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.verifications_due, *ids)
+            pipe.delete(*(self.keys.verification(did) for did in ids))
+            await pipe.execute()

@@ -226,6 +226,9 @@ class OutcomeStatus(StrEnum):
     skipped_duplicate = "skipped_duplicate"
     blocked = "blocked"
     timeout = "timeout"
+    #: The actuator failed or died after the action may have started: its
+    #: result is unknown, and it is not run again (at most once).
+    interrupted = "interrupted"
 
 
 class OutcomePhase(StrEnum):

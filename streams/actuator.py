@@ -4,8 +4,9 @@ A batch of decisions is handled concurrently (the executor serialises actions
 on the same target), each outcome sent as soon as its action is done; the
 batch is acknowledged only after all its outcomes and approval requests are
 confirmed by the broker.  A timer does the
-periodic work (approval expiry, verification and compensation).  All the
-logic is in :class:`ia.actuators.service.ActuatorService`.
+periodic work (approval expiry, verification and compensation); a
+verification is removed from Redis only after its outcomes are confirmed.
+All the logic is in :class:`ia.actuators.service.ActuatorService`.
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ def build_actuator(settings: Settings) -> faust.App:
         executor = ActionExecutor(
             client, actuators, prefix=settings.redis.prefix, timeout_s=conf.action_timeout_s,
             guard=ExecutionGuard(client, settings.redis.prefix, policy.current),
-            notifier=notifier)
+            notifier=notifier, verifier=Verifier(client, settings.redis.prefix))
         ctx["service"] = ActuatorService(
             executor,
             ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
                           on_expiry=settings.approvals.on_expiry),
-            Verifier(client, settings.redis.prefix), notifier=notifier)
+            notifier=notifier)
         metrics.serve(settings.metrics_port, settings.metrics_host, role="actuator")
 
     _connect()
@@ -122,7 +123,9 @@ def build_actuator(settings: Settings) -> faust.App:
             log.warning("periodic actuator work failed (%s: %s); retrying", type(exc).__name__,
                         exc)
             return
-        # What tick() settled is only in memory now: publish it whatever it takes.
+        # What tick() settled is only in memory now: publish it whatever it takes,
+        # then let go of the verifications it concludes.
         await with_retry("publish", lambda: publish_confirmed(records), app)
+        await with_retry("verified", lambda: ctx["service"].published(records), app)
 
     return app

@@ -185,10 +185,9 @@ class LoopCheck:
         return self.acting - set(self.calls)
 
     def interrupted_and_reported(self) -> set[str]:
-        """Acting decisions never called whose outcome says a dead actuator had claimed them."""
+        """Acting decisions never called, reported interrupted (a dead actuator started them)."""
         return {d for d in self.never_called
-                if any(o["status"] == "skipped_duplicate" and "running" in o.get("detail", "")
-                       for o in self.outcomes.get(d, []))}
+                if any(o["status"] == "interrupted" for o in self.outcomes.get(d, []))}
 
 
 def check_loop(bootstrap: str, topics: Any, sent: list[str], sink: SlowSink) -> LoopCheck:

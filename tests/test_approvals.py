@@ -35,6 +35,7 @@ from ia.schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
+from tests.redis_faults import FailOnce, RedisConnectionError
 from tests.test_governance import make_plugin
 
 pytestmark = pytest.mark.integration
@@ -129,11 +130,16 @@ class Recorder(LogActuator):
         return "ran"
 
 
+def make_service(client, prefix: str, store: ApprovalStore, act: LogActuator,
+                 verifier: Verifier) -> ActuatorService:
+    ex = ActionExecutor(client, {"log": act}, prefix=prefix, timeout_s=5, verifier=verifier)
+    return ActuatorService(ex, store)
+
+
 @pytest.fixture
 def service(aredis, topic_prefix, store):
     act = Recorder()
-    ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5)
-    return ActuatorService(ex, store, Verifier(aredis, topic_prefix)), act
+    return make_service(aredis, topic_prefix, store, act, Verifier(aredis, topic_prefix)), act
 
 
 async def test_approved_decision_runs_once(service, store) -> None:
@@ -206,13 +212,14 @@ class FakeSeries(Verifier):
         return self.seen.get((entity, metric))
 
 
-async def test_verification_recovered_failed_and_compensated(aredis, topic_prefix, service
+async def test_verification_recovered_failed_and_compensated(aredis, topic_prefix, store
                                                              ) -> None:
-    svc, act = service
-    svc.verifier = FakeSeries(aredis, topic_prefix)
+    act = Recorder()
+    verifier = FakeSeries(aredis, topic_prefix)
+    svc = make_service(aredis, topic_prefix, store, act, verifier)
 
     async def sample(entity: str, n: int, value: float) -> None:
-        svc.verifier.seen[(entity, "latency_ms")] = (n, value)
+        verifier.seen[(entity, "latency_ms")] = (n, value)
 
     ok = decision(Mode.auto, entity="svc-ok", verify_within_s="30", verify_below="200")
     bad = decision(Mode.auto, entity="svc-bad", verify_within_s="0.2", verify_below="200",
@@ -237,7 +244,57 @@ async def test_verification_recovered_failed_and_compensated(aredis, topic_prefi
     assert "last value 650" in texts[(bad.decision_id, OutcomePhase.verification)]
     assert "no new latency_ms sample" in texts[(silent.decision_id, OutcomePhase.verification)]
     assert act.ran.count(bad.decision_id) == 2  # the action, then the compensation
+    await svc.published(out)
     assert await svc.tick() == []  # each verification is settled once
+
+
+async def test_blip_between_the_action_and_its_verification_keeps_both(aredis, topic_prefix,
+                                                                        store) -> None:
+    flaky = FailOnce(aredis, "pipeline")  # the transaction that would schedule the verification
+    verifier = FakeSeries(flaky, topic_prefix)
+    act = Recorder()
+    svc = make_service(flaky, topic_prefix, store, act, verifier)
+    d = decision(Mode.auto, entity="svc-v", verify_within_s="0.2", verify_below="200")
+    verifier.seen[(d.entity, "latency_ms")] = (10, 900)
+    with pytest.raises(RedisConnectionError):
+        await svc.on_decision(d)
+    assert flaky.fired
+    [out] = await svc.on_decision(d)  # what with_retry does next
+    assert out.status is OutcomeStatus.succeeded, out
+    assert act.ran == [d.decision_id]
+    await asyncio.sleep(0.3)
+    assert [(o.phase, o.status) for o in await svc.tick()] == [
+        (OutcomePhase.verification, OutcomeStatus.failed)]
+
+
+async def test_verdict_and_compensation_survive_a_crash_before_they_are_published(
+        aredis, topic_prefix, store) -> None:
+    act = Recorder()
+    verifier = FakeSeries(aredis, topic_prefix)
+    svc = make_service(aredis, topic_prefix, store, act, verifier)
+    d = decision(Mode.auto, entity="svc-bad", verify_within_s="0.2", verify_below="200",
+                 compensate="log", **{"compensate.op": "undo"})
+    verifier.seen[(d.entity, "latency_ms")] = (10, 900)
+    await svc.on_decision(d)
+    await asyncio.sleep(0.3)
+    lost = await svc.tick()  # ... and the actuator dies before publishing these
+    assert [(o.phase, o.status) for o in lost] == [
+        (OutcomePhase.verification, OutcomeStatus.failed),
+        (OutcomePhase.compensation, OutcomeStatus.succeeded)]
+    # another actuator process, once the first one's hold on the job has run out
+    later = int(__import__("time").time() * 1000) + 3_600_000
+    other_verifier = FakeSeries(aredis, topic_prefix)
+    other_verifier.seen = verifier.seen
+    other = make_service(aredis, topic_prefix, store, act, other_verifier)
+    again = await other.tick(later)
+    assert [(o.phase, o.status) for o in again] == [
+        (OutcomePhase.verification, OutcomeStatus.failed),
+        (OutcomePhase.compensation, OutcomeStatus.skipped_duplicate)]
+    assert again[0].detail == lost[0].detail and again[0].finished_at == lost[0].finished_at
+    assert "succeeded" in again[1].detail
+    assert act.ran == [d.decision_id] * 2  # the action and one compensation, never two
+    await other.published(again)
+    assert await other.tick(later) == []
 
 
 async def test_kill_switch_stops_approved_actions(aredis, topic_prefix, store) -> None:
@@ -246,7 +303,7 @@ async def test_kill_switch_stops_approved_actions(aredis, topic_prefix, store) -
     act = Recorder()
     ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5,
                         guard=ExecutionGuard(aredis, topic_prefix))
-    svc = ActuatorService(ex, store, Verifier(aredis, topic_prefix))
+    svc = ActuatorService(ex, store)
     [req] = await svc.on_decision(decision())
     await KillSwitch(aredis, topic_prefix).pause("ops", "incident review")
     ok = await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")

@@ -242,7 +242,7 @@ def test_completeness_counts_complete_pending_and_overdue() -> None:
     c.add(_rec(14, "outcome", "a", phase="compensation"))
     c.add(_rec(15, "decision", "a", action={"type": "log"}, mode="auto"))
     c.add(_rec(16, "outcome", "a", phase="action"))
-    assert c.stats(T0 + 10**9) == {"complete": 44, "pending": 0, "overdue": 0,
+    assert c.stats(T0 + 10**9) == {"complete": 44, "pending": 0, "overdue": 0, "interrupted": 0,
                                    "summarised": 40, "ratio": 1.0}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import json
 import re
 import uuid
 from importlib import resources
@@ -21,7 +22,7 @@ import pytest
 
 from ia.actuators.approvals import ApprovalStore
 from ia.actuators.executor import ActionExecutor
-from ia.actuators.verification import Verifier, VerifySpec
+from ia.actuators.verification import Verifier
 from ia.core.keys import Keys
 from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.guards.kill_switch import KillSwitch
@@ -207,13 +208,12 @@ class _Recorder:
 @pytest.mark.integration
 async def test_executor_and_verifier_layout(aredis, prefix) -> None:
     actuator = _Recorder(aredis, prefix)
-    ex = ActionExecutor(aredis, {"restart": actuator}, prefix=prefix, timeout_s=5)
-    d = _decision()
-    await ex.run(d)
+    ex = ActionExecutor(aredis, {"restart": actuator}, prefix=prefix, timeout_s=5,
+                        verifier=Verifier(aredis, prefix))
+    d = _decision(verify_within_s="60", verify_below="1")
+    await ex.run(d)  # schedules the verification with the done claim
     assert actuator.seen["lock:web-1"][0] == "string"
     await ex.compensate(d, Action(type="restart", target="web-1"))
-    await Verifier(aredis, prefix).schedule(d, VerifySpec("latency", "web-1", 60.0, below=1.0),
-                                            now_ms=T0)
     _assert_layout(await _layout(aredis, prefix), {
         "act:dc-1": ("string", 7 * DAY),
         "act:dc-1:compensation": ("string", 7 * DAY),
@@ -221,7 +221,8 @@ async def test_executor_and_verifier_layout(aredis, prefix) -> None:
         "verify:due": ("zset", -1),
     })
     assert await aredis.get(f"{prefix}:act:dc-1") == b"done:succeeded"
-    assert await aredis.zscore(f"{prefix}:verify:due", "dc-1") == T0 + 60_000
+    job = json.loads(await aredis.get(f"{prefix}:verify:dc-1"))
+    assert await aredis.zscore(f"{prefix}:verify:due", "dc-1") == job["deadline"]
 
 
 @pytest.mark.integration

@@ -65,7 +65,8 @@ def audit_verify(log_file: Path | None, no_head: bool, as_json: bool) -> None:
         click.echo(f"ok: {path}: {result.records} records, chain intact, head seq "
                    f"{result.last.seq}" + ("" if not no_head else " (head not checked)"))
         click.echo(f"completeness {stats['ratio']:.2%}: {stats['complete']} complete, "
-                   f"{stats['pending']} pending, {stats['overdue']} overdue")
+                   f"{stats['pending']} pending, {stats['overdue']} overdue, "
+                   f"{stats['interrupted']} interrupted")
     else:
         click.echo(f"FAILED: {path}", err=True)
         for p in result.problems:

@@ -207,6 +207,7 @@ class _Story:
     needs: set[str] = field(default_factory=set)
     has: set[str] = field(default_factory=set)
     decided: bool = False
+    interrupted: bool = False
 
 
 class Completeness:
@@ -227,11 +228,19 @@ class Completeness:
     an action that is still running.  Each decision counts once: later
     records of a complete decision (verification, compensation, a redelivery)
     are part of its story but do not reopen it.
+
+    An action reported ``interrupted`` (its actuator died or failed after it
+    may have started, so nobody knows what it did) is accounted for but not a
+    complete story: it counts as ``interrupted``, not ``complete``, and
+    lowers the ratio until a human has looked::
+
+        ratio = complete / (complete + overdue + interrupted)
     """
 
     def __init__(self, grace_ms: int = 300_000, remember: int = 1_000_000) -> None:
         self.grace_ms = grace_ms
         self.complete = 0
+        self.interrupted = 0
         self.summarised = 0
         self._open: dict[str, _Story] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
@@ -263,8 +272,12 @@ class Completeness:
             story.deadline = max(story.deadline, expires + self.grace_ms)
         elif rec.kind == "outcome" and rec.data.get("phase", "action") == "action":
             story.has.add("outcome")
+            story.interrupted = rec.data.get("status") == "interrupted"
         if story.decided and story.needs <= story.has:
-            self.complete += 1
+            if story.interrupted:
+                self.interrupted += 1
+            else:
+                self.complete += 1
             del self._open[rec.id]
             self._done[rec.id] = None
             if len(self._done) > self._remember:
@@ -273,9 +286,9 @@ class Completeness:
     def stats(self, now_ms: int) -> dict[str, float]:
         overdue = sum(1 for s in self._open.values() if s.deadline < now_ms)
         pending = len(self._open) - overdue
-        denominator = self.complete + overdue
+        denominator = self.complete + overdue + self.interrupted
         return {"complete": self.complete, "pending": pending, "overdue": overdue,
-                "summarised": self.summarised,
+                "interrupted": self.interrupted, "summarised": self.summarised,
                 "ratio": self.complete / denominator if denominator else 1.0}
 
     def overdue(self, now_ms: int) -> list[tuple[str, list[str]]]:
