@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 import faust
-import redis.asyncio as aioredis
 
 from ia.core import metrics
+from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
 from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.engine import DecisionEngine
@@ -34,8 +34,8 @@ def connect_worker(settings: Settings, shadow: bool = False) -> WorkerService:
     ``shadow``: the candidate of ``ia worker --shadow`` (ia/offline/shadow.py): decision
     ids of its own, decisions marked ``shadow``.
     """
-    _, redis_url = settings.require_endpoints()
-    client = aioredis.from_url(redis_url, decode_responses=False)
+    settings.require_endpoints()
+    client = redis_client(settings.redis)
     prefix = settings.redis.prefix
     features = RedisFeatureStore(client, prefix)
     engine = DecisionEngine(PolicySource(settings.policy_file).current, features,
