@@ -51,9 +51,10 @@ class Topics:
         self.feedback = f"{prefix}.feedback"
         self.dlq = f"{prefix}.telemetry.dlq"
         self.approvals = f"{prefix}.approvals"
-        # Decisions of a shadow candidate (`ia worker --shadow`). No actuator reads it,
-        # and it is not in all(): only the shadow worker creates it.
+        # Decisions and dead letters of a shadow candidate (`ia worker --shadow`). No
+        # actuator reads them, and they are not in all(): only the shadow worker creates them.
         self.decisions_shadow = f"{prefix}.decisions.shadow"
+        self.dlq_shadow = f"{prefix}.telemetry.dlq.shadow"
 
     def all(self) -> list[str]:
         return [self.telemetry, self.decisions, self.outcomes, self.feedback, self.dlq,
