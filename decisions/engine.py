@@ -31,7 +31,7 @@ from ia.decisions.guards import (
 from ia.decisions.policy import Policy, PolicyResult
 from ia.features.enrich import Enricher
 from ia.features.series import WARMUP_SAMPLES
-from ia.features.store import FeatureStore
+from ia.features.store import EntityRecord, FeatureStore
 from ia.schemas.models import (
     Decision,
     DriftState,
@@ -108,12 +108,16 @@ class DecisionEngine:
         self.stats = EngineStats()
 
     async def process(self, events: Sequence[TelemetryEvent],
-                      positions: Sequence[tuple[int, int]] | None = None) -> list[Decision]:
+                      positions: Sequence[tuple[int, int]] | None = None,
+                      records: dict[str, EntityRecord] | None = None) -> list[Decision]:
         """Decide every event of a batch, in order; feature state is saved once.
 
         ``positions`` ((partition, offset) per event, from the worker) let the
-        feature store recognise records delivered again and not fold them twice."""
-        records = await self.store.load(ev.entity for ev in events)
+        feature store recognise records delivered again and not fold them twice.
+        ``records``: the events' entities as loaded from the store for this batch, when
+        the caller has read them already (the worker checks them first)."""
+        if records is None:
+            records = await self.store.load(ev.entity for ev in events)
         states: States = {}
         policy = self.policy()
         await observe_fleet(self.guard_store, policy, events)

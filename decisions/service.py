@@ -3,8 +3,11 @@
 ``ia.streams.worker`` moves records between the topics and this service:
 
 * :meth:`WorkerService.on_telemetry` validates a batch of raw telemetry records
-  (the ones that fail become dead letters with their reason), decides the rest
-  with the newest feedback model, and remembers what later labels need;
+  (the ones that fail, are keyed by another entity or bring one metric too many
+  become dead letters with their reason), decides the rest with the newest
+  feedback model, and remembers what later labels need;
+* :meth:`WorkerService.isolate` decides a batch that ``on_telemetry`` keeps
+  failing on around the records that cause it, which become dead letters;
 * :meth:`WorkerService.on_published` counts what the batch published, once
   the broker has confirmed it;
 * :meth:`WorkerService.on_outcome` and :meth:`WorkerService.on_feedback` apply
@@ -20,29 +23,35 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ia.core import metrics
 from ia.core.clock import now_ms
+from ia.core.redis import UNAVAILABLE
 from ia.decisions.engine import DecisionEngine
 from ia.decisions.learning import FeedbackLearner, LabelResult
 from ia.decisions.shadow import as_shadow
-from ia.features.store import FeatureStore
+from ia.features.store import EntityRecord, FeatureStore
 from ia.schemas.models import (
     ActionOutcome,
     DeadLetter,
     Decision,
+    EventKind,
     Feedback,
     OutcomeStatus,
     TelemetryEvent,
 )
-from ia.schemas.validation import validate_record
+from ia.schemas.validation import dead_letter, key_mismatch, validate_record
 
 log = logging.getLogger("ia.worker")
 # Outcomes of actions that could not be carried out: a negative label.  Success of
 # execution says nothing about usefulness and is not a label.
 FAILED = frozenset({OutcomeStatus.failed, OutcomeStatus.timeout})
+# Innermost frames of a processing error kept in its dead letter: where it was raised.
+STACK_FRAMES = 6
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class Decided:
     decisions: list[Decision] = field(default_factory=list)
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
 
+    def __add__(self, later: Decided) -> Decided:
+        return Decided(self.decisions + later.decisions, self.dead_letters + later.dead_letters)
+
 
 @dataclass(frozen=True)
 class WorkerParts:
@@ -75,6 +87,12 @@ class WorkerParts:
     wire_format: str = "json"
     # The candidate of ``ia worker --shadow``: decisions marked so nothing acts on them.
     shadow: bool = False
+    # Metrics one entity may have (None: any number); every batch loads all of them.
+    max_metrics_per_entity: int | None = None
+
+
+Accepted = list[tuple[RawRecord, TelemetryEvent]]
+DeadLetters = list[tuple[bytes | None, DeadLetter]]
 
 
 class WorkerService:
@@ -82,31 +100,101 @@ class WorkerService:
         self.parts = parts
 
     async def on_telemetry(self, batch: Sequence[RawRecord]) -> Decided:
+        """A decision per acceptable record, a dead letter per other one.
+
+        Raises whatever deciding raises: the caller retries (Redis away) or, when the
+        decision code itself keeps failing, hands the batch to :meth:`isolate`.
+        """
         started = time.perf_counter()
-        valid: list[TelemetryEvent] = []
-        positions: list[tuple[int, int]] = []
-        dead: list[tuple[bytes | None, DeadLetter]] = []
-        for rec in batch:
-            checked = validate_record(rec.value, fmt=self.parts.wire_format, topic=rec.topic,
-                                      partition=rec.partition, offset=rec.offset)
-            if isinstance(checked, DeadLetter):
-                dead.append((rec.key, checked))
-            else:
-                valid.append(checked)
-                positions.append((rec.partition, rec.offset))
+        accepted, dead = self._validate(batch)
         decide_started = time.perf_counter()
         metrics.STAGE_SECONDS.labels("validate").observe(decide_started - started)
-        decisions = await self._decide(valid, positions) if valid else []
+        decisions = await self._decide(accepted, dead) if accepted else []
         metrics.STAGE_SECONDS.labels("decide").observe(time.perf_counter() - decide_started)
         return Decided(decisions, dead)
 
-    async def _decide(self, valid: list[TelemetryEvent],
-                      positions: list[tuple[int, int]]) -> list[Decision]:
+    async def isolate(self, batch: Sequence[RawRecord]) -> Decided:
+        """Decide ``batch`` around the records the decision code fails on.
+
+        A failing batch is halved until each failing record stands alone; that record
+        becomes a ``processing_error`` dead letter, every other one gets the decision
+        it would have got (an entity's events stay in order, and batch boundaries do
+        not change decisions).  Halves already decided are saved, so a retry after an
+        error of Redis (:data:`~ia.core.redis.UNAVAILABLE`, raised: the records are not
+        at fault) gives them their decisions back.
+        """
+        try:
+            return await self.on_telemetry(batch)
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                return Decided([], [(batch[0].key, self._processing_error(batch[0], exc))])
+        half = len(batch) // 2
+        return await self.isolate(batch[:half]) + await self.isolate(batch[half:])
+
+    def _validate(self, batch: Sequence[RawRecord]) -> tuple[Accepted, DeadLetters]:
+        accepted: Accepted = []
+        dead: DeadLetters = []
+        for rec in batch:
+            checked = validate_record(rec.value, fmt=self.parts.wire_format, topic=rec.topic,
+                                      partition=rec.partition, offset=rec.offset)
+            if isinstance(checked, TelemetryEvent):
+                wrong_key = key_mismatch(rec.key, checked)
+                if wrong_key is None:
+                    accepted.append((rec, checked))
+                    continue
+                checked = self._dead(rec, "key_mismatch", wrong_key)
+            dead.append((rec.key, checked))
+        return accepted, dead
+
+    async def _decide(self, accepted: Accepted, dead: DeadLetters) -> list[Decision]:
         learner, engine = self.parts.learner, self.parts.engine
         await learner.refresh(engine)
-        decided = await engine.process(valid, positions)
+        records = await engine.store.load(ev.entity for _, ev in accepted)
+        accepted = self._within_metric_cap(accepted, records, dead)
+        decided = await engine.process([ev for _, ev in accepted],
+                                       [(rec.partition, rec.offset) for rec, _ in accepted],
+                                       records)
         await learner.remember(decided)
         return [as_shadow(d) for d in decided] if self.parts.shadow else decided
+
+    def _within_metric_cap(self, accepted: Accepted, records: dict[str, EntityRecord],
+                           dead: DeadLetters) -> Accepted:
+        """The accepted records without samples of metrics beyond their entity's cap.
+
+        Counted on the stored state plus the metrics this batch adds; discrete events
+        keep no series and always pass."""
+        cap = self.parts.max_metrics_per_entity
+        if cap is None:
+            return accepted
+        known: dict[str, set[str]] = {}
+        kept: Accepted = []
+        for rec, ev in accepted:
+            if ev.kind is EventKind.metric:
+                metrics_of = known.get(ev.entity)
+                if metrics_of is None:
+                    metrics_of = known[ev.entity] = records[ev.entity].metrics()
+                if ev.metric not in metrics_of:
+                    if len(metrics_of) >= cap:
+                        dead.append((rec.key, self._dead(
+                            rec, "too_many_metrics",
+                            f"entity {ev.entity!r} has {len(metrics_of)} metrics, the most "
+                            f"allowed (IA_MAX_METRICS_PER_ENTITY); {ev.metric!r} is refused")))
+                        continue
+                    metrics_of.add(ev.metric)
+            kept.append((rec, ev))
+        return kept
+
+    def _processing_error(self, rec: RawRecord, exc: Exception) -> DeadLetter:
+        log.error("decision failed for %s[%d]@%d, sent to the DLQ", rec.topic, rec.partition,
+                  rec.offset, exc_info=exc)
+        return self._dead(rec, "processing_error", stack_summary(exc))
+
+    @staticmethod
+    def _dead(rec: RawRecord, reason: str, error: str) -> DeadLetter:
+        return dead_letter(rec.value or b"", reason, error, rec.topic, rec.partition,
+                           rec.offset)
 
     def on_published(self, decided: Decided) -> None:
         """Count a batch's records once the broker has confirmed them all."""
@@ -134,3 +222,15 @@ class WorkerService:
         elif result is LabelResult.counted:
             metrics.FEEDBACK.labels(label.label.value).inc()
         return result
+
+
+def stack_summary(exc: BaseException) -> str:
+    """``Type: message`` and where it was raised (innermost frame first), in one line:
+    enough to find the bug from the dead letter, and bounded."""
+    message = str(exc)
+    if len(message) > 500:
+        message = message[:500] + "..."
+    frames = traceback.extract_tb(exc.__traceback__)[-STACK_FRAMES:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+                        for f in reversed(frames))
+    return f"{type(exc).__name__}: {message} | at {where}"

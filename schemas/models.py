@@ -13,7 +13,7 @@ import hashlib
 import math
 import re
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -320,8 +320,25 @@ class ApprovalEvent(_Contract):
     reason: str | None = Field(default=None, max_length=4096)
 
 
+#: Why a telemetry record became a dead letter, besides the reasons of
+#: ``ia.schemas.serde.DECODE_REASONS`` (its bytes are no valid event).  Stable: they
+#: are metric labels (``ia_dlq_records_total{reason}``) and what DLQ readers match on.
+REJECT_REASONS: Final = {
+    "empty_record": "the record has no value (a tombstone)",
+    "ts_in_future": "its timestamp is further ahead of the worker's clock than allowed",
+    "key_mismatch": "its Kafka key is not its entity (or it has no key)",
+    "too_many_metrics": "a new metric of an entity that has the most metrics allowed",
+    "processing_error": "a valid event the decision code failed on, every attempt",
+}
+
+
 class DeadLetter(_Contract):
-    """A record the pipeline could not accept (topic ``ia.telemetry.dlq``)."""
+    """A record the pipeline could not accept (topic ``ia.telemetry.dlq``).
+
+    ``reason`` is one of ``DECODE_REASONS`` or :data:`REJECT_REASONS`; ``error`` says
+    what was wrong in words (for ``processing_error``: the exception and the innermost
+    frames of its stack).
+    """
 
     reason: str
     error: str

@@ -15,7 +15,6 @@ import asyncio
 import logging
 
 import faust
-import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from ia.actuators.approvals import ApprovalStore
@@ -24,6 +23,7 @@ from ia.actuators.registry import build_actuators
 from ia.actuators.service import ActuatorService
 from ia.actuators.verification import Verifier
 from ia.core import metrics
+from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
 from ia.decisions.guards import ExecutionGuard
 from ia.decisions.policy_source import PolicySource
@@ -45,8 +45,8 @@ def build_actuator(settings: Settings) -> faust.App:
     ctx: dict = {}
 
     def _connect() -> None:
-        _, redis_url = settings.require_endpoints()
-        client = aioredis.from_url(redis_url, decode_responses=False)
+        settings.require_endpoints()
+        client = redis_client(settings.redis)
         policy = PolicySource(settings.policy_file)
         conf = settings.actuator
         notify_url = conf.notify_url.get_secret_value() if conf.notify_url else None

@@ -9,10 +9,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import faust
+from aiokafka.errors import KafkaError
+from confluent_kafka import KafkaException
 from pydantic import BaseModel
 
 from ia.core.kafka import ensure_topics, faust_app_options
 from ia.core.metrics import RETRIES
+from ia.core.redis import UNAVAILABLE
 from ia.core.settings import Settings
 from ia.schemas.serde import DecodeError, decode
 
@@ -75,15 +78,31 @@ def raw_topic(app: faust.App, name: str) -> faust.TopicT:
                      value_serializer="raw")
 
 
+#: A dependency that is away or overloaded (Redis, the broker, the network), as opposed
+#: to a step failing on its input: retried for as long as it lasts.
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (*UNAVAILABLE, KafkaError, KafkaException)
+
+
+class GaveUp(Exception):
+    """A step failed on every one of its attempts with an error no dependency explains
+    (the cause is the last one)."""
+
+
 async def with_retry(stage: str, fn: Callable[[], Awaitable[T]], app: faust.App,
-                     fatal: tuple[type[Exception], ...] = ()) -> T:
+                     fatal: tuple[type[Exception], ...] = (), *,
+                     attempts: int | None = None) -> T:
     """Retry a batch step until its dependency (Redis, the broker, the disk) is back.
 
     The batch stays unacknowledged meanwhile, so nothing is lost; the worker
     only stops when it is asked to.  ``fatal`` errors are raised at once: no
     retry can fix them (e.g. an audit chain that cannot be extended safely).
+    With ``attempts``, any other error but :data:`DEPENDENCY_ERRORS` -- the step
+    fails on its input, and will again -- is tried that many times in all and
+    then raised as :class:`GaveUp`, so the caller can set the input aside
+    instead of stalling its partition for good.
     """
     delay = 0.1
+    failures = 0
     while True:
         try:
             return await fn()
@@ -94,6 +113,10 @@ async def with_retry(stage: str, fn: Callable[[], Awaitable[T]], app: faust.App,
         except Exception as exc:
             if getattr(app, "should_stop", False):
                 raise
+            if attempts is not None and not isinstance(exc, DEPENDENCY_ERRORS):
+                failures += 1
+                if failures >= attempts:
+                    raise GaveUp(f"{stage} failed {failures} times") from exc
             RETRIES.labels(stage).inc()
             log.warning("%s failed (%s: %s); retrying in %.1fs", stage, type(exc).__name__,
                         exc, delay)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 
 import faust
-import redis.asyncio as aioredis
 
 from ia.core import metrics
 from ia.core.clock import now_ms
+from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
 from ia.governance.audit import AuditError
 from ia.governance.audit_store import AuditWriter, SourceRecord
@@ -34,8 +34,8 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
                        value_serializer="raw")
     ctx: dict = {}
 
-    _, redis_url = settings.require_endpoints()
-    client = aioredis.from_url(redis_url, decode_responses=False)
+    settings.require_endpoints()
+    client = redis_client(settings.redis)
     writer = AuditWriter(client, settings.audit_log, prefix=settings.redis.prefix,
                          fmt=settings.wire_format, all_decisions=settings.audit.all_decisions,
                          grace_ms=int(grace_s * 1000))

@@ -3,18 +3,22 @@
 Plumbing only: the agents hand records to :class:`ia.decisions.service.WorkerService`,
 retry it while Redis is away, and publish what it returns.  Each telemetry batch
 is acknowledged only after every record it produced is confirmed by the broker,
-so a crash replays the batch (at-least-once) and decision ids stay the same.
+so a crash replays the batch (at-least-once) and decision ids stay the same.  A
+batch the decision code keeps failing on is decided around its failing records,
+which go to the DLQ (:func:`decide_batch`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 
 import faust
-import redis.asyncio as aioredis
 
 from ia.core import metrics
-from ia.core.settings import Settings
+from ia.core.redis import client as redis_client
+from ia.core.settings import Settings, Topics
 from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.engine import DecisionEngine
 from ia.decisions.guards import KillSwitch, RedisGuardStore
@@ -25,7 +29,17 @@ from ia.decisions.shadow import PIPELINE_ID as SHADOW_PIPELINE
 from ia.features.store import RedisFeatureStore
 from ia.schemas.models import ActionOutcome, Feedback
 from ia.schemas.serde import encode
-from ia.streams.app import confirm, decode_events, make_app, raw_topic, send_batched, with_retry
+from ia.streams.app import (
+    GaveUp,
+    confirm,
+    decode_events,
+    make_app,
+    raw_topic,
+    send_batched,
+    with_retry,
+)
+
+log = logging.getLogger("ia.worker")
 
 
 def connect_worker(settings: Settings, shadow: bool = False) -> WorkerService:
@@ -34,8 +48,8 @@ def connect_worker(settings: Settings, shadow: bool = False) -> WorkerService:
     ``shadow``: the candidate of ``ia worker --shadow`` (ia/offline/shadow.py): decision
     ids of its own, decisions marked ``shadow``.
     """
-    _, redis_url = settings.require_endpoints()
-    client = aioredis.from_url(redis_url, decode_responses=False)
+    settings.require_endpoints()
+    client = redis_client(settings.redis)
     prefix = settings.redis.prefix
     features = RedisFeatureStore(client, prefix)
     engine = DecisionEngine(PolicySource(settings.policy_file).current, features,
@@ -44,7 +58,32 @@ def connect_worker(settings: Settings, shadow: bool = False) -> WorkerService:
                             pipeline_id=SHADOW_PIPELINE if shadow else "main")
     learner = FeedbackLearner(RedisDecisionMemory(client, prefix), features,
                               RedisModelStore(client, prefix))
-    return WorkerService(WorkerParts(engine, features, learner, settings.wire_format, shadow))
+    return WorkerService(WorkerParts(engine, features, learner, settings.wire_format, shadow,
+                                     settings.worker.max_metrics_per_entity))
+
+
+def output_topics(topics: Topics, shadow: bool) -> tuple[str, str]:
+    """Where the worker publishes (decisions, dead letters).  A shadow candidate reads
+    the same telemetry as production, so its dead letters would be production's twins:
+    they go to a topic of its own, beside its decisions."""
+    if shadow:
+        return topics.decisions_shadow, topics.dlq_shadow
+    return topics.decisions, topics.dlq
+
+
+async def decide_batch(service: WorkerService, batch: Sequence[RawRecord], app: faust.App,
+                       attempts: int) -> Decided:
+    """Decide a telemetry batch, waiting out Redis; a batch the decision code fails on
+    ``attempts`` times is decided around the records that cause it (they go to the DLQ
+    as ``processing_error``), so one poison event cannot stall its partition."""
+    try:
+        return await with_retry("decide", lambda: service.on_telemetry(batch), app,
+                                attempts=attempts)
+    except GaveUp as exc:
+        log.error("a batch of %d records failed %d times (%s: %s); isolating the records "
+                  "that cause it", len(batch), attempts, type(exc.__cause__).__name__,
+                  exc.__cause__)
+        return await with_retry("decide", lambda: service.isolate(batch), app)
 
 
 def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
@@ -52,8 +91,9 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
     app = make_app(settings, settings.worker.app_id)
     topics = settings.topics
     telemetry = raw_topic(app, topics.telemetry)
-    decisions_t = raw_topic(app, topics.decisions_shadow if shadow else topics.decisions)
-    dlq_t = raw_topic(app, topics.dlq)
+    decisions_name, dlq_name = output_topics(topics, shadow)
+    decisions_t = raw_topic(app, decisions_name)
+    dlq_t = raw_topic(app, dlq_name)
     outcomes_t = raw_topic(app, topics.outcomes)
     feedback_t = raw_topic(app, topics.feedback)
     fmt = settings.wire_format
@@ -82,7 +122,8 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
             metrics.BATCH_SIZE.observe(len(events))
             batch = [RawRecord(ev.message.key, ev.message.value, ev.message.topic,
                                ev.message.partition, ev.message.offset) for ev in events]
-            decided = await with_retry("decide", lambda b=batch: service.on_telemetry(b), app)
+            decided = await decide_batch(service, batch, app,
+                                         settings.worker.processing_attempts)
             await publish(decided)
 
     @app.agent(outcomes_t)

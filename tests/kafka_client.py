@@ -18,13 +18,17 @@ def produce(
     topic: str,
     records: Iterable[dict | bytes],
     key: Callable[[dict], str] | None = None,
+    partition: int | None = None,
 ) -> int:
+    """Produce ``records``; ``partition`` places them all in one partition, whatever
+    their keys."""
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
     n = 0
+    where = {} if partition is None else {"partition": partition}
     for r in records:
         value = r if isinstance(r, bytes) else json.dumps(r).encode()
         k = key(r).encode() if key and isinstance(r, dict) else None
-        p.produce(topic, value=value, key=k)
+        p.produce(topic, value=value, key=k, **where)
         n += 1
         if n % 1000 == 0:
             p.poll(0)

@@ -131,7 +131,8 @@ def test_malformed_records_go_to_dlq_and_good_ones_still_flow(loop):
         json.dumps({"entity": "x" * 5000, "metric": "m", "value": 1, "ts": 1}).encode(),
     ]
     good = series("it-after-bad", "latency_ms", normal(10, seed=3))
-    produce(kafka, f"{prefix}.telemetry", [*bad, *good])
+    produce(kafka, f"{prefix}.telemetry", bad)
+    produce(kafka, f"{prefix}.telemetry", good, key=lambda r: r["entity"])
 
     dead = read_topic(
         kafka, f"{prefix}.telemetry.dlq", timeout_s=60, until=lambda rs: len(rs) >= len(bad)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import logging
 import shutil
 import ssl
 import subprocess
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from ia.cli import main
 from ia.core.errors import ConfigError
-from ia.core.kafka import client_config, faust_app_options
+from ia.core.kafka import LIBRDKAFKA_LOG, client_config, faust_app_options
 from ia.core.settings import KafkaSettings, Settings, load
 from ia.streams.app import make_app
 
@@ -123,9 +124,22 @@ def test_the_password_can_come_from_a_file(tmp_path: Path) -> None:
 
 def test_client_settings_lie_over_the_connection() -> None:
     assert client_config(kafka_of(SCRAM), {"linger.ms": 5, "acks": "all"}) == {
-        **kafka_of(SCRAM).librdkafka(), "linger.ms": 5, "acks": "all"}
+        **kafka_of(SCRAM).librdkafka(), "logger": LIBRDKAFKA_LOG, "linger.ms": 5,
+        "acks": "all"}
     assert client_config("h:1") == {"bootstrap.servers": "h:1",
-                                    "security.protocol": "PLAINTEXT"}
+                                    "security.protocol": "PLAINTEXT",
+                                    "logger": LIBRDKAFKA_LOG}
+
+
+def test_librdkafka_noise_is_summarised(caplog: pytest.LogCaptureFixture) -> None:
+    noise = "[thrd:127.0.0.1:9/bootstrap]: 127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 " \
+            "failed: Connection refused (after {}ms in state CONNECT)"
+    with caplog.at_level(logging.WARNING, logger="ia.kafka"):
+        for i in range(300):
+            LIBRDKAFKA_LOG.error(noise.format(i))
+        LIBRDKAFKA_LOG.error("[thrd:main]: another kind of message")
+    assert [r.getMessage()[:40] for r in caplog.records] == [
+        "librdkafka: [thrd:127.0.0.1:9/bootstrap]", "librdkafka: [thrd:main]: another kind of"]
 
 
 @pytest.mark.parametrize("env", [SCRAM, {**SCRAM, "IA_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"},

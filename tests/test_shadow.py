@@ -23,6 +23,7 @@ from ia.offline.backtest import Row
 from ia.offline.shadow import shadow_settings
 from ia.offline.topic_slice import SliceSpec, read_slice
 from ia.schemas.models import Action, Decision, Mode, ModelInfo
+from ia.streams.worker import output_topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
 
@@ -69,6 +70,14 @@ def test_shadow_settings_are_namespaced() -> None:
     assert (s.worker.app_id, s.redis.prefix) == ("ia-pipeline-shadow", "ia.shadow")
     assert s.topics.decisions_shadow == "ia.decisions.shadow"
     assert s.topics.decisions_shadow not in s.topics.all()
+
+
+def test_a_shadow_worker_writes_its_dead_letters_to_a_topic_of_its_own() -> None:
+    topics = Topics("ia")
+    assert output_topics(topics, shadow=False) == ("ia.decisions", "ia.telemetry.dlq")
+    assert output_topics(topics, shadow=True) == ("ia.decisions.shadow",
+                                                  "ia.telemetry.dlq.shadow")
+    assert topics.dlq_shadow not in topics.all()
 
 
 @pytest.fixture
@@ -181,9 +190,16 @@ def test_shadow_runs_beside_production_and_never_acts(infra, redis_client, topic
             values = [*normal(60, seed=1), 400.0]
             produce(infra.kafka, topics.telemetry, series("sh-web-1", "latency_ms", values),
                     key=lambda r: r["entity"])
-            # The shadow worker creates its topic (no actuator ever subscribes to it).
+            produce(infra.kafka, topics.telemetry, [b"{not json"])
+            # The shadow worker creates its topics (no actuator ever subscribes to them).
             wait_until(lambda: topic_exists(infra.kafka, topics.decisions_shadow), 60,
                        f"the shadow topic\n{procs[2].tail()}")
+            # Each worker has its own dead letter of the bad record: none is a twin.
+            wait_until(lambda: topic_exists(infra.kafka, topics.dlq_shadow)
+                       and count(infra.kafka, topics.dlq_shadow) == 1, 60,
+                       f"the shadow's dead letter\n{procs[2].tail()}")
+            wait_until(lambda: count(infra.kafka, topics.dlq) == 1, 60,
+                       f"production's dead letter\n{procs[0].tail()}")
             shadow = read_topic(infra.kafka, topics.decisions_shadow, timeout_s=120,
                                 until=lambda rs: len(rs) >= len(values))
             production = read_topic(infra.kafka, topics.decisions, timeout_s=60,
@@ -199,6 +215,7 @@ def test_shadow_runs_beside_production_and_never_acts(infra, redis_client, topic
                                                             for d in production}
             time.sleep(3.0)  # time for an actuator to act, were it fed
             assert sum(sink.calls.values()) == 0
+            assert count(infra.kafka, topics.dlq) == 1
             assert count(infra.kafka, topics.outcomes) == 0
             # The candidate's state and guard claims live in its own namespace.
             assert list(redis_client.scan_iter(match=f"{prefix}.shadow:claim:*"))

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from pathlib import Path
 
-from ia.schemas.models import DeadLetter, TelemetryEvent
-from ia.schemas.validation import MAX_FUTURE_SKEW_MS, validate_record
+from ia.schemas.models import REJECT_REASONS, DeadLetter, TelemetryEvent
+from ia.schemas.serde import DECODE_REASONS
+from ia.schemas.validation import MAX_FUTURE_SKEW_MS, key_mismatch, validate_record
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 NOW = 1_800_000_000_000
 
@@ -45,3 +50,19 @@ def test_original_bytes_are_capped() -> None:
     dead = check(b"{" * 200_000)
     assert isinstance(dead, DeadLetter)
     assert len(base64.b64decode(dead.original_b64)) == 64 * 1024
+
+
+def test_the_key_must_be_the_entity() -> None:
+    ev = TelemetryEvent(entity="web-1", metric="m", value=1.0, ts=1)
+    assert key_mismatch(b"web-1", ev) is None
+    assert "no key" in (key_mismatch(None, ev) or "")
+    assert "'web-2' is not the entity 'web-1'" in (key_mismatch(b"web-2", ev) or "")
+    assert "\\xff" in (key_mismatch(b"\xff" * 500, ev) or "")  # shown, and clipped
+    assert len(key_mismatch(b"x" * 10_000, ev) or "") < 400
+
+
+def test_every_dead_letter_reason_is_documented_in_the_readme() -> None:
+    """DLQ readers and dashboards match on reasons: each one the code can give is listed."""
+    section = README.split("**DeadLetter** `reason`s", 1)[1].split("\n\n**", 1)[0]
+    documented = set(re.findall(r"`([a-z0-9_]+)`", section))
+    assert DECODE_REASONS | set(REJECT_REASONS) <= documented

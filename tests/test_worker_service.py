@@ -8,12 +8,14 @@ process uses.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import uuid
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from ia.core import metrics
 from ia.core.clock import now_ms
@@ -67,23 +69,27 @@ TOPIC = "t.telemetry"
 class Worker:
     """A service on memory stores, with its parts at hand for the assertions."""
 
-    def __init__(self, shadow: bool = False) -> None:
+    def __init__(self, shadow: bool = False, max_metrics_per_entity: int | None = None,
+                 features: MemoryFeatureStore | None = None) -> None:
         policy = Policy.from_text(POLICY)
-        self.features = MemoryFeatureStore()
+        self.features = features or MemoryFeatureStore()
         self.models = MemoryModelStore()
         # One score per spike: the detector's alert suppression is tested elsewhere.
         engine = DecisionEngine(lambda: policy, self.features, MemoryGuardStore(),
-                                detector=AdaptiveDetector(DetectorConfig(suppress_samples=0)))
+                                detector=PoisonableDetector(DetectorConfig(suppress_samples=0)))
         learner = FeedbackLearner(MemoryDecisionMemory(), self.features, self.models)
-        self.service = WorkerService(WorkerParts(engine, self.features, learner, "json", shadow))
+        self.service = WorkerService(WorkerParts(engine, self.features, learner, "json", shadow,
+                                                 max_metrics_per_entity))
         self._offset = 0
 
     def records(self, events: list[TelemetryEvent | bytes | None]) -> list[RawRecord]:
-        """Raw records at the next offsets of partition 0 (bytes and None as they are)."""
+        """Raw records at the next offsets of partition 0 (bytes and None as they are),
+        events keyed by their entity as producers must."""
         out = []
         for ev in events:
             value = encode(ev, "json") if isinstance(ev, TelemetryEvent) else ev
-            out.append(RawRecord(b"k", value, TOPIC, 0, self._offset))
+            key = ev.entity.encode() if isinstance(ev, TelemetryEvent) else b"k"
+            out.append(RawRecord(key, value, TOPIC, 0, self._offset))
             self._offset += 1
         return out
 
@@ -95,6 +101,26 @@ class Worker:
 
     async def model_version(self) -> int:
         return await self.models.version(MODEL_NAME)
+
+
+POISON = 666.0
+
+
+class PoisonableDetector(AdaptiveDetector):
+    """The real detector, except that it raises for one value: a valid event that the
+    decision code cannot handle (a bug that only some input reaches)."""
+
+    def score(self, st, value, ts):  # type: ignore[no-untyped-def]
+        if value == POISON:
+            raise ZeroDivisionError("the poison value")
+        return super().score(st, value, ts)
+
+
+class UnavailableFeatureStore(MemoryFeatureStore):
+    """A feature store whose Redis is away: every load fails as redis-py reports it."""
+
+    async def load(self, entities):  # type: ignore[no-untyped-def]
+        raise redis.exceptions.ConnectionError("Connection refused")
 
 
 def normal(entity: str, n: int, start: int, seed: int = 1) -> list[TelemetryEvent]:
@@ -145,6 +171,76 @@ async def test_invalid_records_become_dead_letters_and_the_rest_is_decided_in_or
                        5: "empty_record"}
     assert all(key == b"k" and dl.source_topic == TOPIC and dl.error
                for key, dl in decided.dead_letters)
+
+
+async def test_a_poison_event_goes_to_the_dlq_and_the_rest_of_its_batch_is_decided() -> None:
+    worker = Worker()
+    good = normal("svc-a", 6, now_ms() - 10 * STEP_MS)
+    poison = good[3].model_copy(update={"value": POISON, "event_id": "poison"})
+    batch = worker.records([*good[:3], poison, *good[3:]])
+    with pytest.raises(ZeroDivisionError):
+        await worker.service.on_telemetry(batch)
+
+    decided = await worker.service.isolate(batch)
+    assert [d.event_id for d in decided.decisions] == [ev.event_id for ev in good]
+    ((key, dead),) = decided.dead_letters
+    assert (key, dead.reason, dead.source_offset) == (b"svc-a", "processing_error", 3)
+    assert dead.error.startswith("ZeroDivisionError: the poison value")
+    assert "test_worker_service.py" in dead.error and " in score" in dead.error  # the stack
+    assert json.loads(base64.b64decode(dead.original_b64))["event_id"] == "poison"
+    # Isolated, the good events got the decisions the batch would have given them.
+    fresh = Worker()
+    again = await fresh.service.on_telemetry(fresh.records(good))
+    assert [d.model_dump(exclude={"decided_at"}) for d in again.decisions] == \
+        [d.model_dump(exclude={"decided_at"}) for d in decided.decisions]
+
+
+async def test_isolating_a_batch_while_redis_is_away_raises_and_sends_nothing_to_the_dlq(
+) -> None:
+    worker = Worker(features=UnavailableFeatureStore())
+    batch = worker.records(normal("svc-a", 4, now_ms() - 10 * STEP_MS))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await worker.service.isolate(batch)
+
+
+async def test_a_record_keyed_by_another_entity_goes_to_the_dlq() -> None:
+    worker = Worker()
+    good, other, unkeyed = normal("svc-a", 3, now_ms() - 10 * STEP_MS)
+    batch = worker.records([good, other, unkeyed])
+    batch[1] = RawRecord(b"svc-b", *(getattr(batch[1], f) for f in
+                                     ("value", "topic", "partition", "offset")))
+    batch[2] = RawRecord(None, *(getattr(batch[2], f) for f in
+                                 ("value", "topic", "partition", "offset")))
+    decided = await worker.service.on_telemetry(batch)
+    assert [d.event_id for d in decided.decisions] == [good.event_id]
+    reasons = {dl.source_offset: (key, dl.reason) for key, dl in decided.dead_letters}
+    assert reasons == {1: (b"svc-b", "key_mismatch"), 2: (None, "key_mismatch")}
+    errors = [dl.error for _, dl in decided.dead_letters]
+    assert "svc-b" in errors[0] and "svc-a" in errors[0] and "no key" in errors[1]
+
+
+async def test_new_metrics_beyond_the_cap_of_an_entity_go_to_the_dlq() -> None:
+    worker = Worker(max_metrics_per_entity=2)
+    ts = now_ms() - 10 * STEP_MS
+
+    def sample(entity: str, metric: str, i: int) -> TelemetryEvent:
+        return TelemetryEvent(entity=entity, metric=metric, value=1.0, ts=ts + i)
+
+    first = [sample("svc-a", "m1", 0), sample("svc-a", "m2", 1), sample("svc-a", "m3", 2),
+             sample("svc-b", "m3", 3)]
+    decided = await worker.decide(first)
+    assert [(d.entity, d.metric) for d in decided.decisions] == \
+        [("svc-a", "m1"), ("svc-a", "m2"), ("svc-b", "m3")]
+    ((key, dead),) = decided.dead_letters
+    assert (key, dead.reason, dead.source_offset) == (b"svc-a", "too_many_metrics", 2)
+    assert "m3" in dead.error and "2" in dead.error
+    # Known metrics keep flowing; a new one is refused in later batches too (the cap
+    # is counted on the stored state); a deploy event is no metric and always passes.
+    deploy = TelemetryEvent(entity="svc-a", metric="deploy", value=1.0, ts=ts + 6,
+                            kind="event")
+    later = await worker.decide([sample("svc-a", "m2", 4), sample("svc-a", "m4", 5), deploy])
+    assert [d.metric for d in later.decisions] == ["m2", "deploy"]
+    assert [dl.reason for _, dl in later.dead_letters] == ["too_many_metrics"]
 
 
 async def test_a_redelivered_batch_gets_its_original_decisions_back() -> None:

@@ -334,10 +334,10 @@ class Bench:
                                   "webhook_calls": self.sink.count, **_percentiles(lat)}
 
     def phase_scale(self) -> None:
-        import redis
+        from ia.core.redis import sync_client
 
         o = self.opts
-        client = redis.Redis.from_url(self.infra.redis_url)
+        client = sync_client(self.infra.redis_url)
         points = {}
         try:
             for entities in o.scale:

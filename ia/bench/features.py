@@ -337,10 +337,10 @@ def redis_url_for_bench(url: str | None):
 
 
 def run_bench(url: str | None, opts: BenchOptions) -> dict[str, Any]:
-    import redis.asyncio as aioredis
+    from ia.core.redis import client as redis_client
 
     async def main(address: str) -> dict[str, Any]:
-        client = aioredis.from_url(address, decode_responses=False)
+        client = redis_client(address)
         try:
             info = await client.info("server")
             out = await run(client, opts)

@@ -19,12 +19,10 @@ def settings(**overrides: object) -> Settings:
 
 
 def redis_client(s: Settings) -> Any:
-    """An asyncio Redis client for ``s.redis.url``; :class:`ConfigError` if it is unset."""
-    import redis.asyncio as aioredis
+    """An asyncio Redis client for ``s.redis``; :class:`ConfigError` if no URL is set."""
+    from ia.core.redis import client
 
-    if not s.redis.url:
-        raise ConfigError('REDIS_URL must be set (eval "$(ia up)" starts one)')
-    return aioredis.from_url(s.redis.url, decode_responses=False)
+    return client(s.redis)
 
 
 def when(ms: int | None) -> str:

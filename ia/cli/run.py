@@ -18,7 +18,8 @@ from ia.cli.common import settings
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics on this port.")
 @click.option("--shadow", is_flag=True,
               help="Run --policy as a shadow candidate (own group and Redis namespace, "
-                   "decisions only to <prefix>.decisions.shadow; see `ia shadow`).")
+                   "decisions only to <prefix>.decisions.shadow, dead letters to "
+                   "<prefix>.telemetry.dlq.shadow; see `ia shadow`).")
 def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> None:
     """Run the pipeline: telemetry -> features -> model -> policy -> decisions."""
     from ia.streams.app import run_faust
@@ -33,7 +34,8 @@ def worker(policy_file: Path | None, metrics_port: int | None, shadow: bool) -> 
             raise click.UsageError("--shadow needs --policy CANDIDATE")
         s = shadow_settings(s)
         s.require_endpoints()
-        ensure_topics(s.kafka, [s.topics.decisions_shadow], s.topic_partitions)
+        ensure_topics(s.kafka, [s.topics.decisions_shadow, s.topics.dlq_shadow],
+                      s.topic_partitions)
     run_faust(build_worker(s, shadow=shadow), s)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -41,10 +42,35 @@ def kafka_settings(kafka: Brokers) -> KafkaSettings:
     return kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(bootstrap_servers=kafka)
 
 
+class _Summarised(logging.Logger):
+    """librdkafka's log, once per kind of message a minute: an unreachable broker is
+    otherwise logged every second per connection, hundreds of lines that hide the one
+    error that matters. Forwarded to the ``ia.kafka`` logger."""
+
+    EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        super().__init__("ia.kafka.librdkafka", logging.DEBUG)
+        self.propagate = False
+        self._last: dict[str, float] = {}
+        self._out = logging.getLogger("ia.kafka")
+
+    def handle(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        kind = re.sub(r"\d+", "#", message.split("]: ", 1)[-1])[:120]
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.EVERY_S) >= self.EVERY_S:
+            self._last[kind] = now
+            self._out.log(record.levelno, "librdkafka: %s", message)
+
+
+LIBRDKAFKA_LOG = _Summarised()
+
+
 def client_config(kafka: Brokers, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A librdkafka configuration: the connection of ``kafka`` and the client's own
-    ``config``."""
-    return {**kafka_settings(kafka).librdkafka(), **(config or {})}
+    ``config``; the client's log is summarised (:class:`_Summarised`)."""
+    return {**kafka_settings(kafka).librdkafka(), "logger": LIBRDKAFKA_LOG, **(config or {})}
 
 
 def producer(kafka: Brokers, config: Mapping[str, Any] | None = None) -> Producer:

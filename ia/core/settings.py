@@ -51,9 +51,10 @@ class Topics:
         self.feedback = f"{prefix}.feedback"
         self.dlq = f"{prefix}.telemetry.dlq"
         self.approvals = f"{prefix}.approvals"
-        # Decisions of a shadow candidate (`ia worker --shadow`). No actuator reads it,
-        # and it is not in all(): only the shadow worker creates it.
+        # Decisions and dead letters of a shadow candidate (`ia worker --shadow`). No
+        # actuator reads them, and they are not in all(): only the shadow worker creates them.
         self.decisions_shadow = f"{prefix}.decisions.shadow"
+        self.dlq_shadow = f"{prefix}.telemetry.dlq.shadow"
 
     def all(self) -> list[str]:
         return [self.telemetry, self.decisions, self.outcomes, self.feedback, self.dlq,
@@ -249,8 +250,27 @@ class KafkaSettings(_Group):
 
 
 class RedisSettings(_Group):
+    """Where Redis is and how long a client waits for it (:mod:`ia.core.redis` makes
+    every client from these settings)."""
+
     url: str | None = Field(default=None, description="redis://host:port/db of the state store")
     prefix: str = Field(default="ia", description="prefix of every Redis key")
+    socket_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="longest a Redis command waits for its reply; a hung Redis then fails "
+                    "the step, which is retried, instead of blocking it for ever")
+    connect_timeout_s: float = Field(default=5.0, gt=0,
+                                     description="longest a connection to Redis takes to open")
+    health_check_interval_s: float = Field(
+        default=30.0, ge=0,
+        description="a connection idle this long is checked with PING before it is used "
+                    "again (a dead connection is replaced, not failed on); 0: never")
+    retries: int = Field(
+        default=1, ge=0,
+        description="retries (exponential backoff) of a Redis command that timed out or lost "
+                    "its connection, before the step fails and is retried as a whole; a hung "
+                    "Redis fails a command within (retries + 1)^2 x socket_timeout_s (the "
+                    "connection's handshake is retried too)")
 
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {"url": ("REDIS_URL", "IA_REDIS_URL")}
     ENV_PREFIX: ClassVar[str] = "IA_REDIS_"
@@ -261,6 +281,14 @@ class WorkerSettings(_Group):
     batch_size: int = Field(default=500, ge=1, description="events per batch")
     batch_within_s: float = Field(default=0.02, gt=0,
                                   description="how long to wait to fill a batch")
+    processing_attempts: int = Field(
+        default=3, ge=1,
+        description="attempts of a batch whose decision code fails (not Redis or the broker) "
+                    "before its failing records go to the DLQ as processing_error")
+    max_metrics_per_entity: int = Field(
+        default=256, ge=1,
+        description="metrics one entity may have (every batch loads all of its entity's "
+                    "state); samples of further metrics go to the DLQ as too_many_metrics")
 
 
 class ActuatorSettings(_Group):

@@ -195,9 +195,9 @@ def build_api(desk: ApprovalDesk, tokens: dict[str, str]) -> web.Application:
 
 def serve(settings, host: str | None = None, port: int | None = None) -> None:
     """``ia api``: serve until interrupted."""
-    import redis.asyncio as aioredis
+    from ia.core.redis import client as redis_client
 
-    _, redis_url = settings.require_endpoints()
+    settings.require_endpoints()
     tokens = load_tokens(
         settings.api.token.get_secret_value() if settings.api.token else None,
         settings.api.token_file)
@@ -205,7 +205,7 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
         raise ConfigError("no API token: set IA_API_TOKEN or IA_API_TOKEN_FILE")
 
     async def make() -> web.Application:
-        client = aioredis.from_url(redis_url, decode_responses=False)
+        client = redis_client(settings.redis)
         publish, close = kafka_publisher(settings.kafka, settings.topics.approvals,
                                          settings.wire_format)
         app = build_api(ApprovalDesk(ApprovalStore(client, settings.redis.prefix), publish),

@@ -200,9 +200,11 @@ def broker_healthy(bootstrap: str, timeout: float = 2.0) -> bool:
 
 def redis_healthy(url: str, timeout: float = 2.0) -> bool:
     """True if the Redis server at ``url`` answers PING."""
-    import redis
+    from ia.core.redis import sync_client
+    from ia.core.settings import RedisSettings
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = sync_client(RedisSettings(url=url, socket_timeout_s=timeout,
+                                       connect_timeout_s=timeout, retries=0))
     try:
         return bool(client.ping())
     except Exception:
