@@ -20,6 +20,11 @@ STAGE_SECONDS = Histogram(
 EVENT_TO_DECISION = Histogram(
     "ia_event_to_decision_seconds", "Event time to decision publication",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+# Live consumers (ia.core.gaps): offset gaps opened in a partition and how each ended:
+# refetched (the skipped records came on a re-fetch) or accepted (no record behind it).
+OFFSET_GAPS = Counter("ia_offset_gaps_total",
+                      "Offset gaps a live consumer found in a partition, by outcome",
+                      ["topic", "outcome"])
 BATCH_SIZE = Histogram("ia_batch_size", "Events per processed batch",
                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
 # Feature store (ia.features.enrich): samples at or before their series' watermark --
