@@ -105,3 +105,15 @@ def test_partitions_are_tracked_apart_and_forget_drops_one():
     guard.forget(T, 1)
     assert guard.open_gaps() == {}
     assert _delivered(guard, [9], partition=1) == [9], "a forgotten partition starts afresh"
+
+
+def test_track_starts_a_partition_once_and_leaves_a_tracked_one_alone():
+    guard, seeks, _ = _guard()
+    guard.track(T, 0, 5)
+    guard.track(T, 0, 9)  # a later position of the same reading: no new start
+    assert _delivered(guard, [5, 6]) == [5, 6]
+    guard.track(T, 0, 0)
+    assert _delivered(guard, [7]) == [7] and seeks == []
+    guard.forget(T, 0)
+    guard.track(T, 0, 3)
+    assert _delivered(guard, [4]) == [] and seeks == [(T, 0, 3)]
