@@ -99,10 +99,15 @@ class GapGuardedConsumerThread(driver.AIOKafkaConsumerThread):
         return known
 
     def _admitted(self, records: RecordMap) -> RecordMap:
-        admit = self.gaps.admit
+        guard = self.gaps
         out: dict[TP, list[Any]] = {}
         for tp, batch in records.items():
-            kept = [r for r in batch if admit(tp.topic, tp.partition, r.offset)]
+            first, n = batch[0].offset, len(batch)
+            if batch[-1].offset - first == n - 1 and guard.admit_run(tp.topic, tp.partition,
+                                                                     first, n):
+                out[tp] = batch
+                continue
+            kept = [r for r in batch if guard.admit(tp.topic, tp.partition, r.offset)]
             if kept:
                 out[tp] = kept
         return out
