@@ -3,6 +3,7 @@ follows Faust's own seeks (no broker: a scripted aiokafka consumer stands in).""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from types import SimpleNamespace
 
@@ -118,6 +119,17 @@ async def test_faust_seek_wait_moves_the_guard_with_the_consumer():
     thread, consumer = _thread({P0: 0})
     await _fetch(thread, consumer, {P0: [0, 1, 2]})
     await thread._seek_wait(consumer, {P0: 1})  # type: ignore[arg-type]
+    assert await _fetch(thread, consumer, {P0: [1, 2, 3]}) == {0: [1, 2, 3]}
+
+
+async def test_a_seek_from_fausts_loop_moves_the_guard_on_the_consumers_loop():
+    thread, consumer = _thread({P0: 0})
+    thread.thread_loop.close()
+    thread.thread_loop = asyncio.get_running_loop()  # the consumer thread's loop, here
+    await _fetch(thread, consumer, {P0: [0, 1, 2]})
+    thread.seek(P0, 1)
+    await asyncio.sleep(0)
+    assert consumer.seeks == [(0, 1)]
     assert await _fetch(thread, consumer, {P0: [1, 2, 3]}) == {0: [1, 2, 3]}
 
 
