@@ -18,7 +18,8 @@ it. Both outcomes are logged, counted in :class:`GapStats` and in the
 ``ia_offset_gaps_total`` metric (outcomes ``opened``, ``refetched``, ``accepted``).
 
 The guard does not read from Kafka itself: ``seek`` is a callable, so it serves any
-client (:func:`seeker` binds it to a confluent-kafka consumer).
+client (:func:`seeker` binds it to a confluent-kafka consumer; the Faust apps' consumer
+thread, :mod:`ia.streams.consumer`, to its aiokafka consumer).
 """
 
 from __future__ import annotations
