@@ -18,36 +18,11 @@ from ia.core.metrics import RETRIES
 from ia.core.redis import UNAVAILABLE
 from ia.core.settings import Settings
 from ia.schemas.serde import DecodeError, decode
+from ia.streams.consumer import use_gap_guarded_consumer
 
 log = logging.getLogger("ia.streams")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-def _use_fetch_max_wait(app: faust.App, seconds: float) -> None:
-    """Make the app's Kafka consumer wait at most ``seconds`` for data per fetch.
-
-    Faust hard-codes 1.5 s, and a broker that answers a fetch only when that
-    wait expires (tansu does) then holds every record that arrives meanwhile
-    for up to 1.5 s.  A short wait costs a few idle fetches and bounds latency.
-    """
-    from faust.transport.drivers import aiokafka as driver
-
-    app.ia_fetch_max_wait_ms = max(1, round(seconds * 1000))  # type: ignore[attr-defined]
-    cls = driver.AIOKafkaConsumerThread
-    if getattr(cls, "_ia_fetch_wait_patched", False):
-        return
-    create = cls._create_worker_consumer
-
-    def create_worker_consumer(self, transport):  # type: ignore[no-untyped-def]
-        consumer = create(self, transport)
-        wait_ms = getattr(self.app, "ia_fetch_max_wait_ms", None)
-        if wait_ms is not None:
-            consumer._fetch_max_wait_ms = wait_ms
-        return consumer
-
-    cls._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
-    cls._ia_fetch_wait_patched = True  # type: ignore[attr-defined]
 
 
 def make_app(settings: Settings, app_id: str) -> faust.App:
@@ -69,7 +44,7 @@ def make_app(settings: Settings, app_id: str) -> faust.App:
         # Room for a whole batch of decisions per partition in one record batch.
         producer_max_batch_size=256 * 1024,
     )
-    _use_fetch_max_wait(app, settings.kafka.fetch_max_wait_s)
+    use_gap_guarded_consumer(app, settings.kafka.fetch_max_wait_s)
     return app
 
 

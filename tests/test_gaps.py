@@ -105,3 +105,28 @@ def test_partitions_are_tracked_apart_and_forget_drops_one():
     guard.forget(T, 1)
     assert guard.open_gaps() == {}
     assert _delivered(guard, [9], partition=1) == [9], "a forgotten partition starts afresh"
+
+
+def test_track_starts_a_partition_once_and_leaves_a_tracked_one_alone():
+    guard, seeks, _ = _guard()
+    guard.track(T, 0, 5)
+    guard.track(T, 0, 9)  # a later position of the same reading: no new start
+    assert _delivered(guard, [5, 6]) == [5, 6]
+    guard.track(T, 0, 0)
+    assert _delivered(guard, [7]) == [7] and seeks == []
+    guard.forget(T, 0)
+    guard.track(T, 0, 3)
+    assert _delivered(guard, [4]) == [] and seeks == [(T, 0, 3)]
+
+
+def test_a_run_from_the_next_offset_is_delivered_whole_and_any_other_run_is_refused():
+    guard, seeks, _ = _guard()
+    guard.expect(T, 0, 0)
+    assert guard.admit_run(T, 0, 0, 5)
+    assert not guard.admit_run(T, 0, 7, 3), "a run beyond the next offset is a gap"
+    assert not guard.admit_run(T, 0, 3, 3), "a run of duplicates"
+    assert not guard.admit_run(T, 1, 0, 3), "an untracked partition: record by record"
+    assert _delivered(guard, [5, 6]) == [5, 6] and seeks == []
+    assert _delivered(guard, [9]) == [] and seeks == [(T, 0, 7)]
+    assert not guard.admit_run(T, 0, 7, 3), "a gap is open: its records are judged one by one"
+    assert _delivered(guard, [7, 8, 9]) == [7, 8, 9] and guard.stats.refetched == 1

@@ -14,10 +14,12 @@ every ``retry_s`` (call :meth:`GapGuard.tick` from the poll loop: a partition ma
 have nothing more to deliver), until the missing record arrives (a *refetched* gap) or ``grace_s``
 has passed. A gap that outlives the grace is *accepted* (offsets that hold no record,
 e.g. transaction markers or compaction) and reading goes on from the first record after
-it. Both outcomes are logged and counted in :class:`GapStats`.
+it. Both outcomes are logged, counted in :class:`GapStats` and in the
+``ia_offset_gaps_total`` metric (outcomes ``opened``, ``refetched``, ``accepted``).
 
 The guard does not read from Kafka itself: ``seek`` is a callable, so it serves any
-client (:func:`seeker` binds it to a confluent-kafka consumer).
+client (:func:`seeker` binds it to a confluent-kafka consumer; the Faust apps' consumer
+thread, :mod:`ia.streams.consumer`, to its aiokafka consumer).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from ia.core.metrics import OFFSET_GAPS
 
 log = logging.getLogger("ia.gaps")
 
@@ -94,6 +98,12 @@ class GapGuard:
         self._next[(topic, partition)] = offset
         self._open.pop((topic, partition), None)
 
+    def track(self, topic: str, partition: int, offset: int) -> None:
+        """:meth:`expect` ``offset`` unless the partition is tracked already: a consumer's
+        position is where a partition's reading starts only before the guard has seen it."""
+        if (topic, partition) not in self._next:
+            self.expect(topic, partition, offset)
+
     def forget(self, topic: str, partition: int) -> None:
         """Stop tracking a partition (revoked): its next owner has its own guard."""
         self._next.pop((topic, partition), None)
@@ -120,12 +130,26 @@ class GapGuard:
             return False
         return self._beyond(tp, expected, offset)
 
+    def admit_run(self, topic: str, partition: int, first: int, count: int) -> bool:
+        """Deliver at once the records at offsets ``first .. first + count - 1`` (each of
+        them: a fetched batch without holes) if they start at the next expected offset and
+        no gap is open; otherwise deliver nothing and let :meth:`admit` judge each one.
+
+        The common case of a live read in one comparison instead of one call per record.
+        """
+        tp = (topic, partition)
+        if self._next.get(tp) != first or tp in self._open:
+            return False
+        self._next[tp] = first + count
+        return True
+
     def _beyond(self, tp: tuple[str, int], expected: int, offset: int) -> bool:
         now = self._clock()
         gap = self._open.get(tp)
         if gap is None:
             gap = self._open[tp] = _Gap(expected=expected, opened=now, lowest=offset)
             self.stats.gaps += 1
+            OFFSET_GAPS.labels(tp[0], "opened").inc()
             log.warning("offset gap in %s[%d]: expected %d, got %d; fetching again",
                         tp[0], tp[1], expected, offset)
         gap.lowest = min(gap.lowest, offset)
@@ -150,6 +174,7 @@ class GapGuard:
     def _close_refetched(self, tp: tuple[str, int]) -> None:
         gap = self._open.pop(tp)
         self.stats.refetched += 1
+        OFFSET_GAPS.labels(tp[0], "refetched").inc()
         log.warning("offset gap in %s[%d] at %d refetched after %.3fs", tp[0], tp[1],
                     gap.expected, self._clock() - gap.opened)
 
@@ -157,6 +182,7 @@ class GapGuard:
         del self._open[tp]
         self._next[tp] = offset + 1
         self.stats.accepted += 1
+        OFFSET_GAPS.labels(tp[0], "accepted").inc()
         self.stats.skipped_offsets += offset - gap.expected
         log.error("offset gap in %s[%d]: offsets %d..%d hold no record after %.1fs; "
                   "going on from %d", tp[0], tp[1], gap.expected, offset - 1, self.grace_s,

@@ -55,6 +55,11 @@ EVENT_TO_DECISION = _histogram(
     "Event-time lag: from the event's own timestamp to its decision's publication "
     "(includes producer delay and, for replayed history, its age)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+# Live consumers (ia.core.gaps): offset gaps opened in a partition and how each ended:
+# refetched (the skipped records came on a re-fetch) or accepted (no record behind it).
+OFFSET_GAPS = _counter("ia_offset_gaps_total",
+                       "Offset gaps a live consumer found in a partition, by outcome",
+                       ["topic", "outcome"])
 BATCH_SIZE = _histogram("ia_batch_size", "Events per processed batch",
                         buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
 # Feature store (ia.features.enrich): samples at or before their series' watermark --
@@ -76,12 +81,13 @@ AUDIT_HEAD_SEQ = _gauge("ia_audit_head_seq", "Sequence number of the audit chain
 
 FAMILIES: dict[Role, tuple[Collector, ...]] = {
     "worker": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, DECISIONS, GUARD_INTERVENTIONS, FEEDBACK,
-               RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE, FEATURE_LATE_EVENTS),
-    "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES),
+               RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE, FEATURE_LATE_EVENTS,
+               OFFSET_GAPS),
+    "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS),
     "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,
-              RETRIES),
+              RETRIES, OFFSET_GAPS),
     "api": (APPROVALS,),
-    "bench": (EVENTS_IN, EVENTS_OUT, BATCH_SIZE),
+    "bench": (EVENTS_IN, EVENTS_OUT, BATCH_SIZE, OFFSET_GAPS),
 }
 
 
