@@ -469,6 +469,15 @@ async def test_circuit_breaker_opens_probes_and_closes() -> None:
         assert (await guard(p, store, n=n, ts=T0 + 25_000 + n))[0] is Mode.auto
 
 
+async def test_interrupted_actions_open_the_breaker() -> None:
+    p, store = policy(BREAKER), MemoryGuardStore()
+    for n, at in ((1, T0), (2, T0 + 1000)):
+        assert (await guard(p, store, n=n, ts=at))[0] is Mode.auto
+        await record_outcome(store, _decision(n), "interrupted", at + 500)
+    mode, trace = await guard(p, store, n=3, ts=T0 + 2000)
+    assert mode is Mode.blocked and guard_lines(trace) == ["guard:circuit_breaker"]
+
+
 async def test_circuit_breaker_stale_probe_is_replaced() -> None:
     p, store = policy(BREAKER), MemoryGuardStore()
     for n in (1, 2):

@@ -20,7 +20,10 @@ from ia.decisions.guards.stores import ResultStore
 from ia.decisions.policy import CircuitBreaker, Policy, RuleGuards
 from ia.schemas.models import Decision, Mode
 
-FAILED_STATUSES = frozenset({"failed", "timeout", "verification_failed", "rolled_back"})
+# An interrupted action may or may not have run: for the breaker it counts as a failure
+# (stopping automation on a target whose actuator keeps dying is the safe side).
+FAILED_STATUSES = frozenset({"failed", "timeout", "interrupted", "verification_failed",
+                             "rolled_back"})
 OK_STATUSES = frozenset({"succeeded", "verified"})
 
 
