@@ -53,7 +53,7 @@ class PromotionLog:
         seq, last = 0, GENESIS
         for lineno, _offset, line, _complete in hashchain.read_lines(self.path):
             try:
-                fields, digest = hashchain.unseal(line)
+                fields, digest = hashchain.unseal(line, None)
             except SealError as exc:
                 problems.append(f"record {lineno}: {exc}")
                 seq, last = seq + 1, "?"  # keep counting; the next link cannot match
@@ -72,7 +72,7 @@ class PromotionLog:
         recs = self.records()
         body = {"seq": len(recs) + 1, "prev": recs[-1]["hash"] if recs else GENESIS,
                 "at": now_ms(), **entry}
-        line, digest = hashchain.seal(body)
+        line, digest = hashchain.seal(body, None)
         hashchain.append(self.path, line)
         return {**body, "hash": digest}
 
