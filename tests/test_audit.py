@@ -487,3 +487,119 @@ async def test_all_decisions_can_be_recorded_in_full(aredis, tmp_path: Path) -> 
     assert [r.kind for r in recs] == ["decision"] * 3
     assert w.completeness.stats(T0)["complete"] == 3
     await w.close()
+
+
+# --------------------------------------------------------------------------- Redis lost or away
+
+
+def _actions(first: int, n: int) -> list[SourceRecord]:
+    return [SourceRecord("decision", "p.decisions", 0, i, encode(_decision(i, True)))
+            for i in range(first, first + n)]
+
+
+@pytest.mark.integration
+async def test_writer_restarts_on_a_redis_that_lost_everything(aredis, tmp_path: Path) -> None:
+    """Finding 11.9: after ``ia down``/``ia up`` the embedded Redis has no head, no
+    offsets and no lease; the anchor beside the log carries the chain on."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(aredis, path, KEY, prefix=prefix)
+    await w.start()
+    first = await w.write(_actions(0, 4))
+    await w.close()
+    await aredis.delete(*[k async for k in aredis.scan_iter(f"{prefix}:*")])  # a fresh Redis
+
+    assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), None).ok
+    w2 = AuditWriter(aredis, path, KEY, prefix=prefix, owner="after-restart")
+    await w2.start()
+    assert w2.chain.head == first[-1].head
+    state = RedisAuditState(aredis, prefix)
+    assert (await state.heads())[0] == first[-1].head  # the Redis head is restored
+    # a fresh broker starts its offsets at 0 again: nothing is skipped
+    more = await w2.write(_actions(0, 2))
+    assert [r.seq for r in more] == [5, 6]
+    head, _ = await state.heads()
+    assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), head).ok
+    assert head == more[-1].head
+    await w2.close()
+
+
+@pytest.mark.integration
+async def test_writer_waits_out_a_redis_outage(tmp_path: Path) -> None:
+    """Finding 11.9: a Redis that goes away (and comes back empty, as the embedded
+    one does) neither stops the writer nor loses or doubles a record."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from ia.runtime.embedded import start_redis
+
+    svc = start_redis(tmp_path / "redis")
+    client = aioredis.from_url(svc.address)
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(client, path, KEY, prefix="p")
+    try:
+        await w.start()
+        await w.write(_actions(0, 3))
+        svc.stop()
+        with pytest.raises(RedisConnectionError):  # the agent retries this batch later
+            await w.write(_actions(3, 3))
+        with pytest.raises(RedisConnectionError):  # the timer logs this and tries again
+            await w.renew()
+        assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read()).ok
+        svc = start_redis(tmp_path / "redis", port=svc.port)  # back, with nothing in it
+        await w.renew()  # the vanished lease is taken again
+        retried = await w.write(_actions(3, 3))
+        assert [r.seq for r in retried] == [4, 5, 6]
+        assert await w.write(_actions(0, 6)) == []  # a redelivery is still recorded once
+        head, pending = await RedisAuditState(client, "p").heads()
+        assert head == retried[-1].head and pending is None
+        assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), head).ok
+        assert [r.id for r in find(path, "dc-4", KEY)] == ["dc-4"]
+    finally:
+        await client.aclose()
+        svc.stop()
+
+
+@pytest.mark.integration
+async def test_a_lease_taken_by_another_writer_stops_this_one(aredis, tmp_path: Path) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    w = AuditWriter(aredis, tmp_path / "audit.jsonl", KEY, prefix=prefix, owner="one")
+    await w.start()
+    await aredis.set(f"{prefix}:audit:lease", "two")
+    with pytest.raises(AuditError, match="another writer"):
+        await w.renew()
+
+
+@pytest.mark.integration
+async def test_reanchor_records_who_why_and_the_heads_it_replaces(aredis, tmp_path: Path
+                                                                   ) -> None:
+    """An unkeyed log whose Redis head was lost (the state ``ia down``/``ia up`` left
+    before this change) is refused by the writer until an operator re-anchors it."""
+    from ia.governance.audit_store import reanchor
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "audit.jsonl"
+    legacy_head = _write_legacy_log(path)
+    w = AuditWriter(aredis, path, KEY, prefix=prefix)
+    with pytest.raises(AuditError, match="ia audit reanchor"):
+        await w.start()
+    rec = await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="Redis restarted")
+    assert rec.kind == "reanchor" and rec.keyed and rec.seq == legacy_head.seq + 1
+    assert rec.data["by"] == "ann" and rec.data["reason"] == "Redis restarted"
+    assert rec.data["log_head"] == {"seq": legacy_head.seq, "hash": legacy_head.hash}
+    assert rec.data["anchor"] is None and rec.data["redis_head"] is None
+    assert rec.data["legacy_records"] == 4 and rec.data["key_id"] == KEY.id
+    head, _ = await RedisAuditState(aredis, prefix).heads()
+    assert head == rec.head
+    assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), head).ok
+    with pytest.raises(AuditError, match="nothing to re-anchor"):
+        await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="again")
+    await w.start()  # the writer extends the re-anchored chain
+    assert w.chain.head == rec.head and w.completeness.stats(T0)["overdue"] == 0
+    with pytest.raises(AuditError, match="writer holds the lease"):
+        await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="busy")
+    await w.close()
+    # a changed record is never re-anchored away
+    path.write_bytes(path.read_bytes().replace(b'"dc-1"}', b'"dc-7"}', 1))
+    with pytest.raises(AuditError, match="broken"):
+        await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="cover up")
