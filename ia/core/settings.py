@@ -310,7 +310,7 @@ class AuditSettings(_Group):
     key_file: Path | None = Field(
         default=None,
         description="file of the audit chain's HMAC key "
-                    "(default <run_dir>/secrets/<prefix>.audit.key, created by the writer)")
+                    "(default <run_dir>/keys/<prefix>.audit.key, created by the writer)")
 
     ENV_PREFIX: ClassVar[str] = "IA_AUDIT_"
 
@@ -392,7 +392,7 @@ class Settings(BaseSettings):
     @property
     def audit_key_file(self) -> Path:
         """Where the audit chain's key is read from when ``IA_AUDIT_KEY`` is unset."""
-        return self.audit.key_file or self.run_dir / "secrets" / f"{self.topic_prefix}.audit.key"
+        return self.audit.key_file or self.run_dir / "keys" / f"{self.topic_prefix}.audit.key"
 
     def require_endpoints(self) -> tuple[str, str]:
         """The Kafka bootstrap servers and the Redis URL; :class:`ConfigError` if unset."""

@@ -121,7 +121,7 @@ class Record:
 
 def load_key(s: Settings, *, create: bool = False) -> ChainKey:
     """The audit key: ``IA_AUDIT_KEY``, else the file ``IA_AUDIT_KEY_FILE`` (default
-    ``<IA_RUN_DIR>/secrets/<prefix>.audit.key``).
+    ``<IA_RUN_DIR>/keys/<prefix>.audit.key``).
 
     ``create`` (the writer) generates a missing key file, ``0600``; readers never
     do, since a fresh key cannot check records sealed with the lost one.
