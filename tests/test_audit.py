@@ -603,3 +603,31 @@ async def test_reanchor_records_who_why_and_the_heads_it_replaces(aredis, tmp_pa
     path.write_bytes(path.read_bytes().replace(b'"dc-1"}', b'"dc-7"}', 1))
     with pytest.raises(AuditError, match="broken"):
         await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="cover up")
+
+
+@pytest.mark.integration
+def test_cli_reanchors_a_legacy_log_whose_redis_head_was_lost(infra, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ia.cli import main
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "audit" / f"{prefix}.audit.jsonl"
+    path.parent.mkdir()
+    _write_legacy_log(path)
+    (tmp_path / "key").write_bytes(KEY.secret)
+    env = {"REDIS_URL": infra.redis_url, "IA_TOPIC_PREFIX": prefix, "IA_REDIS_PREFIX": prefix,
+           "IA_AUDIT_DIR": str(path.parent), "IA_AUDIT_KEY_FILE": str(tmp_path / "key")}
+
+    def ia(*args: str):
+        return CliRunner().invoke(main, ["audit", *args], env=env)
+
+    assert ia("verify").exit_code == 1
+    legacy = ia("verify", "--legacy")
+    assert legacy.exit_code == 1 and "ia audit reanchor" in legacy.output
+    done = ia("reanchor", "--by", "ann", "--reason", "Redis restarted")
+    assert done.exit_code == 0, done.output
+    assert "record 5 vouches for the log up to seq 4" in done.output
+    ok = ia("verify")
+    assert ok.exit_code == 0 and "first 4 records unkeyed" in ok.output, ok.output
+    assert parse(path.read_bytes().splitlines()[-1], KEY).kind == "reanchor"

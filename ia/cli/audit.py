@@ -83,10 +83,10 @@ def audit_verify(log_file: Path | None, no_head: bool, legacy: bool, as_json: bo
     if as_json:
         click.echo(json.dumps(report))
     elif result.ok:
-        kind = "keyed chain" if not result.legacy else (
-            f"keyed chain, {result.legacy} legacy unkeyed record(s) first" if result.keyed
-            else "UNKEYED (legacy) chain")
-        click.echo(f"ok: {path}: {result.records} records, {kind} intact, head seq "
+        kind = "keyed chain intact" if not result.legacy else (
+            f"keyed chain intact (its first {result.legacy} records unkeyed, legacy)"
+            if result.keyed else "UNKEYED (legacy) chain intact")
+        click.echo(f"ok: {path}: {result.records} records, {kind}, head seq "
                    f"{result.last.seq}" + ("" if not no_head else " (head not checked)"))
         for note in result.notes:
             click.echo(f"  note: {note}")
@@ -122,10 +122,14 @@ def audit_reanchor(by: str, reason: str, log_file: Path | None) -> None:
             await client.aclose()
 
     rec = asyncio.run(run())
-    found = rec.data["anchor"] or rec.data["anchor_problem"] or "none"
-    click.echo(f"re-anchored {path} at seq {rec.seq} (vouching for seq "
-               f"{rec.data['log_head']['seq']}; anchor found: {found}; Redis head found: "
-               f"{rec.data['redis_head'] or 'none'})")
+    anchor = rec.data["anchor_problem"] or _seq(rec.data["anchor"])
+    click.echo(f"re-anchored {path}: record {rec.seq} vouches for the log up to seq "
+               f"{rec.data['log_head']['seq']} (anchor found: {anchor}; Redis head found: "
+               f"{_seq(rec.data['redis_head'])}; by {by}: {reason})")
+
+
+def _seq(head: dict | None) -> str:
+    return f"seq {head['seq']}" if head else "none"
 
 
 @audit.command("show")

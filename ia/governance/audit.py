@@ -356,6 +356,10 @@ def verify(path: Path, key: ChainKey, anchor: Head | None, redis_head: Head | No
         problems = []
     elif not legacy or result.keyed:
         problems = [_NO_ANCHOR.format(path=anchor_path(path))]
+    elif redis_head is None:
+        problems = ["an unkeyed (legacy) log without an anchor, and Redis has no head for it "
+                    "(Redis was restarted): its tail cannot be checked; re-anchor it with "
+                    "`ia audit reanchor --by NAME --reason TEXT`"]
     else:
         problems = check_head(result, redis_head)
         result.notes.append(f"unkeyed (legacy): {result.legacy} SHA-256 record(s); their "

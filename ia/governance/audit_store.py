@@ -211,7 +211,8 @@ class AuditWriter:
     async def start(self, wait_s: float = 0.0) -> None:
         """Take the lease (waiting up to ``wait_s``), then repair and load the log."""
         deadline = time.monotonic() + wait_s
-        while not await self.state.acquire(self.owner):
+        # renew(): a start retried after a Redis error may find the lease already its own
+        while not (await self.state.acquire(self.owner) or await self.state.renew(self.owner)):
             if time.monotonic() >= deadline:
                 raise AuditError("another audit writer holds the lease "
                                  f"({self.state.keys.audit_lease}); only one may write the chain")

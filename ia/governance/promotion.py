@@ -4,7 +4,7 @@
 worker and actuator reload it within a second) after keeping the current
 version; ``ia shadow rollback`` puts the kept version back.  Both append to a
 hash-chained promotion log (:class:`PromotionLog`, chained as
-:mod:`ia.governance.hashchain` says).
+:mod:`ia.governance.hashchain` says, with unkeyed SHA-256 lines).
 
 The promotion log is its own file beside the audit log rather than records in
 it: the audit log has a single leased writer fed from Kafka topics
