@@ -3,8 +3,12 @@
 One agent consumes the three topics as one stream and appends each batch
 through :class:`ia.governance.audit_store.AuditWriter` (the chain needs a single
 writer: a Redis lease makes a second ``ia audit-writer`` wait as a standby).
-A batch is acknowledged only after its records are fsynced and the head is
-committed; a timer renews the lease and exports the completeness metrics.
+A batch is acknowledged only after its records are fsynced and anchored and the
+head is committed; a timer renews the lease and exports the completeness
+metrics.  A Redis outage, at start or mid-stream, is waited out: the batch in
+hand is retried with backoff and stays unacknowledged, so nothing is lost.
+Only an :class:`~ia.governance.audit.AuditError` (a log that fails
+verification, the lease held by another writer) stops the writer.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from ia.core import metrics
 from ia.core.clock import now_ms
 from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
-from ia.governance.audit import AuditError
+from ia.governance.audit import AuditError, load_key
 from ia.governance.audit_store import AuditWriter, SourceRecord
 from ia.streams.app import make_app, with_retry
 
@@ -36,7 +40,8 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
 
     settings.require_endpoints()
     client = redis_client(settings.redis)
-    writer = AuditWriter(client, settings.audit_log, prefix=settings.redis.prefix,
+    writer = AuditWriter(client, settings.audit_log, load_key(settings, create=True),
+                         prefix=settings.redis.prefix,
                          fmt=settings.wire_format, all_decisions=settings.audit.all_decisions,
                          grace_ms=int(grace_s * 1000))
     metrics.serve(settings.metrics_port, settings.metrics_host, role="audit")
@@ -44,7 +49,8 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
     async def _start() -> None:
         if ctx.get("started"):
             return
-        await writer.start(wait_s=standby_s)
+        await with_retry("audit start", lambda: writer.start(wait_s=standby_s), app,
+                         fatal=(AuditError,))
         ctx["started"] = True
         log.warning("audit writer %s appending to %s (head seq %d)", writer.owner,
                     writer.file.path, writer.chain.head.seq)
@@ -87,6 +93,9 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
         except AuditError as exc:
             await _fatal(exc)
             return
+        except Exception as exc:  # Redis away: appending pauses until the lease is renewed
+            log.warning("audit: cannot renew the writer lease (%s: %s); retrying",
+                        type(exc).__name__, exc)
         _export()
 
     @app.on_before_shutdown.connect

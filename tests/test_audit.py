@@ -1,7 +1,7 @@
-"""The audit hash chain: tamper detection, crash recovery and completeness.
+"""The keyed audit chain: tamper detection, anchoring, crash recovery and completeness.
 
-The chain itself is plain files (no Redis, no Kafka); the writer's head,
-lease and offsets are checked against the real Redis.
+The chain and its anchor are plain files (no Redis, no Kafka); the writer's
+head, lease and offsets are checked against the real Redis.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from ia.governance import hashchain
 from ia.governance.audit import (
     EMPTY,
+    AnchorFile,
     AuditError,
     AuditFile,
     Chain,
     Completeness,
     Head,
+    anchor_path,
     find,
     parse,
     recover,
@@ -27,7 +30,7 @@ from ia.governance.audit import (
     verify,
 )
 from ia.governance.audit_store import AuditWriter, RedisAuditState, SourceRecord
-from ia.governance.hashchain import GENESIS, SealError
+from ia.governance.hashchain import GENESIS, ChainKey, SealError
 from ia.schemas.models import (
     Action,
     ActionOutcome,
@@ -42,6 +45,8 @@ from ia.schemas.models import (
 from ia.schemas.serde import encode
 
 T0 = 1_732_700_000_000
+KEY = ChainKey(b"k" * 32)
+OTHER_KEY = ChainKey(b"x" * 32)
 
 
 def _entries(n: int) -> list[tuple[int, str, str, str, dict]]:
@@ -52,7 +57,7 @@ def _entries(n: int) -> list[tuple[int, str, str, str, dict]]:
 
 
 def _write_log(path: Path, n: int = 6) -> Head:
-    chain = Chain()
+    chain = Chain(KEY)
     AuditFile(path).append(chain.extend(_entries(n)))
     return chain.head
 
@@ -68,19 +73,25 @@ def log(tmp_path: Path) -> tuple[Path, Head]:
 
 def test_seal_and_parse_round_trip() -> None:
     rec = seal(1, GENESIS, at=T0, kind="decision", id="dc-1", src="t/0/1",
-               data={"a": [1, 2.5, None], "ü": "∑"})
+               data={"a": [1, 2.5, None], "ü": "∑"}, key=KEY)
     assert rec.line.endswith(b"\n") and rec.line.count(b"\n") == 1
-    back = parse(rec.line[:-1])
+    assert rec.line.startswith(b'{"v":2,"seq":1,')
+    back = parse(rec.line[:-1], KEY)
     assert (back.seq, back.prev, back.data, back.hash) == (1, GENESIS, rec.data, rec.hash)
+    assert back.keyed
     with pytest.raises(ValueError):
-        seal(1, GENESIS, at=T0, kind="bogus", id="", src="", data={})
+        seal(1, GENESIS, at=T0, kind="bogus", id="", src="", data={}, key=KEY)
     with pytest.raises(SealError):
-        parse(b'{"seq":1}')
+        parse(b'{"seq":1}', KEY)
+    with pytest.raises(SealError, match="another key"):
+        parse(rec.line[:-1], OTHER_KEY)
+    with pytest.raises(SealError, match="no key"):
+        parse(rec.line[:-1], None)
 
 
 def test_untouched_log_verifies(log) -> None:
     path, head = log
-    result = verify(path, head)
+    result = verify(path, KEY, head)
     assert result.ok, result.problems
     assert result.records == 6 and result.last == head
 
@@ -94,9 +105,9 @@ def test_every_single_byte_change_is_detected(tmp_path: Path) -> None:
             changed = bytearray(original)
             changed[i] ^= flip
             path.write_bytes(bytes(changed))
-            assert not verify(path, head).ok, f"byte {i} ^ {flip:#x} went unnoticed"
+            assert not verify(path, KEY, head).ok, f"byte {i} ^ {flip:#x} went unnoticed"
     path.write_bytes(original)
-    assert verify(path, head).ok
+    assert verify(path, KEY, head).ok
 
 
 def test_semantically_equal_byte_change_is_detected(log) -> None:
@@ -105,7 +116,7 @@ def test_semantically_equal_byte_change_is_detected(log) -> None:
     text = path.read_bytes()
     assert b"1e-05" in text
     path.write_bytes(text.replace(b"1e-05", b"1E-05", 1))
-    assert any("modified" in p for p in verify(path, head).problems)
+    assert any("modified" in p for p in verify(path, KEY, head).problems)
 
 
 @pytest.mark.parametrize("index", [0, 2, 5])
@@ -114,27 +125,27 @@ def test_removed_record_is_detected(log, index: int) -> None:
     lines = path.read_bytes().splitlines(keepends=True)
     del lines[index]
     path.write_bytes(b"".join(lines))
-    problems = verify(path, head).problems
+    problems = verify(path, KEY, head).problems
     assert problems
     if index == 5:  # the last one: only the stored head can tell
         assert any("removed from the tail" in p for p in problems)
-        assert scan(path).ok
+        assert scan(path, KEY).ok
 
 
 def test_inserted_record_is_detected(log) -> None:
     path, head = log
     lines = path.read_bytes().splitlines(keepends=True)
-    forged = seal(3, parse(lines[1][:-1]).hash, at=T0, kind="outcome", id="dc-x", src="",
-                  data={"forged": True})
+    forged = seal(3, parse(lines[1][:-1], KEY).hash, at=T0, kind="outcome", id="dc-x",
+                  src="", data={"forged": True}, key=KEY)
     path.write_bytes(b"".join([*lines[:2], forged.line, *lines[2:]]))
-    assert any("removed or inserted" in p for p in verify(path, head).problems)
+    assert any("removed or inserted" in p for p in verify(path, KEY, head).problems)
 
 
 def test_duplicated_record_is_detected(log) -> None:
     path, head = log
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join([*lines[:3], lines[2], *lines[3:]]))
-    assert not verify(path, head).ok
+    assert not verify(path, KEY, head).ok
 
 
 @pytest.mark.parametrize("cut", ["mid_line", "whole_lines", "everything"])
@@ -146,36 +157,137 @@ def test_truncated_tail_is_detected(log, cut: str) -> None:
             "whole_lines": b"".join(lines[:-2]),
             "everything": b""}[cut]
     path.write_bytes(keep)
-    problems = verify(path, head).problems
+    problems = verify(path, KEY, head).problems
     assert problems, cut
     assert any("tail" in p for p in problems)
 
 
 def test_rewritten_log_with_recomputed_hashes_is_detected(log) -> None:
-    """Rewriting history consistently still cannot match the head stored apart."""
+    """Rewriting history consistently still cannot match the anchor kept apart."""
     path, head = log
-    forged = [parse(line) for line in path.read_bytes().splitlines()]
+    forged = [parse(line, KEY) for line in path.read_bytes().splitlines()]
     forged[1].data["status"] = "failed"
-    chain = Chain()
+    chain = Chain(KEY)
     path.write_bytes(b"".join(r.line for r in chain.extend(
         (r.at, r.kind, r.id, r.src, r.data) for r in forged)))
-    assert scan(path).ok
-    assert any("does not match the stored head" in p for p in verify(path, head).problems)
+    assert scan(path, KEY).ok
+    assert any("does not match the anchored head" in p for p in verify(path, KEY, head).problems)
 
 
-def test_records_beyond_head_are_detected_unless_in_flight(log) -> None:
+def _forge_append(path: Path, head: Head, key: ChainKey | None) -> Head:
+    """What an attacker who can write the log file appends: a record chained to the
+    head, sealed with ``key`` (None: unkeyed, as anyone can compute it)."""
+    line, digest = hashchain.seal({"seq": head.seq + 1, "prev": head.hash, "at": T0,
+                                   "kind": "outcome", "id": "dc-x", "src": "",
+                                   "data": {"forged": True}}, key)
+    path.write_bytes((path.read_bytes() if path.exists() else b"") + line)
+    return Head(head.seq + 1, digest)
+
+
+def test_records_beyond_the_anchor_fail_verify_even_with_redis_pending_set(log) -> None:
+    """S4: a ``pending`` head in Redis made appended records pass verify; only the
+    writer's anchor commits records now."""
     path, head = log
-    chain = Chain(head)
+    chain = Chain(KEY, head)
     AuditFile(path).append(chain.extend(_entries(1)))
-    assert any("beyond the stored head" in p for p in verify(path, head).problems)
-    assert verify(path, head, pending=chain.head).ok
-    assert not verify(path, None).ok
+    result = verify(path, KEY, head, redis_head=head)
+    assert any("never committed" in p for p in result.problems)
+    assert result.uncommitted == 1
+    assert not verify(path, KEY, None).ok
+
+
+@pytest.mark.parametrize("forger_key", [None, OTHER_KEY], ids=["unkeyed", "wrong-key"])
+def test_forged_records_with_a_consistent_redis_head_fail_verify(log, forger_key) -> None:
+    """S4: whoever can write the file and Redis, but has no key, cannot extend the
+    chain: the forged record fails its HMAC and the anchor disagrees."""
+    path, head = log
+    forged_head = _forge_append(path, head, forger_key)
+    problems = verify(path, KEY, head, redis_head=forged_head).problems
+    assert any("after keyed ones" in p or "another key" in p for p in problems), problems
+    assert any("ahead of the anchor" in p for p in problems), problems
+
+
+def test_consistent_rewrite_of_log_and_redis_head_fails_against_the_anchor(log) -> None:
+    """S4: a whole log recomputed as unkeyed SHA-256 with a matching Redis head (all
+    the old tamper evidence had) no longer verifies: the anchor is keyed."""
+    path, head = log
+    path.write_bytes(b"")
+    forged = EMPTY
+    for _ in range(head.seq):
+        forged = _forge_append(path, forged, None)
+    assert forged.seq == head.seq and forged.hash != head.hash
+    assert any("does not match the anchored head" in p
+               for p in verify(path, KEY, head, redis_head=forged).problems)
+    # with the anchor removed as well it fails by default, and passes only as legacy
+    assert any("no anchor" in p for p in verify(path, KEY, None, redis_head=forged).problems)
+
+
+def test_anchor_file_is_keyed_and_replaced_atomically(tmp_path: Path) -> None:
+    anchor = AnchorFile(tmp_path / "a.head", KEY)
+    assert anchor.read() is None
+    anchor.write(Head(7, "ab" * 32))
+    anchor.write(Head(8, "cd" * 32))
+    assert anchor.read() == Head(8, "cd" * 32)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.head"]  # no temporary left behind
+    with pytest.raises(AuditError, match="sealed with key id"):
+        AnchorFile(tmp_path / "a.head", OTHER_KEY).read()
+    text = (tmp_path / "a.head").read_bytes()
+    (tmp_path / "a.head").write_bytes(text.replace(b'"seq":8', b'"seq":9'))
+    with pytest.raises(AuditError, match="not intact"):
+        anchor.read()
+    assert "k" * 32 not in repr(KEY)
+
+
+def test_redis_head_may_lag_the_anchor_but_not_lead_it(log) -> None:
+    path, head = log
+    lagging = parse(path.read_bytes().splitlines()[2], KEY).head
+    result = verify(path, KEY, head, redis_head=lagging)
+    assert result.ok and any("lags the anchor" in n for n in result.notes)
+    missing = verify(path, KEY, head, redis_head=None)
+    assert missing.ok and any("no audit head in Redis" in n for n in missing.notes)
+    # an old anchor restored together with a cut log: the Redis head tells
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3]))
+    assert verify(path, KEY, lagging).ok
+    assert any("ahead of the anchor" in p for p in verify(path, KEY, lagging, head).problems)
+
+
+def _write_legacy_log(path: Path, n: int = 4) -> Head:
+    """A log as written before records were keyed (plain SHA-256 lines)."""
+    head = EMPTY
+    for i in range(n):
+        line, digest = hashchain.seal({"seq": i + 1, "prev": head.hash, "at": T0 + i,
+                                       "kind": "outcome", "id": f"dc-{i}", "src": f"t/0/{i}",
+                                       "data": {"decision_id": f"dc-{i}"}}, None)
+        path.write_bytes((path.read_bytes() if path.exists() else b"") + line)
+        head = Head(i + 1, digest)
+    return head
+
+
+def test_a_legacy_unkeyed_log_verifies_only_as_legacy(tmp_path: Path) -> None:
+    path = tmp_path / "old.jsonl"
+    head = _write_legacy_log(path)
+    assert not verify(path, KEY, None, head).ok  # by default: no anchor is a failure
+    legacy = verify(path, KEY, None, head, legacy=True)
+    assert legacy.ok and legacy.legacy == 4 and legacy.keyed == 0
+    assert any("unkeyed (legacy)" in n for n in legacy.notes)
+    assert not verify(path, KEY, None, Head(3, head.hash), legacy=True).ok
+    # the writer's recovery adopts it as its Redis head vouches; later records are keyed
+    assert recover(path, KEY, None, head, None) == (head, [])
+    chain = Chain(KEY, head)
+    AuditFile(path).append(chain.extend(_entries(2)))
+    result = verify(path, KEY, chain.head, chain.head)
+    assert result.ok and (result.legacy, result.keyed) == (4, 2)
+    # a legacy record changed after keyed ones were chained to it: detected
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"dc-1"}', b'"dc-9"}', 1))
+    assert not verify(path, KEY, chain.head, chain.head).ok
 
 
 def test_find_returns_the_records_of_one_decision(log) -> None:
     path, _ = log
-    assert [r.seq for r in find(path, "dc-1")] == [2, 5]
-    assert find(path, "dc-nope") == []
+    assert [r.seq for r in find(path, "dc-1", KEY)] == [2, 5]
+    assert find(path, "dc-nope", KEY) == []
 
 
 # --------------------------------------------------------------------------- recovery
@@ -184,20 +296,23 @@ def test_find_returns_the_records_of_one_decision(log) -> None:
 def test_recover_commits_a_complete_batch_and_cuts_a_partial_one(log) -> None:
     path, head = log
     clean = path.read_bytes()
-    chain = Chain(head)
+    chain = Chain(KEY, head)
     batch = chain.extend(_entries(3))
     AuditFile(path).append(batch)
-    # written completely, head not yet committed: roll forward
-    new_head, finished = recover(path, head, chain.head)
+    # written completely, not yet anchored: roll forward
+    new_head, finished = recover(path, KEY, head, head, chain.head)
     assert new_head == chain.head and [r.seq for r in finished] == [7, 8, 9]
-    # written in part (crash mid-append): cut back to the committed head
+    # anchored, Redis head behind (stopped between the two): the batch's offsets are due
+    new_head, finished = recover(path, KEY, chain.head, head, chain.head)
+    assert new_head == chain.head and [r.hash for r in finished] == [r.hash for r in batch]
+    # written in part (crash mid-append): cut back to the anchored head
     path.write_bytes(clean + batch[0].line + batch[1].line[:10])
-    assert recover(path, head, chain.head) == (head, [])
+    assert recover(path, KEY, head, head, chain.head) == (head, [])
     assert path.read_bytes() == clean
-    # nothing announced but records beyond the head: refuse
+    # a keyed tail nothing announced (Redis lost its pending): cut, it was never committed
     AuditFile(path).append(batch[:1])
-    with pytest.raises(AuditError, match="beyond the stored head"):
-        recover(path, head, None)
+    assert recover(path, KEY, head, None, None) == (head, [])
+    assert path.read_bytes() == clean
 
 
 def test_recover_refuses_a_tampered_log(log) -> None:
@@ -205,17 +320,24 @@ def test_recover_refuses_a_tampered_log(log) -> None:
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:-1]))
     with pytest.raises(AuditError, match="removed from the tail"):
-        recover(path, head, None)
+        recover(path, KEY, head, head, None)
     path.write_bytes(b"".join(lines).replace(b"succeeded", b"succeedeD", 1))
     with pytest.raises(AuditError, match="modified"):
-        recover(path, head, None)
+        recover(path, KEY, head, head, None)
+    path.write_bytes(b"".join(lines))
+    forged = _forge_append(path, head, None)
+    with pytest.raises(AuditError, match="after keyed ones"):
+        recover(path, KEY, head, head, forged)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditError, match="no anchor"):
+        recover(path, KEY, None, head, None)
 
 
 # --------------------------------------------------------------------------- completeness
 
 
 def _rec(seq: int, kind: str, did: str, at: int = T0, **data) -> object:
-    return seal(seq, GENESIS, at=at, kind=kind, id=did, src="", data=data)
+    return seal(seq, GENESIS, at=at, kind=kind, id=did, src="", data=data, key=KEY)
 
 
 def test_completeness_counts_complete_pending_and_overdue() -> None:
@@ -273,7 +395,7 @@ async def test_writer_records_once_and_survives_a_crash(aredis, tmp_path: Path) 
              for i in range(20)]
     items.append(SourceRecord("outcome", "p.outcomes", 1, 0, encode(_outcome(0))))
     items.append(SourceRecord("outcome", "p.outcomes", 1, 1, b"not json"))
-    w = AuditWriter(aredis, path, prefix=prefix)
+    w = AuditWriter(aredis, path, KEY, prefix=prefix)
     await w.start()
     recs = await w.write(items)
     # 4 actionable decisions, 1 digest of the 16 others, 1 outcome (1 undecodable skipped)
@@ -286,25 +408,26 @@ async def test_writer_records_once_and_survives_a_crash(aredis, tmp_path: Path) 
     state = RedisAuditState(aredis, prefix)
     head, pending = await state.heads()
     assert head == recs[-1].head and pending is None
-    assert verify(path, head).ok
+    assert AnchorFile(anchor_path(path), KEY).read() == head
+    assert verify(path, KEY, head, head).ok
 
     # a second writer cannot take over while the lease is held
     with pytest.raises(AuditError, match="lease"):
-        await AuditWriter(aredis, path, prefix=prefix, owner="other").start()
+        await AuditWriter(aredis, path, KEY, prefix=prefix, owner="other").start()
 
     # crash mid-batch: pending announced, half a record written, no commit
-    chain = Chain(head)
+    chain = Chain(KEY, head)
     batch = chain.extend([(T0, "outcome", "dc-5", "p.outcomes/1/2", {"phase": "action"})])
     await state.begin(head, chain.head)
     path.write_bytes(path.read_bytes() + batch[0].line[:25])
     await w.close()
-    w2 = AuditWriter(aredis, path, prefix=prefix, owner="restarted")
+    w2 = AuditWriter(aredis, path, KEY, prefix=prefix, owner="restarted")
     await w2.start()
-    assert verify(path, head).ok  # the partial record was cut off
+    assert verify(path, KEY, head, head).ok  # the partial record was cut off
     more = await w2.write([SourceRecord("outcome", "p.outcomes", 1, 2, encode(_outcome(5)))])
     assert [r.seq for r in more] == [head.seq + 1]
     head2, _ = await state.heads()
-    assert verify(path, head2).ok and head2.seq == head.seq + 1
+    assert verify(path, KEY, head2, head2).ok and head2.seq == head.seq + 1
     stats = w2.completeness.stats(T0)
     assert stats["complete"] == 16 + 2 and stats["pending"] == 2  # dc-0, dc-5 done
     await w2.close()
@@ -320,7 +443,7 @@ async def test_approval_events_are_recorded(aredis, tmp_path: Path) -> None:
     ev = ApprovalEvent(approval_id="ap-1", decision_id="dc-1", status=ApprovalStatus.requested,
                        entity="svc-1", metric="m", action=Action(type="log", target="svc-1"),
                        anomaly_score=0.9, confidence=0.5, requested_at=T0, expires_at=T0 + 1)
-    w = AuditWriter(aredis, path, prefix=prefix)
+    w = AuditWriter(aredis, path, KEY, prefix=prefix)
     await w.start()
     recs = await w.write([SourceRecord("approval", "p.approvals", 0, 0, encode(ev))])
     assert recs[0].kind == "approval" and recs[0].id == "dc-1"
@@ -343,7 +466,7 @@ def test_story_tells_event_features_models_rules_guards_approval_and_outcomes() 
     done = {**req, "status": "approved", "by": "ann", "via": "cli", "at": T0 + 1,
             "reason": "ok"}
     out = _outcome(7).model_dump(mode="json") | {"approved_by": "ann"}
-    recs = Chain().extend([(T0, "decision", "dc-7", "", d), (T0, "approval", "dc-7", "", req),
+    recs = Chain(KEY).extend([(T0, "decision", "dc-7", "", d), (T0, "approval", "dc-7", "", req),
                            (T0, "approval", "dc-7", "", done), (T0, "outcome", "dc-7", "", out)])
     text = story("dc-7", recs)
     for part in ("svc-1 latency_ms = 7", "m version 1", "component ewma version 3",
@@ -356,7 +479,7 @@ def test_story_tells_event_features_models_rules_guards_approval_and_outcomes() 
 
 @pytest.mark.integration
 async def test_all_decisions_can_be_recorded_in_full(aredis, tmp_path: Path) -> None:
-    w = AuditWriter(aredis, tmp_path / "audit.jsonl", prefix=f"t{uuid.uuid4().hex[:8]}",
+    w = AuditWriter(aredis, tmp_path / "audit.jsonl", KEY, prefix=f"t{uuid.uuid4().hex[:8]}",
                     all_decisions=True)
     await w.start()
     recs = await w.write([SourceRecord("decision", "p.decisions", 0, i,
@@ -364,3 +487,147 @@ async def test_all_decisions_can_be_recorded_in_full(aredis, tmp_path: Path) -> 
     assert [r.kind for r in recs] == ["decision"] * 3
     assert w.completeness.stats(T0)["complete"] == 3
     await w.close()
+
+
+# --------------------------------------------------------------------------- Redis lost or away
+
+
+def _actions(first: int, n: int) -> list[SourceRecord]:
+    return [SourceRecord("decision", "p.decisions", 0, i, encode(_decision(i, True)))
+            for i in range(first, first + n)]
+
+
+@pytest.mark.integration
+async def test_writer_restarts_on_a_redis_that_lost_everything(aredis, tmp_path: Path) -> None:
+    """Finding 11.9: after ``ia down``/``ia up`` the embedded Redis has no head, no
+    offsets and no lease; the anchor beside the log carries the chain on."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(aredis, path, KEY, prefix=prefix)
+    await w.start()
+    first = await w.write(_actions(0, 4))
+    await w.close()
+    await aredis.delete(*[k async for k in aredis.scan_iter(f"{prefix}:*")])  # a fresh Redis
+
+    assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), None).ok
+    w2 = AuditWriter(aredis, path, KEY, prefix=prefix, owner="after-restart")
+    await w2.start()
+    assert w2.chain.head == first[-1].head
+    state = RedisAuditState(aredis, prefix)
+    assert (await state.heads())[0] == first[-1].head  # the Redis head is restored
+    # a fresh broker starts its offsets at 0 again: nothing is skipped
+    more = await w2.write(_actions(0, 2))
+    assert [r.seq for r in more] == [5, 6]
+    head, _ = await state.heads()
+    assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), head).ok
+    assert head == more[-1].head
+    await w2.close()
+
+
+@pytest.mark.integration
+async def test_writer_waits_out_a_redis_outage(tmp_path: Path) -> None:
+    """Finding 11.9: a Redis that goes away (and comes back empty, as the embedded
+    one does) neither stops the writer nor loses or doubles a record."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from ia.runtime.embedded import start_redis
+
+    svc = start_redis(tmp_path / "redis")
+    client = aioredis.from_url(svc.address)
+    path = tmp_path / "audit.jsonl"
+    w = AuditWriter(client, path, KEY, prefix="p")
+    try:
+        await w.start()
+        await w.write(_actions(0, 3))
+        svc.stop()
+        with pytest.raises(RedisConnectionError):  # the agent retries this batch later
+            await w.write(_actions(3, 3))
+        with pytest.raises(RedisConnectionError):  # the timer logs this and tries again
+            await w.renew()
+        assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read()).ok
+        svc = start_redis(tmp_path / "redis", port=svc.port)  # back, with nothing in it
+        await w.renew()  # the vanished lease is taken again
+        retried = await w.write(_actions(3, 3))
+        assert [r.seq for r in retried] == [4, 5, 6]
+        assert await w.write(_actions(0, 6)) == []  # a redelivery is still recorded once
+        head, pending = await RedisAuditState(client, "p").heads()
+        assert head == retried[-1].head and pending is None
+        assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), head).ok
+        assert [r.id for r in find(path, "dc-4", KEY)] == ["dc-4"]
+    finally:
+        await client.aclose()
+        svc.stop()
+
+
+@pytest.mark.integration
+async def test_a_lease_taken_by_another_writer_stops_this_one(aredis, tmp_path: Path) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    w = AuditWriter(aredis, tmp_path / "audit.jsonl", KEY, prefix=prefix, owner="one")
+    await w.start()
+    await aredis.set(f"{prefix}:audit:lease", "two")
+    with pytest.raises(AuditError, match="another writer"):
+        await w.renew()
+
+
+@pytest.mark.integration
+async def test_reanchor_records_who_why_and_the_heads_it_replaces(aredis, tmp_path: Path
+                                                                   ) -> None:
+    """An unkeyed log whose Redis head was lost (the state ``ia down``/``ia up`` left
+    before this change) is refused by the writer until an operator re-anchors it."""
+    from ia.governance.audit_store import reanchor
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "audit.jsonl"
+    legacy_head = _write_legacy_log(path)
+    w = AuditWriter(aredis, path, KEY, prefix=prefix)
+    with pytest.raises(AuditError, match="ia audit reanchor"):
+        await w.start()
+    rec = await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="Redis restarted")
+    assert rec.kind == "reanchor" and rec.keyed and rec.seq == legacy_head.seq + 1
+    assert rec.data["by"] == "ann" and rec.data["reason"] == "Redis restarted"
+    assert rec.data["log_head"] == {"seq": legacy_head.seq, "hash": legacy_head.hash}
+    assert rec.data["anchor"] is None and rec.data["redis_head"] is None
+    assert rec.data["legacy_records"] == 4 and rec.data["key_id"] == KEY.id
+    head, _ = await RedisAuditState(aredis, prefix).heads()
+    assert head == rec.head
+    assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read(), head).ok
+    with pytest.raises(AuditError, match="nothing to re-anchor"):
+        await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="again")
+    await w.start()  # the writer extends the re-anchored chain
+    assert w.chain.head == rec.head and w.completeness.stats(T0)["overdue"] == 0
+    with pytest.raises(AuditError, match="writer holds the lease"):
+        await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="busy")
+    await w.close()
+    # a changed record is never re-anchored away
+    path.write_bytes(path.read_bytes().replace(b'"dc-1"}', b'"dc-7"}', 1))
+    with pytest.raises(AuditError, match="broken"):
+        await reanchor(aredis, path, KEY, prefix=prefix, by="ann", reason="cover up")
+
+
+@pytest.mark.integration
+def test_cli_reanchors_a_legacy_log_whose_redis_head_was_lost(infra, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ia.cli import main
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "audit" / f"{prefix}.audit.jsonl"
+    path.parent.mkdir()
+    _write_legacy_log(path)
+    (tmp_path / "key").write_bytes(KEY.secret)
+    env = {"REDIS_URL": infra.redis_url, "IA_TOPIC_PREFIX": prefix, "IA_REDIS_PREFIX": prefix,
+           "IA_AUDIT_DIR": str(path.parent), "IA_AUDIT_KEY_FILE": str(tmp_path / "key")}
+
+    def ia(*args: str):
+        return CliRunner().invoke(main, ["audit", *args], env=env)
+
+    assert ia("verify").exit_code == 1
+    legacy = ia("verify", "--legacy")
+    assert legacy.exit_code == 1 and "ia audit reanchor" in legacy.output
+    done = ia("reanchor", "--by", "ann", "--reason", "Redis restarted")
+    assert done.exit_code == 0, done.output
+    assert "record 5 vouches for the log up to seq 4" in done.output
+    ok = ia("verify")
+    assert ok.exit_code == 0 and "first 4 records unkeyed" in ok.output, ok.output
+    assert parse(path.read_bytes().splitlines()[-1], KEY).kind == "reanchor"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
@@ -115,6 +116,7 @@ def gov(infra, tmp_path_factory):
         policy = tmp / "policy.yaml"
         policy.write_text(POLICY.format(url=sink.url))
         env = ia_env(infra, prefix, policy, IA_AUDIT_DIR=str(tmp / "audit"),
+                     IA_AUDIT_KEY_FILE=str(tmp / "audit.key"),
                      IA_API_TOKEN_FILE=str(token_file), IA_NOTIFY_URL=sink.url + "/default",
                      IA_LOG_LEVEL="info")
         ensure_topics(infra.kafka, Topics(prefix).all(), 4)
@@ -429,4 +431,42 @@ def test_audit_verify_detects_changed_removed_and_truncated_records(gov):
             assert "FAILED" in run.stderr, what
     finally:
         path.write_bytes(original)
+    assert ia(gov, "audit", "verify").returncode == 0
+
+
+def test_audit_verify_fails_when_log_and_redis_head_are_rewritten_consistently(gov):
+    """S4: whoever can write the log and Redis, without the key, recomputes every hash
+    (as SHA-256, all the chain had) and sets the Redis head to match: the anchor disagrees."""
+    from ia.governance import hashchain
+
+    gov["procs"]["audit"].stop()
+    path: Path = gov["log"]
+    original = path.read_bytes()
+    anchor = path.with_name(path.name + ".head")
+    kept_anchor = anchor.read_bytes()
+    r = redis.Redis.from_url(gov["infra"].redis_url)
+    head_key = f"{gov['prefix']}:audit:head"
+    kept_head = r.get(head_key)
+    forged, prev = [], hashchain.GENESIS
+    for line in original.splitlines():
+        fields = json.loads(line)
+        fields.pop("v"), fields.pop("hash")
+        fields["prev"] = prev
+        if fields["kind"] == "outcome" and fields["data"].get("status") == "succeeded":
+            fields["data"]["status"] = "failed"
+        sealed, prev = hashchain.seal(fields, None)
+        forged.append(sealed)
+    try:
+        path.write_bytes(b"".join(forged))
+        r.set(head_key, f"{len(forged)}:{prev}")
+        run = ia(gov, "audit", "verify")
+        assert run.returncode == 1 and "FAILED" in run.stderr, run.stdout
+        anchor.unlink()  # ... and with the anchor removed too, it is still not accepted
+        run = ia(gov, "audit", "verify")
+        assert run.returncode == 1 and "no anchor" in run.stderr, run.stdout
+    finally:
+        path.write_bytes(original)
+        anchor.write_bytes(kept_anchor)
+        r.set(head_key, kept_head)
+        r.close()
     assert ia(gov, "audit", "verify").returncode == 0

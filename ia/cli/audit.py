@@ -1,4 +1,4 @@
-"""``ia audit``: verify the hash-chained audit log and tell a decision's story."""
+"""``ia audit``: verify and re-anchor the keyed audit chain, and tell a decision's story."""
 
 from __future__ import annotations
 
@@ -34,36 +34,62 @@ def _heads(s: Settings):
     return asyncio.run(run())
 
 
+def _check(s: Settings, path: Path, key, no_head: bool, legacy: bool, tracker):
+    """One verification pass: the Redis head, then the anchor, then the file (the
+    writer updates them in the opposite order, so each read is at least as new)."""
+    from ia.governance.audit import AnchorFile, AuditError, anchor_path, scan, tracking, verify
+
+    if no_head:
+        return scan(path, key, tracking(tracker))
+    head, _pending = _heads(s)
+    try:
+        anchor = AnchorFile(anchor_path(path), key).read()
+    except AuditError as exc:
+        result = scan(path, key, tracking(tracker))
+        result.problem(str(exc))
+        return result
+    return verify(path, key, anchor, head, legacy=legacy, on_record=tracking(tracker))
+
+
 @audit.command("verify")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The log file (default: from the settings).")
 @click.option("--no-head", is_flag=True,
               help="Check only the chain itself (cannot detect a cut tail).")
+@click.option("--legacy", is_flag=True,
+              help="Accept a wholly unkeyed log without an anchor, checked against the "
+                   "Redis head alone (logs written before records were keyed).")
 @click.option("--json", "as_json", is_flag=True)
-def audit_verify(log_file: Path | None, no_head: bool, as_json: bool) -> None:
-    """Check every record's hash, the chain and the stored head (exit 1 on any problem)."""
-    from ia.governance.audit import Completeness, verify
+def audit_verify(log_file: Path | None, no_head: bool, legacy: bool, as_json: bool) -> None:
+    """Check every record's HMAC, the chain, the anchor and the Redis head (exit 1 on any
+    problem).  Needs the audit key (IA_AUDIT_KEY_FILE or IA_AUDIT_KEY)."""
+    from ia.governance.audit import Completeness, load_key
 
     s = settings()
     path = log_file or s.audit_log
+    key = load_key(s)
     for attempt in range(10):
-        head, pending = (None, None) if no_head else _heads(s)
         tracker = Completeness()
-        result = verify(path, head, pending, on_record=tracker.add) if not no_head else \
-            _scan_only(path, tracker)
-        # A batch being written right now looks like a cut tail for a moment.
-        if result.ok or pending is None or attempt == 9:
+        result = _check(s, path, key, no_head, legacy, tracker)
+        # A batch being written right now is beyond the anchor for a moment.
+        if result.ok or not result.uncommitted or attempt == 9:
             break
         time.sleep(0.3)
     stats = tracker.stats(now_ms())
     report = {"log": str(path), "ok": result.ok, "records": result.records,
+              "keyed_records": result.keyed, "legacy_records": result.legacy,
               "head": result.last.seq, "head_checked": not no_head,
-              "problems": result.problems, "completeness": stats}
+              "problems": result.problems, "notes": result.notes, "completeness": stats}
     if as_json:
         click.echo(json.dumps(report))
     elif result.ok:
-        click.echo(f"ok: {path}: {result.records} records, chain intact, head seq "
+        kind = "keyed chain intact" if not result.legacy else (
+            f"keyed chain intact (its first {result.legacy} records unkeyed, legacy)"
+            if result.keyed else "UNKEYED (legacy) chain intact")
+        click.echo(f"ok: {path}: {result.records} records, {kind}, head seq "
                    f"{result.last.seq}" + ("" if not no_head else " (head not checked)"))
+        for note in result.notes:
+            click.echo(f"  note: {note}")
         click.echo(f"completeness {stats['ratio']:.2%}: {stats['complete']} complete, "
                    f"{stats['pending']} pending, {stats['overdue']} overdue, "
                    f"{stats['interrupted']} interrupted")
@@ -74,10 +100,37 @@ def audit_verify(log_file: Path | None, no_head: bool, as_json: bool) -> None:
     sys.exit(0 if result.ok else 1)
 
 
-def _scan_only(path: Path, tracker):
-    from ia.governance.audit import scan
+@audit.command("reanchor")
+@click.option("--by", required=True, help="Who vouches for the log (recorded).")
+@click.option("--reason", required=True, help="Why (recorded).")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def audit_reanchor(by: str, reason: str, log_file: Path | None) -> None:
+    """Vouch for the log as it is when its anchor or Redis head was lost: append a keyed
+    re-anchor record naming the old and new head, then anchor it.  Stop the writer first."""
+    from ia.governance.audit import load_key
+    from ia.governance.audit_store import reanchor
 
-    return scan(path, tracker.add)
+    s = settings()
+    path = log_file or s.audit_log
+    key = load_key(s)
+
+    async def run():
+        client = redis_client(s)
+        try:
+            return await reanchor(client, path, key, prefix=s.redis.prefix, by=by,
+                                  reason=reason)
+        finally:
+            await client.aclose()
+
+    rec = asyncio.run(run())
+    anchor = rec.data["anchor_problem"] or _seq(rec.data["anchor"])
+    click.echo(f"re-anchored {path}: record {rec.seq} vouches for the log up to seq "
+               f"{rec.data['log_head']['seq']} (anchor found: {anchor}; Redis head found: "
+               f"{_seq(rec.data['redis_head'])}; by {by}: {reason})")
+
+
+def _seq(head: dict | None) -> str:
+    return f"seq {head['seq']}" if head else "none"
 
 
 @audit.command("show")
@@ -87,12 +140,12 @@ def _scan_only(path: Path, tracker):
 def audit_show(decision_id: str, log_file: Path | None, as_json: bool) -> None:
     """The full story of one decision: event, features, model, score, rule trace,
     guards, approval and outcome."""
-    from ia.governance.audit import AuditError, find
+    from ia.governance.audit import AuditError, find, load_key
 
     s = settings()
     path = log_file or s.audit_log
     try:
-        records = find(path, decision_id)
+        records = find(path, decision_id, load_key(s))
     except AuditError as exc:
         raise click.ClickException(f"{path}: {exc} (run ia audit verify)") from None
     if not records:

@@ -333,8 +333,20 @@ class AuditSettings(_Group):
     all_decisions: bool = Field(
         default=False,
         description="record every decision in full, not only those with an action")
+    key: SecretStr | None = Field(
+        default=None, description="the audit chain's HMAC key itself (prefer key_file)")
+    key_file: Path | None = Field(
+        default=None,
+        description="file of the audit chain's HMAC key "
+                    "(default <run_dir>/keys/<prefix>.audit.key, created by the writer)")
 
     ENV_PREFIX: ClassVar[str] = "IA_AUDIT_"
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AuditSettings:
+        if self.key is not None and self.key_file is not None:
+            raise ValueError("set IA_AUDIT_KEY or IA_AUDIT_KEY_FILE, not both")
+        return self
 
 
 class Settings(BaseSettings):
@@ -402,8 +414,13 @@ class Settings(BaseSettings):
 
     @property
     def audit_log(self) -> Path:
-        """The hash-chained audit log (JSONL); its head lives in Redis."""
+        """The hash-chained audit log (JSONL); its anchor is beside it, its head in Redis."""
         return (self.audit.dir or self.run_dir / "audit") / f"{self.topic_prefix}.audit.jsonl"
+
+    @property
+    def audit_key_file(self) -> Path:
+        """Where the audit chain's key is read from when ``IA_AUDIT_KEY`` is unset."""
+        return self.audit.key_file or self.run_dir / "keys" / f"{self.topic_prefix}.audit.key"
 
     def require_endpoints(self) -> tuple[str, str]:
         """The Kafka bootstrap servers and the Redis URL; :class:`ConfigError` if unset."""

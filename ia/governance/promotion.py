@@ -4,7 +4,7 @@
 worker and actuator reload it within a second) after keeping the current
 version; ``ia shadow rollback`` puts the kept version back.  Both append to a
 hash-chained promotion log (:class:`PromotionLog`, chained as
-:mod:`ia.governance.hashchain` says).
+:mod:`ia.governance.hashchain` says, with unkeyed SHA-256 lines).
 
 The promotion log is its own file beside the audit log rather than records in
 it: the audit log has a single leased writer fed from Kafka topics
@@ -53,7 +53,7 @@ class PromotionLog:
         seq, last = 0, GENESIS
         for lineno, _offset, line, _complete in hashchain.read_lines(self.path):
             try:
-                fields, digest = hashchain.unseal(line)
+                fields, digest = hashchain.unseal(line, None)
             except SealError as exc:
                 problems.append(f"record {lineno}: {exc}")
                 seq, last = seq + 1, "?"  # keep counting; the next link cannot match
@@ -72,7 +72,7 @@ class PromotionLog:
         recs = self.records()
         body = {"seq": len(recs) + 1, "prev": recs[-1]["hash"] if recs else GENESIS,
                 "at": now_ms(), **entry}
-        line, digest = hashchain.seal(body)
+        line, digest = hashchain.seal(body, None)
         hashchain.append(self.path, line)
         return {**body, "hash": digest}
 

@@ -26,6 +26,7 @@ from rich.table import Table
 from ia.core.kafka import ensure_topics, read_all
 from ia.core.settings import KafkaSettings, Settings, Topics
 from ia.decisions.policy_source import builtin_policy_path
+from ia.governance.audit import anchor_path
 from ia.runtime import embedded
 from ia.sim import simulator
 
@@ -99,6 +100,7 @@ async def _run_loop(stack: ExitStack, *, kafka: KafkaSettings, redis_url: str, t
                "IA_AUDIT_DIR": str(log_dir / "audit")}
         audit_log = log_dir / "audit" / f"{topics.prefix}.audit.jsonl"
         audit_log.unlink(missing_ok=True)  # a fresh broker and Redis start a fresh chain
+        anchor_path(audit_log).unlink(missing_ok=True)
         procs = [_spawn(["worker"], env, log_dir / "worker.log"),
                  _spawn(["actuate"], env, log_dir / "actuator.log"),
                  _spawn(["audit-writer"], env, log_dir / "audit-writer.log")]
