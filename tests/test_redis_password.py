@@ -35,7 +35,7 @@ def _settings(svc: ServiceInfo) -> RedisSettings:
 
 def test_a_client_without_the_password_is_refused(locked_redis: ServiceInfo) -> None:
     bare = redis.Redis.from_url(locked_redis.address)
-    with pytest.raises((AuthenticationError, ResponseError), match="(?i)NOAUTH|auth"):
+    with pytest.raises((AuthenticationError, ResponseError), match=r"(?i)NOAUTH|auth"):
         bare.ping()
     bare.close()
     wrong = redis.Redis.from_url(locked_redis.address, password="guess")
