@@ -53,11 +53,10 @@ class RedisModelStore:
 
     async def load(self, name: str) -> tuple[int, bytes | None]:
         raw = await self.client.hmget(self.keys.model(name), "version", "blob")
-        return (int(raw[0]) if raw[0] else 0), raw[1]
+        return _version(raw[0]), raw[1]
 
     async def version(self, name: str) -> int:
-        raw = await self.client.hget(self.keys.model(name), "version")
-        return int(raw) if raw else 0
+        return _version(await self.client.hget(self.keys.model(name), "version"))
 
     async def update(self, name: str, apply: Callable[[bytes | None], tuple[int, bytes]]) -> int:
         """Read, ``apply`` (old blob -> new version and blob), write atomically; retried
@@ -76,3 +75,9 @@ class RedisModelStore:
                     return version
                 except WatchError:
                     continue
+
+
+def _version(raw: bytes | None) -> int:
+    """The stored version; a missing or non-numeric one (not written by ``update``) is 0,
+    so the blob is still read and validated rather than the worker failing on it."""
+    return int(raw) if raw and raw.isdigit() else 0

@@ -17,21 +17,35 @@ The model is shared by every worker: each label is applied as an optimistic
 read-modify-write of one Redis hash (``WATCH``/``MULTI``), so every update is
 a new, atomically written, numbered version (see :mod:`ia.decisions.checkpoint`),
 and workers pick up new versions on their next batch.
+
+A checkpoint is data, never code: JSON of the scaler's and the regression's numbers
+(:meth:`FeedbackClassifier.dumps`), checked field by field on the way back in
+(:meth:`FeedbackClassifier.loads`), so write access to Redis can at worst spoil the
+model's advice (which guards and policy bound), not run anything in a worker.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from river import compose, linear_model, optim, preprocessing
 
 from ia.schemas.models import Decision, FeatureContribution, ModelInfo
 
-# Bumped when the input features or the pickled model layout change; an older
-# checkpoint is then ignored (the model starts afresh) rather than misread.
+# Bumped when the input features or the checkpoint layout change; a checkpoint of
+# another format is then ignored (the model starts afresh) rather than misread.
 FORMAT = 1
+# Bounds of a checkpoint read back: the inputs are ~13 fixed names plus one per action
+# type, so anything near these limits was not written by a worker.
+MAX_CHECKPOINT_BYTES = 1 << 20
+MAX_INPUTS = 1024
+MAX_NAME_CHARS = 200
+# Larger integers are not exact as floats (and not counts any worker reached).
+MAX_EXACT_INT = 2**53
 POSITIVE = frozenset({"true_positive", "useful"})
 NEVER_S = 1e9
 
@@ -108,7 +122,7 @@ class FeedbackClassifier:
 
     def _contributions(self, x: dict[str, float]) -> list[FeatureContribution]:
         # Signed contribution of each input to the log-odds: weight * scaled value.
-        scaler, lr = self.model.steps["StandardScaler"], self.model.steps["LogisticRegression"]
+        scaler, lr = self._steps()
         scaled = scaler.transform_one(x)
         contrib = {k: lr.weights.get(k, 0.0) * v for k, v in scaled.items()}
         top = sorted(contrib.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:2]
@@ -116,26 +130,103 @@ class FeedbackClassifier:
                 for k, w in top if w != 0.0]
 
     def dumps(self) -> bytes:
-        return pickle.dumps((FORMAT, self.version, self.model), protocol=5)
+        """The checkpoint: every number the model's next prediction and lesson depend
+        on, in the models' own key order (the dot products sum in that order)."""
+        scaler, lr = self._steps()
+        state = {
+            "format": FORMAT, "version": self.version,
+            "scaler": {"counts": dict(scaler.counts), "means": dict(scaler.means),
+                       "vars": dict(scaler.vars)},
+            "logreg": {"weights": lr._weights.to_dict(), "intercept": lr.intercept,
+                       "iterations": lr.optimizer.n_iterations},
+        }
+        return json.dumps(state, allow_nan=False, separators=(",", ":")).encode()
 
     @classmethod
     def loads(cls, blob: bytes | None) -> FeedbackClassifier:
-        """Restore a checkpoint; a missing or other-format one gives a fresh model.
+        """Restore a checkpoint; a missing one gives a fresh model.
 
-        The blob is a pickle of River objects read from this deployment's own
-        Redis prefix: the feature store is trusted infrastructure, as it is for
-        every other piece of state the worker acts on.
+        Raises
+        ------
+        CheckpointError
+            If the blob is not a checkpoint of this :data:`FORMAT` with sane
+            numbers: the caller decides what to do instead, nothing in it is run.
         """
         clf = cls()
         if not blob:
             return clf
-        try:
-            fmt, version, model = pickle.loads(blob)  # see docstring
-        except Exception:  # a corrupt checkpoint must not stop the worker
-            return clf
-        if fmt == FORMAT:
-            clf.version, clf.model = version, model
+        state = _parse(blob)
+        scaler, lr = clf._steps()
+        scaler.counts.update(state["scaler"]["counts"])
+        scaler.means.update(_floats(state["scaler"]["means"]))
+        scaler.vars.update(_floats(state["scaler"]["vars"]))
+        lr._weights.update(_floats(state["logreg"]["weights"]))
+        lr.intercept = float(state["logreg"]["intercept"])
+        lr.optimizer.n_iterations = state["logreg"]["iterations"]
+        clf.version = state["version"]
         return clf
+
+    def _steps(self) -> tuple[preprocessing.StandardScaler, linear_model.LogisticRegression]:
+        return self.model.steps["StandardScaler"], self.model.steps["LogisticRegression"]
+
+
+class CheckpointError(ValueError):
+    """A stored checkpoint that is not one this code wrote (corrupt, foreign, hostile)."""
+
+
+def _parse(blob: bytes) -> dict[str, Any]:
+    """The checkpoint's fields, validated: right types, finite numbers, bounded sizes."""
+    if len(blob) > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{len(blob)} bytes, more than {MAX_CHECKPOINT_BYTES}")
+    try:
+        state = json.loads(blob, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"not JSON: {exc}") from None
+    _require(isinstance(state, dict), "not an object")
+    _require(state.get("format") == FORMAT, f"format {state.get('format')!r}, not {FORMAT}")
+    _require(_is_count(state.get("version")), "version is not a count")
+    scaler, lr = state.get("scaler"), state.get("logreg")
+    _require(isinstance(scaler, dict) and isinstance(lr, dict), "scaler or logreg missing")
+    _table(scaler.get("counts"), _is_count, "scaler.counts")
+    _table(scaler.get("means"), _is_finite, "scaler.means")
+    _table(scaler.get("vars"), lambda v: _is_finite(v) and v >= 0, "scaler.vars")
+    _table(lr.get("weights"), _is_finite, "logreg.weights")
+    _require(_is_finite(lr.get("intercept")), "logreg.intercept is not a finite number")
+    _require(_is_count(lr.get("iterations")), "logreg.iterations is not a count")
+    return state
+
+
+def _table(value: object, valid: Callable[[Any], bool], where: str) -> None:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} is not an object")
+    _require(len(value) <= MAX_INPUTS, f"{where} has {len(value)} inputs")
+    for name, v in value.items():
+        _require(len(name) <= MAX_NAME_CHARS, f"{where} has a {len(name)}-character name")
+        _require(valid(v), f"{where}[{name[:40]!r}] = {str(v)[:40]!r}")
+
+
+def _is_count(v: object) -> bool:
+    # bool is an int to Python, not a number to a checkpoint.
+    return type(v) is int and 0 <= v <= MAX_EXACT_INT
+
+
+def _is_finite(v: object) -> bool:
+    if type(v) is int:
+        return abs(v) <= MAX_EXACT_INT
+    return type(v) is float and math.isfinite(v)
+
+
+def _floats(table: dict[str, int | float]) -> dict[str, float]:
+    return {name: float(v) for name, v in table.items()}
+
+
+def _no_constant(name: str) -> float:
+    raise CheckpointError(f"{name} is not a number")
+
+
+def _require(ok: bool, reason: str) -> None:
+    if not ok:
+        raise CheckpointError(reason)
 
 
 def laplace_precision(tp: float, fp: float) -> float:

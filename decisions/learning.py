@@ -20,7 +20,10 @@ The classifier is shared by every worker: each lesson is applied as an
 optimistic read-modify-write of its checkpoint (:mod:`ia.decisions.checkpoint`),
 and :meth:`FeedbackLearner.refresh` loads a newer version into the engine
 before a batch (one ``HGET`` when nothing changed), so a restarted worker or a
-new partition owner decides with everything learnt so far.
+new partition owner decides with everything learnt so far.  A checkpoint that fails
+validation (:class:`~ia.decisions.feedback.CheckpointError`) is logged, counted in
+``ia_checkpoints_rejected_total`` and ignored: the engine keeps the model it has, and
+the next lesson starts the shared model afresh over it.
 """
 
 from __future__ import annotations
@@ -33,9 +36,16 @@ from enum import StrEnum
 from typing import Protocol
 
 from ia.core.keys import Keys
+from ia.core.metrics import CHECKPOINTS_REJECTED
 from ia.decisions.checkpoint import ModelStore
 from ia.decisions.engine import DecisionEngine
-from ia.decisions.feedback import FeedbackClassifier, counter_name, inputs_of, is_positive
+from ia.decisions.feedback import (
+    CheckpointError,
+    FeedbackClassifier,
+    counter_name,
+    inputs_of,
+    is_positive,
+)
 from ia.features.store import FeatureStore
 from ia.schemas.models import Decision, Feedback
 
@@ -136,6 +146,8 @@ class FeedbackLearner:
         self.memory = memory
         self.store = store
         self.models = models
+        # The stored version last found invalid: not read again until a new one is saved.
+        self._rejected_version: int | None = None
 
     async def remember(self, decisions: Sequence[Decision]) -> None:
         """Keep what a later label needs of each decision that proposed an action."""
@@ -177,7 +189,7 @@ class FeedbackLearner:
                                       counter_name(positive, remembered.action))
 
         def apply(blob: bytes | None) -> tuple[int, bytes]:
-            clf = FeedbackClassifier.loads(blob)
+            clf = _restore(blob) or FeedbackClassifier()
             clf.learn(remembered.x, positive)
             return clf.version, clf.dumps()
 
@@ -188,7 +200,22 @@ class FeedbackLearner:
 
     async def refresh(self, engine: DecisionEngine) -> None:
         """Give ``engine`` the newest classifier checkpoint, if it has not got it."""
-        if await self.models.version(MODEL_NAME) == engine.feedback.version:
+        if await self.models.version(MODEL_NAME) in (engine.feedback.version,
+                                                     self._rejected_version):
             return
-        _, blob = await self.models.load(MODEL_NAME)
-        engine.feedback = FeedbackClassifier.loads(blob)
+        version, blob = await self.models.load(MODEL_NAME)
+        clf = _restore(blob)
+        if clf is None:
+            self._rejected_version = version
+            return
+        engine.feedback = clf
+
+
+def _restore(blob: bytes | None) -> FeedbackClassifier | None:
+    """The stored classifier, or None (logged and counted) if its checkpoint is invalid."""
+    try:
+        return FeedbackClassifier.loads(blob)
+    except CheckpointError as exc:
+        log.error("feedback model checkpoint ignored, it failed validation: %s", exc)
+        CHECKPOINTS_REJECTED.labels(model=MODEL_NAME).inc()
+        return None

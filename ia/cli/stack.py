@@ -13,13 +13,16 @@ from ia.cli.common import settings
 @click.command()
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="State and logs of the embedded services (default: $IA_RUN_DIR or .ia).")
-def up(run_dir: Path | None) -> None:
+@click.option("--redis-password", is_flag=True,
+              help="Start Redis requiring a new random password, kept in <run-dir>/"
+                   "redis.password (0600) and exported as IA_REDIS_PASSWORD_FILE.")
+def up(run_dir: Path | None, redis_password: bool) -> None:
     """Start the embedded Kafka-protocol broker and Redis; print their addresses."""
     from ia.core.kafka import ensure_topics
     from ia.runtime import embedded
 
     s = settings()
-    info = embedded.up(run_dir or s.run_dir)
+    info = embedded.up(run_dir or s.run_dir, redis_password=redis_password)
     ensure_topics(info.kafka_bootstrap_servers, s.topics.all(), s.topic_partitions)
     click.echo("\n".join(info.env_lines()))
 

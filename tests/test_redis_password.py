@@ -1,0 +1,96 @@
+"""The embedded Redis started with a password: refused without it, served with it, and
+the password in neither a URL, the environment nor a command line."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.exceptions import AuthenticationError, ResponseError
+
+from ia.core.errors import ConfigError
+from ia.core.redis import client, read_password, sync_client
+from ia.core.settings import RedisSettings, Settings
+from ia.runtime import embedded
+from ia.runtime.embedded import ServiceInfo, StackInfo
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceInfo]:
+    svc = embedded.start_redis(tmp_path_factory.mktemp("redis-pw"), password=True)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def _settings(svc: ServiceInfo) -> RedisSettings:
+    return RedisSettings(url=svc.address, password_file=svc.password_file)
+
+
+def test_a_client_without_the_password_is_refused(locked_redis: ServiceInfo) -> None:
+    bare = redis.Redis.from_url(locked_redis.address)
+    with pytest.raises((AuthenticationError, ResponseError), match=r"(?i)NOAUTH|auth"):
+        bare.ping()
+    bare.close()
+    wrong = redis.Redis.from_url(locked_redis.address, password="guess")
+    with pytest.raises((AuthenticationError, ResponseError)):
+        wrong.ping()
+    wrong.close()
+
+
+def test_the_factory_authenticates_with_the_password_file(locked_redis: ServiceInfo) -> None:
+    r = sync_client(_settings(locked_redis))
+    try:
+        r.set(b"pw-test", b"1")
+        assert r.get(b"pw-test") == b"1"
+    finally:
+        r.close()
+    assert locked_redis.healthy()
+
+
+async def test_the_async_factory_authenticates_too(locked_redis: ServiceInfo) -> None:
+    r = client(_settings(locked_redis))
+    try:
+        assert await r.ping()
+    finally:
+        await r.aclose()
+
+
+def test_the_password_stays_private(locked_redis: ServiceInfo) -> None:
+    assert locked_redis.password_file is not None
+    password_file = Path(locked_redis.password_file)
+    secret = read_password(password_file)
+    assert len(secret) >= 32
+    for path in (password_file, password_file.with_name(embedded.REDIS_CONFIG)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert secret not in locked_redis.address
+    assert secret not in (embedded._cmdline(locked_redis.pid) or "")
+    broker = ServiceInfo("broker", 1, 9092, "tansu", "", 0.0)
+    stack = StackInfo(password_file.parent, broker, locked_redis)
+    env = stack.env()
+    assert env["IA_REDIS_PASSWORD_FILE"] == str(password_file)
+    assert not any(secret in line for line in stack.env_lines())
+    assert ServiceInfo.from_dict("redis", locked_redis.to_dict()).password_file == \
+        locked_redis.password_file
+
+
+def test_the_password_file_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IA_REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
+    assert Settings().redis.password_file == tmp_path / "pw"
+    with pytest.raises(ConfigError, match="password file"):
+        sync_client(Settings().redis.model_copy(update={"url": "redis://127.0.0.1:1/0"}))
+    (tmp_path / "pw").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        read_password(tmp_path / "pw")
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert read_password(tmp_path / "pw") == "s3cret"
+
+
+def test_without_the_option_redis_has_no_password(infra) -> None:
+    assert redis.Redis.from_url(infra.redis_url).ping()
