@@ -22,6 +22,8 @@ from ia.actuators.base import ActionFailed
 from ia.schemas.models import Action, Decision
 
 log = logging.getLogger("ia.actuators")
+# httpx logs every request's full URL at INFO, and webhook URLs carry tokens.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class LogActuator:
