@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import httpx
 from tenacity import (
@@ -21,6 +22,8 @@ from ia.actuators.base import ActionFailed
 from ia.schemas.models import Action, Decision
 
 log = logging.getLogger("ia.actuators")
+# httpx logs every request's full URL at INFO, and webhook URLs carry tokens.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class LogActuator:
@@ -40,6 +43,51 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
+def resolve_secret(value: str) -> str:
+    """The destination ``value`` names: itself, or the secret an ``env:``/``file:`` reference holds.
+
+    Webhook URLs often carry tokens. A policy may therefore give ``env:NAME``
+    (an environment variable of the actuator) or ``file:PATH`` (a file's first
+    line) instead, so decisions, approvals and the audit log carry only the
+    reference and the secret is read only here, at execution time.
+    """
+    kind, _, ref = value.partition(":")
+    if kind == "env":
+        secret = os.environ.get(ref, "")
+        if not secret:
+            raise ActionFailed(f"secret {value} is not set in the actuator's environment",
+                               attempts=0)
+        return secret
+    if kind == "file":
+        try:
+            lines = Path(ref).read_text().splitlines()
+        except OSError as exc:
+            raise ActionFailed(f"secret {value} cannot be read: {exc.strerror}",
+                               attempts=0) from None
+        if not lines or not lines[0].strip():
+            raise ActionFailed(f"secret {value} is empty", attempts=0)
+        return lines[0].strip()
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` as outcomes and logs show it: scheme and host, the rest masked.
+
+    Path, query and user info are where webhook tokens live (Slack's
+    ``/services/T/B/token``, ``?token=``, ``user:pass@``); the host is enough
+    to tell which receiver answered.
+    """
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "<invalid url>"
+    if not parsed.scheme or not parsed.host:
+        return "<invalid url>"
+    port = f":{parsed.port}" if parsed.port else ""
+    masked = "/..." if parsed.raw_path not in (b"", b"/") or parsed.userinfo else ""
+    return f"{parsed.scheme}://{parsed.host}{port}{masked}"
+
+
 class WebhookActuator:
     """HTTP POST of the decision to ``params.url`` (or the default URL).
 
@@ -48,7 +96,8 @@ class WebhookActuator:
     (``<decision id>:compensation``) and says so in its body, so a
     de-duplicating receiver does not drop it as a repeat of the action.
     Retries transport errors, 429 and 5xx with exponential backoff; 4xx is
-    final.
+    final. ``params.url`` may be a secret reference (:func:`resolve_secret`);
+    outcomes and logs show only :func:`redact_url` of it.
     """
 
     name = "webhook"
@@ -66,7 +115,7 @@ class WebhookActuator:
         if not url:
             raise ActionFailed(f"{self.name}: no url in action params and no default configured",
                                attempts=0)
-        return url
+        return resolve_secret(url)
 
     def payload(self, action: Action, decision: Decision) -> dict:
         return {"decision_id": decision.decision_id, "action": action.model_dump(mode="json"),
@@ -74,16 +123,17 @@ class WebhookActuator:
                 "anomaly_score": decision.anomaly_score, "mode": decision.mode.value}
 
     async def execute(self, action: Action, decision: Decision) -> str:
-        return await self._post(action, self.payload(action, decision), decision.decision_id)
+        return await self._post(self.url_for(action), self.payload(action, decision),
+                                decision.decision_id)
 
     async def compensate(self, action: Action, decision: Decision) -> str:
         """POST the compensating ``action`` of ``decision`` (whose own action it undoes)."""
         undone = decision.action.model_dump(mode="json") if decision.action else None
         body = {**self.payload(action, decision), "phase": "compensation", "compensates": undone}
-        return await self._post(action, body, f"{decision.decision_id}:compensation")
+        return await self._post(self.url_for(action), body,
+                                f"{decision.decision_id}:compensation")
 
-    async def _post(self, action: Action, body: dict, key: str) -> str:
-        url = self.url_for(action)
+    async def _post(self, url: str, body: dict, key: str) -> str:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout_s)
         attempts = 0
@@ -100,16 +150,16 @@ class WebhookActuator:
                     resp.raise_for_status()
         except RetryError as exc:
             raise ActionFailed(f"POST {self.describe(url)} failed after {attempts} attempts: "
-                               f"{_redact(exc.last_attempt.exception(), url, self)}",
+                               f"{_error_text(exc.last_attempt.exception())}",
                                attempts) from exc
         except httpx.HTTPError as exc:
-            raise ActionFailed(f"POST {self.describe(url)} failed: {_redact(exc, url, self)}",
+            raise ActionFailed(f"POST {self.describe(url)} failed: {_error_text(exc)}",
                                attempts) from exc
         return f"POST {self.describe(url)} -> {resp.status_code} after {attempts} attempt(s)"
 
     def describe(self, url: str) -> str:
-        """How ``url`` appears in outcomes and logs."""
-        return url
+        """How ``url`` appears in outcomes and logs: never its path, query or user info."""
+        return redact_url(url)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -127,8 +177,13 @@ class SimulatorActuator(WebhookActuator):
         return self.default_url.rstrip("/") + "/actions"
 
 
-def _redact(exc: BaseException | None, url: str, act: WebhookActuator) -> str:
-    return str(exc).replace(url, act.describe(url))
+def _error_text(exc: BaseException | None) -> str:
+    """What went wrong, without the URL httpx puts into its messages (in its own rendering)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} {exc.response.reason_phrase}".strip()
+    if isinstance(exc, httpx.HTTPError):
+        return type(exc).__name__
+    return type(exc).__name__ if exc is not None else "unknown error"
 
 
 def slack_escape(text: str) -> str:
@@ -141,16 +196,46 @@ class NotifyActuator(WebhookActuator):
 
     The payload has ``text`` (the fallback every Slack-compatible receiver
     shows: Slack, Mattermost, Rocket.Chat, Teams' Slack connector) and
-    ``blocks`` with the details.  The URL is ``params.url`` or the configured
-    default (``IA_NOTIFY_URL``); incoming-webhook URLs are credentials, so
+    ``blocks`` with the details.  Incoming-webhook URLs are credentials, so
     outcomes and logs show only the host.  Params: ``message`` (a line of
-    text to lead with) and ``channel`` (for receivers that honour it).
+    text to lead with), ``channel`` (for receivers that honour it) and
+    ``notify_url`` (this rule's notification endpoint).
 
-    Used for ``notify`` actions, for ``notify``-mode decisions (the action is
-    described, not run) and for announcing approval requests.
+    Used for ``notify`` actions (:meth:`execute`), for ``notify``-mode
+    decisions (:meth:`notify_instead`: the action is described, not run) and
+    for announcing approval requests (:meth:`announce`).  The last two only
+    ever go to a notification endpoint (``params.notify_url`` or
+    ``IA_NOTIFY_URL``), never to the action's ``url``: that endpoint acts on
+    what it receives, and must receive nothing before approval.  Each has its
+    own idempotency key (``<decision id>:notify``, ``:announce``), so a
+    de-duplicating receiver never mistakes the approved action for a repeat.
     """
 
     name = "notify"
+
+    def url_for(self, action: Action) -> str:
+        """``params.notify_url``, a ``notify`` action's own ``params.url``, or ``IA_NOTIFY_URL``."""
+        own = action.params.get("url") if action.type == "notify" else None
+        url = action.params.get("notify_url") or own or self.default_url
+        if not url:
+            raise ActionFailed("notify: no notify_url in action params and IA_NOTIFY_URL is not "
+                               "set", attempts=0)
+        return resolve_secret(url)
+
+    async def notify_instead(self, decision: Decision) -> str:
+        """Tell humans what a ``notify``-mode ``decision`` would have done."""
+        return await self._about(decision, "notify")
+
+    async def announce(self, decision: Decision) -> str:
+        """Ask humans to answer the approval request of ``decision``."""
+        return await self._about(decision, "announce")
+
+    async def _about(self, decision: Decision, purpose: str) -> str:
+        assert decision.action is not None
+        notice = decision.action.model_copy(update={"params": {
+            k: v for k, v in decision.action.params.items() if k != "url"}})
+        return await self._post(self.url_for(notice), self.payload(notice, decision),
+                                f"{decision.decision_id}:{purpose}")
 
     def describe(self, url: str) -> str:
         host = httpx.URL(url).host if "://" in url else "?"

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from redis.exceptions import LockError, RedisError
 
 from ia.actuators.base import ActionFailed, Actuator
+from ia.actuators.builtin import NotifyActuator
 from ia.actuators.verification import SpecError, VerificationJob, Verifier, spec_of
 from ia.core.clock import now_ms
 from ia.core.keys import Keys
@@ -130,7 +131,8 @@ class _Held:
 
 class ActionExecutor:
     def __init__(self, redis, actuators: Mapping[str, Actuator], prefix: str = "ia",
-                 timeout_s: float = 10.0, guard=None, notifier: Actuator | None = None,
+                 timeout_s: float = 10.0, guard=None,
+                 notifier: NotifyActuator | None = None,
                  verifier: Verifier | None = None, claim_grace_s: float = 5.0) -> None:
         """``guard`` is an :class:`~ia.decisions.guards.ExecutionGuard` (None: no
         execution-time guards); ``notifier`` tells humans about ``notify``
@@ -401,7 +403,7 @@ class ActionExecutor:
                 detail = "mode notify: not executed (no notify webhook configured)"
             else:
                 try:
-                    sent = await asyncio.wait_for(self.notifier.execute(d.action, d),
+                    sent = await asyncio.wait_for(self.notifier.notify_instead(d),
                                                   self.timeout_s)
                     detail = f"mode notify: not executed; humans notified ({sent})"
                 except (ActionFailed, TimeoutError) as exc:

@@ -32,7 +32,7 @@ import logging
 from pydantic import BaseModel
 
 from ia.actuators.approvals import ApprovalStore
-from ia.actuators.base import Actuator
+from ia.actuators.builtin import NotifyActuator
 from ia.actuators.executor import ActionExecutor
 from ia.actuators.verification import SpecError, Verdict, spec_of
 from ia.core import clock
@@ -57,7 +57,7 @@ UNFINISHED_GRACE_MS = 10_000
 
 class ActuatorService:
     def __init__(self, executor: ActionExecutor, approvals: ApprovalStore,
-                 notifier: Actuator | None = None) -> None:
+                 notifier: NotifyActuator | None = None) -> None:
         """Verifications are the executor's ``verifier``'s (None: no verification)."""
         self.executor = executor
         self.approvals = approvals
@@ -79,7 +79,7 @@ class ActuatorService:
     async def _announce(self, d: Decision) -> None:
         assert self.notifier is not None and d.action is not None
         try:
-            await asyncio.wait_for(self.notifier.execute(d.action, d), self.executor.timeout_s)
+            await asyncio.wait_for(self.notifier.announce(d), self.executor.timeout_s)
         except Exception as exc:  # a chat outage must not hold up the approval
             log.warning("approval request %s not announced: %s", d.decision_id, exc)
 

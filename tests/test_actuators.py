@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from ia.actuators.base import ActionFailed
-from ia.actuators.builtin import CommandActuator, LogActuator, WebhookActuator
+from ia.actuators.builtin import (
+    CommandActuator,
+    LogActuator,
+    WebhookActuator,
+    redact_url,
+    resolve_secret,
+)
 from ia.actuators.executor import ActionExecutor
 from ia.actuators.registry import build_actuators
 from ia.core.clock import now_ms
@@ -380,10 +386,63 @@ async def test_registry_offers_builtin_actuators(sink) -> None:
         == "http://127.0.0.1:1/actions"
     d = decision()
     detail = await acts["webhook"].execute(d.action, d)
-    assert detail == f"POST {sink.url} -> 200 after 1 attempt(s)"
+    # the path of a webhook URL is where its token lives: outcomes show only the host
+    assert detail == f"POST {sink.url.removesuffix('/hook')}/... -> 200 after 1 attempt(s)"
     await acts["webhook"].close()
     with pytest.raises(ActionFailed, match="IA_SIMULATOR_URL"):
         await build_actuators()["simulator"].execute(d.action, d)
+
+
+SECRET = "tok-" + uuid.uuid4().hex
+
+
+@pytest.mark.parametrize("status", [200, 404, 503])
+async def test_webhook_outcomes_never_show_the_secret_in_its_url(status, aredis, topic_prefix,
+                                                                 sink, webhook) -> None:
+    sink.status = status
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    base = sink.url.removesuffix("/hook")
+    url = f"http://user:{SECRET}@{base.removeprefix('http://')}/hook/{SECRET}?token={SECRET}"
+    out = await ex.handle(decision(url=url))
+    assert sink.calls and SECRET not in out.model_dump_json()
+    assert f"POST {base}/..." in (out.detail if status == 200 else out.error or "")
+
+
+async def test_unreachable_webhook_failure_does_not_show_the_secret(aredis, topic_prefix,
+                                                                    webhook) -> None:
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    out = await ex.handle(decision(url=f"http://127.0.0.1:9/hooks/{SECRET}"))
+    assert out.status is OutcomeStatus.failed and "ConnectError" in (out.error or "")
+    assert SECRET not in out.model_dump_json()
+
+
+async def test_secret_references_are_resolved_only_by_the_actuator(aredis, topic_prefix, sink,
+                                                                   webhook, tmp_path,
+                                                                   monkeypatch) -> None:
+    secret_file = tmp_path / "hook"
+    secret_file.write_text(f"{sink.url}?token={SECRET}\n")
+    monkeypatch.setenv("IA_TEST_HOOK", f"{sink.url}/{SECRET}")
+    ex = ActionExecutor(aredis, {"webhook": webhook}, prefix=topic_prefix, timeout_s=5)
+    for ref in (f"file:{secret_file}", "env:IA_TEST_HOOK"):
+        d = decision(url=ref)
+        out = await ex.handle(d)
+        assert out.status is OutcomeStatus.succeeded, out
+        assert sink.calls[d.decision_id] == 1 and SECRET not in out.model_dump_json()
+    missing = await ex.handle(decision(url="env:IA_TEST_NOT_SET"))
+    assert missing.status is OutcomeStatus.failed and "env:IA_TEST_NOT_SET" in (missing.error or "")
+
+
+def test_redaction_and_resolution_rules(monkeypatch) -> None:
+    assert redact_url("https://hooks.slack.com/services/T/B/x") == "https://hooks.slack.com/..."
+    assert redact_url("https://u:p@h.example:8443") == "https://h.example:8443/..."
+    assert redact_url("https://h.example/") == "https://h.example"
+    assert redact_url("not a url") == "<invalid url>"
+    monkeypatch.setenv("IA_TEST_EMPTY", "")
+    assert resolve_secret("https://h.example/x") == "https://h.example/x"
+    with pytest.raises(ActionFailed, match="not set"):
+        resolve_secret("env:IA_TEST_EMPTY")
+    with pytest.raises(ActionFailed, match="cannot be read"):
+        resolve_secret("file:/nonexistent/ia-secret")
 
 
 # --- command --------------------------------------------------------------------------------

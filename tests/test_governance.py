@@ -70,12 +70,19 @@ rules:
     when: {{min_score: 0.8, min_confidence: 0.5, direction: up}}
     action: {{type: webhook, target: "{{entity}}", params: {{url: "{url}"}}}}
     mode: notify
+  - name: secret-hook
+    match: {{entity: "gov-secret-*", metric: latency_ms}}
+    when: {{min_score: 0.8, min_confidence: 0.5, direction: up}}
+    action: {{type: webhook, target: "{{entity}}", params: {{url: "env:GOV_HOOK_URL"}}}}
+    mode: auto
   - name: plugged-in
     match: {{entity: "gov-plug-*", metric: latency_ms}}
     when: {{min_score: 0.8, min_confidence: 0.5, direction: up}}
     action: {{type: echo, target: "{{entity}}", params: {{greeting: hello}}}}
     mode: auto
 """
+
+HOOK_SECRET = "tok-" + uuid.uuid4().hex  # planted in a webhook URL: must appear nowhere
 
 PLUGIN = '''
 class EchoActuator:
@@ -112,13 +119,14 @@ def gov(infra, tmp_path_factory):
     token_file.write_text(f"# name token\nops {token}\n")
     api_port, metrics_port = free_port(), free_port()
     plugins = make_plugin(tmp / "plugins")
-    with WebhookSink() as sink:
+    # One sink per URL: the action endpoint must not see what is meant for humans.
+    with WebhookSink() as sink, WebhookSink() as notify_sink:
         policy = tmp / "policy.yaml"
         policy.write_text(POLICY.format(url=sink.url))
         env = ia_env(infra, prefix, policy, IA_AUDIT_DIR=str(tmp / "audit"),
                      IA_AUDIT_KEY_FILE=str(tmp / "audit.key"),
-                     IA_API_TOKEN_FILE=str(token_file), IA_NOTIFY_URL=sink.url + "/default",
-                     IA_LOG_LEVEL="info")
+                     IA_API_TOKEN_FILE=str(token_file), IA_NOTIFY_URL=notify_sink.url,
+                     IA_LOG_LEVEL="info", GOV_HOOK_URL=f"{sink.url}?token={HOOK_SECRET}")
         ensure_topics(infra.kafka, Topics(prefix).all(), 4)
         procs = {
             "worker": IaProcess(["worker"], env, tmp / "worker.log"),
@@ -131,7 +139,8 @@ def gov(infra, tmp_path_factory):
         for p in procs.values():
             p.start()
         try:
-            yield {"prefix": prefix, "sink": sink, "infra": infra, "env": env, "tmp": tmp,
+            yield {"prefix": prefix, "sink": sink, "notify_sink": notify_sink, "infra": infra,
+                   "env": env, "tmp": tmp,
                    "token": token, "api": f"http://127.0.0.1:{api_port}",
                    "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "procs": procs,
                    "log": tmp / "audit" / f"{prefix}.audit.jsonl", "ids": {}}
@@ -205,10 +214,11 @@ def test_approved_request_runs_once_and_records_who(gov):
     req = approval(gov, d["decision_id"], "requested")
     assert req["rule"] == "ask-first"
     assert req["action"] == d["action"] and req["expires_at"] > req["requested_at"]
-    assert calls(gov, d["decision_id"]) == []  # nothing runs before a human says so
     # the request was announced to humans (IA_NOTIFY_URL), with how to answer it
-    wait_until(lambda: any(req["approval_id"] in b.get("text", "") for b in gov["sink"].bodies),
-               10, "approval request announced")
+    wait_until(lambda: any(req["approval_id"] in b.get("text", "")
+                           for b in gov["notify_sink"].bodies), 10, "approval request announced")
+    assert gov["notify_sink"].calls[f"{d['decision_id']}:announce"] >= 1
+    assert gov["sink"].calls[d["decision_id"]] == 0  # nothing runs before a human says so
 
     listed = ia(gov, "approvals", "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -222,6 +232,7 @@ def test_approved_request_runs_once_and_records_who(gov):
     assert out["status"] == "succeeded" and out["phase"] == "action"
     assert out["approved_by"] == "alice" and out["approval_id"] == req["approval_id"]
     wait_until(lambda: len(calls(gov, d["decision_id"])) == 1, 10, "one webhook call")
+    assert gov["sink"].calls[d["decision_id"]] == 1  # under the decision's own key
     resolved = approval(gov, d["decision_id"], "approved")
     assert (resolved["by"], resolved["via"], resolved["reason"]) == \
         ("alice", "cli", "checked the dashboard")
@@ -353,9 +364,26 @@ def test_notify_mode_tells_humans_instead_of_acting(gov):
     assert d["mode"] == "notify"
     [out] = outcomes_of(gov, d["decision_id"])
     assert out["status"] == "blocked" and "humans notified" in out["detail"]
-    assert calls(gov, d["decision_id"]) == []  # the webhook action itself never ran
-    told = [b for b in gov["sink"].bodies if "blocks" in b and "gov-nmode-1" in b["text"]]
+    assert gov["sink"].calls[d["decision_id"]] == 0  # the webhook action itself never ran
+    told = [b for b in gov["notify_sink"].bodies if "blocks" in b and "gov-nmode-1" in b["text"]]
     assert told and "would run webhook on gov-nmode-1" in told[0]["text"]
+    assert gov["notify_sink"].calls[f"{d['decision_id']}:notify"] >= 1
+    assert not [b for b in gov["sink"].bodies if "gov-nmode-1" in json.dumps(b)]
+
+
+def test_secret_destination_is_resolved_only_at_execution(gov):
+    d = spike(gov, "gov-secret-1", seed=10)
+    assert d["action"]["params"]["url"] == "env:GOV_HOOK_URL"  # the reference, not the secret
+    [out] = outcomes_of(gov, d["decision_id"])
+    assert out["status"] == "succeeded", out
+    assert gov["sink"].calls[d["decision_id"]] == 1
+    secret = HOOK_SECRET.encode()
+    for topic in Topics(gov["prefix"]).all():
+        raw = read_topic(gov["infra"].kafka, topic, until=lambda rs: False, timeout_s=2, raw=True)
+        assert not [r for r in raw if secret in r], topic
+    wait_until(lambda: d["decision_id"] in gov["log"].read_text(), 30, "audited")
+    assert HOOK_SECRET not in gov["log"].read_text()
+    assert all(HOOK_SECRET not in p.log.read_text() for p in gov["procs"].values())
 
 
 def test_plugin_actuator_is_discovered_through_its_entry_point(gov):
