@@ -28,8 +28,10 @@ import redis
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from ia.core.kafka import end_offsets
+from ia.core.kafka import end_offsets, ensure_topics
+from ia.core.settings import Topics
 from ia.runtime.embedded import _redis_argv, free_port, redis_binary
+from tests.support import IaProcess, ia_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -421,6 +423,81 @@ def check_loop(bootstrap: str, topics: Any, sent: list[str], sink: FaultSink,
         executions, attempts = Counter(sink.executions), Counter(sink.attempts)
     return LoopCheck(events=len(sent), undecided=sorted(set(sent) - decided), acting=acting,
                      executions=executions, attempts=attempts, outcomes=by_decision)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+ROLES = {"worker": "worker", "actuator": "actuate", "audit": "audit-writer"}
+
+
+class Loop:
+    """Workers, an actuator, a slow and flaky webhook and a feeder on topics of their own."""
+
+    def __init__(self, infra, tmp_path: Path, prefix: str, t: Trial, **env: str) -> None:
+        self.infra, self.tmp, self.prefix = infra, tmp_path, prefix
+        self.topics = Topics(prefix)
+        ensure_topics(infra.kafka, self.topics.all(), 4)
+        self.sink = FaultSink(t.rng)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.format(url=self.sink.url))
+        self.env = ia_env(infra, prefix, policy, IA_BATCH_SIZE="100",
+                          IA_AUDIT_DIR=str(tmp_path / "audit"), **env)
+        self.procs: dict[str, IaProcess] = {}
+        self.feeder = Feeder(infra.kafka, self.topics.telemetry, prefix)
+        self.decisions = Progress(infra.kafka, self.topics.decisions)
+        self.outcomes = Progress(infra.kafka, self.topics.outcomes)
+
+    @property
+    def actuator_group(self) -> str:
+        return self.env["IA_ACTUATOR_APP_ID"]
+
+    def start(self, role: str, name: str | None = None) -> IaProcess:
+        """Start ``role`` (worker, actuator, audit) as the process called ``name``."""
+        name = name or role
+        self.procs[name] = IaProcess([ROLES[role]], self.env, self.tmp / f"{name}.log").start()
+        return self.procs[name]
+
+    def env_os(self) -> dict[str, str]:
+        """The environment an ``ia`` command of this loop runs with."""
+        return {**os.environ, **self.env}
+
+    def check(self, sent: list[str]) -> LoopCheck:
+        return check_loop(self.infra.kafka, self.topics, sent, self.sink, self.actuator_group)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {n}\n{p.tail()}" for n, p in self.procs.items())
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.stop()
+        try:
+            if self.feeder.is_alive():
+                self.feeder.stop()
+        finally:
+            self.decisions.close()
+            self.outcomes.close()
+            self.sink.close()
+
+
+@contextlib.contextmanager
+def running_loop(infra, tmp_path: Path, prefix: str, t: Trial, **env: str) -> Iterator[Loop]:
+    lp = Loop(infra, tmp_path, prefix, t, **env)
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+def assert_promises(loop: Loop, res: LoopCheck, *, interruptions_allowed: bool) -> None:
+    """No event undecided, no action twice, an outcome for each action and an honest one."""
+    assert not res.undecided, f"{len(res.undecided)} events without a decision\n{loop.tails()}"
+    assert not res.executed_twice, f"actions executed more than once: {res.executed_twice}"
+    no_outcome = res.without_outcome()
+    assert not no_outcome, f"{len(no_outcome)} of {len(res.acting)} actions got no outcome"
+    wrong = res.dishonest(interruptions_allowed=interruptions_allowed)
+    assert not wrong, f"outcomes that misreport what ran: {dict(list(wrong.items())[:5])}"
+    assert res.executed_once > 0, "no action ran: the actuator was not exercised"
 
 
 # --------------------------------------------------------------------------- progress

@@ -10,91 +10,27 @@ both variants, ``IA_FAULT_SEED`` replays a run's random points.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ia.core.kafka import ensure_topics
-from ia.core.settings import Topics
 from tests.fault_support import (
-    POLICY,
-    FaultSink,
-    Feeder,
-    LoopCheck,
+    Loop,
     Progress,
     Trial,
-    check_loop,
+    assert_promises,
     count,
+    running_loop,
     trial,
     wait_all_decided,
 )
-from tests.support import IaProcess, ia_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 TRIALS = [pytest.param(count(3), marks=pytest.mark.faults_quick, id="quick"),
           pytest.param(count(20), marks=[pytest.mark.faults_long, pytest.mark.timeout(1200)],
                        id="full")]
-
-ROLES = {"worker": "worker", "actuator": "actuate", "audit": "audit-writer"}
-
-
-class Loop:
-    """Workers, an actuator, a slow and flaky webhook and a feeder on topics of their own."""
-
-    def __init__(self, infra, tmp_path: Path, prefix: str, t: Trial, **env: str) -> None:
-        self.infra, self.tmp, self.prefix = infra, tmp_path, prefix
-        self.topics = Topics(prefix)
-        ensure_topics(infra.kafka, self.topics.all(), 4)
-        self.sink = FaultSink(t.rng)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(POLICY.format(url=self.sink.url))
-        self.env = ia_env(infra, prefix, policy, IA_BATCH_SIZE="100",
-                          IA_AUDIT_DIR=str(tmp_path / "audit"), **env)
-        self.procs: dict[str, IaProcess] = {}
-        self.feeder = Feeder(infra.kafka, self.topics.telemetry, prefix)
-        self.decisions = Progress(infra.kafka, self.topics.decisions)
-        self.outcomes = Progress(infra.kafka, self.topics.outcomes)
-
-    @property
-    def actuator_group(self) -> str:
-        return self.env["IA_ACTUATOR_APP_ID"]
-
-    def start(self, role: str, name: str | None = None) -> IaProcess:
-        """Start ``role`` (worker, actuator, audit) as the process called ``name``."""
-        name = name or role
-        self.procs[name] = IaProcess([ROLES[role]], self.env, self.tmp / f"{name}.log").start()
-        return self.procs[name]
-
-    def check(self, sent: list[str]) -> LoopCheck:
-        return check_loop(self.infra.kafka, self.topics, sent, self.sink, self.actuator_group)
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {n}\n{p.tail()}" for n, p in self.procs.items())
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            p.stop()
-        try:
-            if self.feeder.is_alive():
-                self.feeder.stop()
-        finally:
-            self.decisions.close()
-            self.outcomes.close()
-            self.sink.close()
-
-
-@contextlib.contextmanager
-def running_loop(infra, tmp_path: Path, prefix: str, t: Trial, **env: str) -> Iterator[Loop]:
-    lp = Loop(infra, tmp_path, prefix, t, **env)
-    try:
-        yield lp
-    finally:
-        lp.close()
-
 
 def kill_at_random_points(loop: Loop, role: str, n: int, progress: Progress, t: Trial) -> int:
     """Kill ``role`` with SIGKILL ``n`` times at random moments while it works, and
@@ -122,17 +58,6 @@ def kill_at_random_points(loop: Loop, role: str, n: int, progress: Progress, t: 
         loop.start(role)
     t.report(kills=n, kill_points_s=points, mid_action_kills=mid_action)
     return mid_action
-
-
-def assert_promises(loop: Loop, res: LoopCheck, *, interruptions_allowed: bool) -> None:
-    """No event undecided, no action twice, an outcome for each action and an honest one."""
-    assert not res.undecided, f"{len(res.undecided)} events without a decision\n{loop.tails()}"
-    assert not res.executed_twice, f"actions executed more than once: {res.executed_twice}"
-    no_outcome = res.without_outcome()
-    assert not no_outcome, f"{len(no_outcome)} of {len(res.acting)} actions got no outcome"
-    wrong = res.dishonest(interruptions_allowed=interruptions_allowed)
-    assert not wrong, f"outcomes that misreport what ran: {dict(list(wrong.items())[:5])}"
-    assert res.executed_once > 0, "no action ran: the actuator was not exercised"
 
 
 def _kill_trial(infra, tmp_path: Path, prefix: str, role: str, n: int) -> None:
