@@ -428,6 +428,14 @@ def check_loop(bootstrap: str, topics: Any, sent: list[str], sink: FaultSink,
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    """A broker and a Redis, like the session's ``infra`` (for a stack of a trial's own)."""
+
+    kafka: str
+    redis_url: str
+
+
 ROLES = {"worker": "worker", "actuator": "actuate", "audit": "audit-writer"}
 
 
@@ -498,6 +506,50 @@ def assert_promises(loop: Loop, res: LoopCheck, *, interruptions_allowed: bool) 
     wrong = res.dishonest(interruptions_allowed=interruptions_allowed)
     assert not wrong, f"outcomes that misreport what ran: {dict(list(wrong.items())[:5])}"
     assert res.executed_once > 0, "no action ran: the actuator was not exercised"
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def audit_log(loop: Loop) -> Path:
+    return Path(loop.env["IA_AUDIT_DIR"]) / f"{loop.prefix}.audit.jsonl"
+
+
+def lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_log_growth(path: Path, by: int, timeout_s: float) -> None:
+    target = lines(path) + by
+    deadline = time.monotonic() + timeout_s
+    while lines(path) < target:
+        assert time.monotonic() < deadline, f"the audit log did not grow within {timeout_s:g}s"
+        time.sleep(0.1)
+
+
+def verify(loop: Loop) -> dict:
+    """``ia audit verify --json`` of the loop's log."""
+    done = subprocess.run([sys.executable, "-m", "ia.cli", "audit", "verify", "--json"],
+                          env={**loop.env_os(), "IA_LOG_LEVEL": "error"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def wait_audited(loop: Loop, decisions: int, timeout_s: float = 240.0) -> dict:
+    """The verify report once every decision's story is in the log (or the last one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = verify(loop)
+        stats = report["completeness"]
+        if (stats["complete"] >= decisions and not stats["pending"]) or \
+                time.monotonic() > deadline:
+            return report
+        time.sleep(2.0)
 
 
 # --------------------------------------------------------------------------- progress

@@ -6,62 +6,25 @@ hash chain verifies (``ia audit verify``) and every decision's story is complete
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.fault_support import Loop, assert_promises, count, running_loop, trial
+from tests.fault_support import (
+    assert_promises,
+    audit_log,
+    count,
+    running_loop,
+    trial,
+    wait_audited,
+    wait_log_growth,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 TRIALS = [pytest.param(count(2), marks=pytest.mark.faults_quick, id="quick"),
           pytest.param(count(8), marks=[pytest.mark.faults_long, pytest.mark.timeout(1200)],
                        id="full")]
-
-
-def audit_log(loop: Loop) -> Path:
-    return Path(loop.env["IA_AUDIT_DIR"]) / f"{loop.prefix}.audit.jsonl"
-
-
-def lines(path: Path) -> int:
-    try:
-        with path.open("rb") as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
-
-
-def wait_log_growth(path: Path, by: int, timeout_s: float) -> None:
-    target = lines(path) + by
-    deadline = time.monotonic() + timeout_s
-    while lines(path) < target:
-        assert time.monotonic() < deadline, f"the audit log did not grow within {timeout_s:g}s"
-        time.sleep(0.1)
-
-
-def verify(loop: Loop) -> dict:
-    """``ia audit verify --json`` of the loop's log."""
-    done = subprocess.run([sys.executable, "-m", "ia.cli", "audit", "verify", "--json"],
-                          env={**loop.env_os(), "IA_LOG_LEVEL": "error"},
-                          capture_output=True, text=True, timeout=120)
-    assert done.stdout, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def wait_audited(loop: Loop, decisions: int, timeout_s: float = 240.0) -> dict:
-    """The verify report once every decision's story is in the log (or the last one)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        report = verify(loop)
-        stats = report["completeness"]
-        if (stats["complete"] >= decisions and not stats["pending"]) or \
-                time.monotonic() > deadline:
-            return report
-        time.sleep(2.0)
 
 
 @pytest.mark.parametrize("n", TRIALS)
