@@ -89,7 +89,8 @@ def trial(name: str) -> Iterator[Trial]:
     """Run one trial; when it fails, say (stderr, the exception's notes, the summary)
     which ``IA_FAULT_SEED`` replays it."""
     figures: dict[str, Any] = {"test": name, "result": "running", "seed": SEED,
-                               **dict.fromkeys(FIGURES)}
+                               **dict.fromkeys(FIGURES),
+                               "nodeid": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}
     RESULTS.append(figures)
     t = Trial(name, SEED, figures)
     try:
@@ -103,13 +104,23 @@ def trial(name: str) -> Iterator[Trial]:
     figures["result"] = "passed"
 
 
+def pytest_runtest_logreport(report: Any) -> None:  # pytest hook
+    """Mark the trials of an expected failure as such (they still show their seed)."""
+    if report.when == "call" and hasattr(report, "wasxfail"):
+        for r in RESULTS:
+            if r["nodeid"] == report.nodeid:
+                r["result"] = "xfailed" if report.skipped else "xpassed"
+                r["known_failure"] = report.wasxfail
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:  # pytest hook
     if not RESULTS:
         return
     tr = terminalreporter
     tr.section("fault suite summary")
     for r in RESULTS:
-        figures = ", ".join(f"{k}={v}" for k, v in r.items() if k != "test" and v is not None)
+        figures = ", ".join(f"{k}={v}" for k, v in r.items()
+                            if k not in ("test", "nodeid") and v is not None)
         tr.write_line(f"{r['test']}: {figures}")
     failed = [r for r in RESULTS if r["result"] != "passed"]
     if failed:
@@ -381,10 +392,10 @@ class LoopCheck:
     def dishonest(self, *, interruptions_allowed: bool) -> dict[str, str]:
         """Acting decisions whose outcome does not match what the receiver saw.
 
-        ``succeeded`` needs an execution, ``failed`` and ``blocked`` deny one; an
-        outcome that only says "already handled" may stand for an action that never
-        reached the receiver only if a process died holding its claim
-        (``interruptions_allowed``).
+        ``succeeded`` needs an execution, ``failed`` and ``blocked`` deny one.  An
+        action whose only outcome is "already handled" has no first outcome: that
+        stands only where a process died holding its claim
+        (``interruptions_allowed``); otherwise it hides what happened.
         """
         wrong: dict[str, str] = {}
         for d in sorted(self.acting):
@@ -394,16 +405,22 @@ class LoopCheck:
                 wrong[d] = "reported succeeded, never executed"
             elif statuses & {"failed", "blocked"} and ran:
                 wrong[d] = f"reported {sorted(statuses)}, executed {ran} time(s)"
-            elif statuses == {"skipped_duplicate"} and not ran and not (
+            elif statuses == {"skipped_duplicate"} and not (
                     interruptions_allowed and d in self.interrupted):
-                wrong[d] = "never executed, reported only as already handled"
+                wrong[d] = (f"executed {ran} time(s), its only outcome: "
+                            f"{self.outcome(d)[0].get('detail')!r} and no process died")
         return wrong
+
+    def not_executed(self) -> dict[str, int]:
+        """The outcome statuses of the actions the receiver never executed."""
+        return dict(Counter("/".join(sorted({o["status"] for o in self.outcome(d)}))
+                            for d in self.acting if not self.executions[d]))
 
     def figures(self) -> dict[str, Any]:
         return {"events": self.events, "undecided": len(self.undecided),
                 "actions": len(self.acting), "executed_once": self.executed_once,
                 "executed_twice": len(self.executed_twice),
-                "interrupted": len(self.interrupted)}
+                "interrupted": len(self.interrupted), "not_executed": self.not_executed()}
 
 
 def check_loop(bootstrap: str, topics: Any, sent: list[str], sink: FaultSink,
