@@ -1,8 +1,11 @@
-"""The fault suite's machinery: a steady feed, a slow webhook, a Redis we can restart,
-result checks, and the summary ``make faults`` prints.
+"""The fault suite's machinery: trials with a replayable seed, a steady feed, a slow
+and flaky webhook sink, the loop of processes under test, a Redis with the shipped
+persistence options that can be taken away, the result checks, and the summary
+``make faults`` prints.
 
-Also a pytest plugin (``-p tests.fault_support``): it prints every recorded
-fault result at the end of the session.
+Also a pytest plugin (``-p tests.fault_support``): it prints every trial of the
+session (passed, failed or expected to fail, with its figures and seed) at the
+end and writes them to ``.ia/faults-summary.json``.
 """
 
 from __future__ import annotations

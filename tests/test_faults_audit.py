@@ -22,7 +22,7 @@ from tests.fault_support import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
-TRIALS = [pytest.param(count(2), marks=pytest.mark.faults_quick, id="quick"),
+TRIALS = [pytest.param(count(1), marks=pytest.mark.faults_quick, id="quick"),
           pytest.param(count(8), marks=[pytest.mark.faults_long, pytest.mark.timeout(1200)],
                        id="full")]
 
