@@ -37,6 +37,11 @@ HIDES = pytest.mark.xfail(
     "retry report skipped_duplicate 'already handled (running)'; the action's own outcome "
     "is never published")
 
+STALLS = pytest.mark.xfail(
+    strict=True, reason="issue 11, findings 2 and 6: after a 20 s Redis pause (no socket "
+    "timeout) some actions ran but their own outcome is never published; the redelivery "
+    "reports skipped_duplicate 'already handled (running)'")
+
 
 def _case(config: str, fault: str, variant: str, *marks: pytest.MarkDecorator):
     long = [pytest.mark.faults_long, pytest.mark.timeout(900)]
@@ -50,10 +55,10 @@ CASES = [
     _case("compose", "crash", "quick", HIDES),
     _case("compose", "crash", "full", HIDES),
     _case("compose", "stop", "full", HIDES),
-    _case("compose", "pause", "full"),
+    _case("compose", "pause", "full", STALLS),
     _case("embedded", "crash", "full", FORGETS),
     _case("embedded", "stop", "full", FORGETS),
-    _case("embedded", "pause", "full"),
+    _case("embedded", "pause", "full", STALLS),
 ]
 
 
