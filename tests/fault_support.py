@@ -397,7 +397,7 @@ class LoopCheck:
 
         ``succeeded`` needs an execution, ``failed`` and ``blocked`` deny one.  An
         action whose only outcome is "already handled" has no first outcome: that
-        stands only where a process died holding its claim
+        stands only where a process may have died between its claim and its outcome
         (``interruptions_allowed``); otherwise it hides what happened.
         """
         wrong: dict[str, str] = {}
@@ -408,8 +408,7 @@ class LoopCheck:
                 wrong[d] = "reported succeeded, never executed"
             elif statuses & {"failed", "blocked"} and ran:
                 wrong[d] = f"reported {sorted(statuses)}, executed {ran} time(s)"
-            elif statuses == {"skipped_duplicate"} and not (
-                    interruptions_allowed and d in self.interrupted):
+            elif statuses == {"skipped_duplicate"} and not interruptions_allowed:
                 wrong[d] = (f"executed {ran} time(s), its only outcome: "
                             f"{self.outcome(d)[0].get('detail')!r} and no process died")
         return wrong
