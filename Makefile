@@ -30,11 +30,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# kill -9 of workers and actuators (20 random points each), Redis crash and
-# restart, SIGTERM, hostile input; prints a summary (.ia/faults-summary.json).
+# The full fault trials: kill -9 of workers, actuators and the audit writer, the
+# broker paused, Redis crashed/stopped/paused under the actuator, rebalances,
+# SIGTERM, hostile input; prints a summary (also .ia/faults-summary.json).
+# IA_FAULT_TRIALS (kills per trial) and IA_FAULT_SEED (replay) pass through.
 faults: $(STAMP)
-	IA_FAULT_TRIALS=$${IA_FAULT_TRIALS:-20} $(BIN)/python -m pytest -q -p tests.fault_support \
-	  -m "faults and not faults_quick" tests/test_faults.py tests/test_faults_hostile.py
+	$(BIN)/python -m pytest -q -rxX -p tests.fault_support -m "faults and not faults_quick" \
+	  tests/test_faults*.py
 
 bench: $(STAMP)
 	$(BIN)/ia bench --json bench.json

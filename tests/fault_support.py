@@ -1,31 +1,42 @@
-"""The fault suite's machinery: a steady feed, a slow webhook, a Redis we can restart,
-result checks, and the summary ``make faults`` prints.
+"""The fault suite's machinery: trials with a replayable seed, a steady feed, a slow
+and flaky webhook sink, the loop of processes under test, a Redis with the shipped
+persistence options that can be taken away, the result checks, and the summary
+``make faults`` prints.
 
-Also a pytest plugin (``-p tests.fault_support``): it prints every recorded
-fault result at the end of the session.
+Also a pytest plugin (``-p tests.fault_support``): it prints every trial of the
+session (passed, failed or expected to fail, with its figures and seed) at the
+end and writes them to ``.ia/faults-summary.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import redis
+import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from ia.runtime.embedded import free_port, redis_binary
-from tests.support import WebhookSink
+from ia.core.kafka import end_offsets, ensure_topics
+from ia.core.settings import Topics
+from ia.runtime.embedded import _redis_argv, free_port, redis_binary
+from tests.support import IaProcess, ia_env
+
+REPO = Path(__file__).resolve().parent.parent
 
 POLICY = """\
 version: 1
@@ -37,22 +48,72 @@ rules:
     mode: auto
 """
 
-#: Every result recorded by a fault test in this session, for the summary.
+#: Every trial of this session (passed or not), for the summary.
 RESULTS: list[dict[str, Any]] = []
 
+#: One seed for the whole session, so ``IA_FAULT_SEED`` replays every trial of a run.
+SEED = int(os.environ.get("IA_FAULT_SEED", time.time_ns() % 1_000_000))
 
-def trials(default: int) -> int:
-    """Trials of the full kill tests: ``IA_FAULT_TRIALS`` or ``default``."""
+#: The figures every trial reports (None where a figure does not apply).
+FIGURES = ("events", "undecided", "actions", "executed_once", "executed_twice", "interrupted")
+
+
+def count(default: int) -> int:
+    """Kills (or other faults) per trial: ``IA_FAULT_TRIALS`` if set, else ``default``.
+
+    The variable sets the count of the quick and the full variants alike, so a
+    quick run can be made as long as needed to chase a rare failure.
+    """
     return int(os.environ.get("IA_FAULT_TRIALS", default))
 
 
-def seeded_rng(name: str) -> tuple[random.Random, int]:
-    seed = int(os.environ.get("IA_FAULT_SEED", time.time_ns() % 1_000_000))
-    return random.Random(f"{seed}:{name}"), seed
+@dataclass
+class Trial:
+    """One fault trial: its random source and the figures it reports.
+
+    Registered in :data:`RESULTS` when it starts, so a trial that fails still
+    shows up in the summary with its seed.
+    """
+
+    name: str
+    seed: int
+    figures: dict[str, Any]
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(f"{self.seed}:{self.name}")
+
+    def report(self, **figures: Any) -> None:
+        self.figures.update(figures)
 
 
-def record(name: str, **figures: Any) -> None:
-    RESULTS.append({"test": name, **figures})
+@contextlib.contextmanager
+def trial(name: str) -> Iterator[Trial]:
+    """Run one trial; when it fails, say (stderr, the exception's notes, the summary)
+    which ``IA_FAULT_SEED`` replays it."""
+    figures: dict[str, Any] = {"test": name, "result": "running", "seed": SEED,
+                               **dict.fromkeys(FIGURES),
+                               "nodeid": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}
+    RESULTS.append(figures)
+    t = Trial(name, SEED, figures)
+    try:
+        yield t
+    except BaseException as exc:
+        figures["result"] = "failed"
+        replay = f"IA_FAULT_SEED={SEED} replays the fault trial {name}"
+        print(replay, file=sys.stderr)
+        exc.add_note(replay)
+        raise
+    figures["result"] = "passed"
+
+
+def pytest_runtest_logreport(report: Any) -> None:  # pytest hook
+    """Mark the trials of an expected failure as such (they still show their seed)."""
+    if report.when == "call" and hasattr(report, "wasxfail"):
+        for r in RESULTS:
+            if r["nodeid"] == report.nodeid:
+                r["result"] = "xfailed" if report.skipped else "xpassed"
+                r["known_failure"] = report.wasxfail
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:  # pytest hook
@@ -61,8 +122,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:  # pytest hook
     tr = terminalreporter
     tr.section("fault suite summary")
     for r in RESULTS:
-        figures = ", ".join(f"{k}={v}" for k, v in r.items() if k != "test")
+        figures = ", ".join(f"{k}={v}" for k, v in r.items()
+                            if k not in ("test", "nodeid") and v is not None)
         tr.write_line(f"{r['test']}: {figures}")
+    failed = [r for r in RESULTS if r["result"] != "passed"]
+    if failed:
+        tr.write_line(f"IA_FAULT_SEED={SEED} replays the {len(failed)} trial(s) not passed")
     out = Path(os.environ.get("IA_FAULT_SUMMARY", ".ia/faults-summary.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(RESULTS, indent=2) + "\n")
@@ -111,12 +176,82 @@ class Feeder(threading.Thread):
         return self.sent
 
 
-class SlowSink(WebhookSink):
-    """A webhook endpoint that takes ``delay_s`` per call and counts calls per Idempotency-Key,
-    so a kill -9 often lands while an action is in flight."""
+class FaultSink:
+    """A webhook endpoint that is slow and sometimes fails, and tells executions apart
+    from attempts.
 
-    def __init__(self, delay_s: float = 0.05) -> None:
-        super().__init__(delay_s=delay_s)
+    Each POST takes ``delay_s`` (so a kill often lands while an action is in flight)
+    and is answered 500 with probability ``fail_rate`` (so the webhook's retries run).
+    A POST answered 2xx is an *execution*: the receiver did the work.  While a test
+    holds :attr:`lock` no answer leaves the sink, so a process killed under the lock
+    with a request :meth:`in_flight` provably died mid-action.
+    """
+
+    def __init__(self, rng: random.Random, delay_s: float = 0.05,
+                 fail_rate: float = 0.1) -> None:
+        self.attempts: Counter[str] = Counter()
+        self.executions: Counter[str] = Counter()
+        self.failures = 0
+        self._open: Counter[str] = Counter()
+        self.last_request = time.monotonic()
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                key = self.headers.get("Idempotency-Key", "")
+                with sink.lock:
+                    sink.attempts[key] += 1
+                    sink._open[key] += 1
+                    sink.last_request = time.monotonic()
+                time.sleep(delay_s)
+                with sink.lock:
+                    sink._open[key] -= 1
+                    failed = rng.random() < fail_rate
+                    if failed:
+                        sink.failures += 1
+                    else:
+                        sink.executions[key] += 1
+                self.send_response(500 if failed else 200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def in_flight(self) -> set[str]:
+        """Idempotency keys of requests received and not yet answered (call under :attr:`lock`)."""
+        return {k for k, n in self._open.items() if n > 0}
+
+    def wait_in_flight(self, timeout_s: float) -> bool:
+        """Wait until a request is in flight; True with :attr:`lock` held, False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.lock.acquire()
+            if self.in_flight():
+                return True
+            self.lock.release()
+            time.sleep(0.002)
+        return False
+
+    def wait_quiet(self, quiet_s: float = 1.0, timeout_s: float = 60.0) -> None:
+        """Wait until no request is in flight and none arrived for ``quiet_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.in_flight() and time.monotonic() - self.last_request > quiet_s:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"the webhook sink was still busy after {timeout_s:g}s")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --------------------------------------------------------------------------- reading
@@ -166,43 +301,274 @@ def wait_outcomes(bootstrap: str, topic: str, decision_ids: set[str],
     return wait_for_ids(bootstrap, topic, "decision_id", decision_ids, timeout_s)
 
 
+def read_to_end(bootstrap: str, topic: str, timeout_s: float = 120.0) -> list[dict]:
+    """Every record of ``topic`` now (from the beginning to each partition's end)."""
+    ends = {p: e for p, e in end_offsets(bootstrap, topic).items() if e > 0}
+    reached: dict[int, int] = {}
+
+    def done(new_offsets: list[tuple[int, int]]) -> bool:
+        for p, offset in new_offsets:
+            reached[p] = max(reached.get(p, 0), offset + 1)
+        return all(reached.get(p, 0) >= e for p, e in ends.items())
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "ia-fault-reader",
+                  "enable.auto.commit": False, "log.connection.close": False})
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while ends and not done([]):
+            assert time.monotonic() < deadline, f"could not read {topic} to its end"
+            batch = [m for m in c.consume(2000, timeout=0.2) if not m.error()]
+            out.extend(json.loads(m.value()) for m in batch)
+            done([(m.partition(), m.offset()) for m in batch])
+    finally:
+        c.close()
+    return out
+
+
+def wait_committed(bootstrap: str, group: str, topic: str, timeout_s: float = 120.0) -> None:
+    """Wait until ``group`` has committed every record of ``topic``: after that it
+    will not be handed any of them again."""
+    ends = end_offsets(bootstrap, topic)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                  "enable.auto.commit": False})
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            done = {tp.partition: tp.offset for tp in
+                    c.committed([TopicPartition(topic, p) for p in ends], timeout=10)}
+            behind = {p: (done.get(p), end) for p, end in ends.items()
+                      if end > 0 and done.get(p, -1) < end}
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{group} did not commit {topic} to its end: {behind}")
+            time.sleep(0.2)
+    finally:
+        c.close()
+
+
+#: Outcome statuses that say an action's fate is unknown: its process died or lost
+#: its store while the action may have been running.
+INTERRUPTED = "interrupted"
+
+
+def reports_interruption(outcome: dict) -> bool:
+    """The outcome says its action was claimed by a process that did not finish it."""
+    return outcome["status"] == INTERRUPTED or (
+        outcome["status"] == "skipped_duplicate" and "running" in outcome.get("detail", ""))
+
+
 @dataclass
 class LoopCheck:
-    """What a fault run must show: every event decided, no action run twice."""
+    """What a fault run must show: every event decided, no action run twice, and an
+    honest outcome for every action."""
 
     events: int
     undecided: list[str]
     acting: set[str]
-    calls: Counter[str]
+    executions: Counter[str]
+    attempts: Counter[str]
     outcomes: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def executed_twice(self) -> dict[str, int]:
-        return {d: n for d, n in self.calls.items() if n > 1}
+        return {d: n for d, n in self.executions.items() if n > 1}
 
     @property
-    def never_called(self) -> set[str]:
-        return self.acting - set(self.calls)
+    def executed_once(self) -> int:
+        return sum(1 for n in self.executions.values() if n == 1)
 
-    def interrupted_and_reported(self) -> set[str]:
-        """Acting decisions never called, reported interrupted (a dead actuator started them)."""
-        return {d for d in self.never_called
-                if any(o["status"] == "interrupted" for o in self.outcomes.get(d, []))}
+    @property
+    def interrupted(self) -> set[str]:
+        return {d for d in self.acting if any(map(reports_interruption, self.outcome(d)))}
+
+    def outcome(self, decision_id: str) -> list[dict]:
+        """The action outcomes (not verification or compensation) of ``decision_id``."""
+        return [o for o in self.outcomes.get(decision_id, [])
+                if o.get("phase", "action") == "action"]
+
+    def without_outcome(self) -> set[str]:
+        return {d for d in self.acting if not self.outcome(d)}
+
+    def dishonest(self, *, interruptions_allowed: bool) -> dict[str, str]:
+        """Acting decisions whose outcome does not match what the receiver saw.
+
+        ``succeeded`` needs an execution, ``failed`` and ``blocked`` deny one.  An
+        action whose only outcome is "already handled" has no first outcome: that
+        stands only where a process may have died between its claim and its outcome
+        (``interruptions_allowed``); otherwise it hides what happened.
+        """
+        wrong: dict[str, str] = {}
+        for d in sorted(self.acting):
+            statuses = {o["status"] for o in self.outcome(d)}
+            ran = self.executions[d]
+            if "succeeded" in statuses and not ran:
+                wrong[d] = "reported succeeded, never executed"
+            elif statuses & {"failed", "blocked"} and ran:
+                wrong[d] = f"reported {sorted(statuses)}, executed {ran} time(s)"
+            elif statuses == {"skipped_duplicate"} and not interruptions_allowed:
+                wrong[d] = (f"executed {ran} time(s), its only outcome: "
+                            f"{self.outcome(d)[0].get('detail')!r} and no process died")
+        return wrong
+
+    def not_executed(self) -> dict[str, int]:
+        """The outcome statuses of the actions the receiver never executed."""
+        return dict(Counter("/".join(sorted({o["status"] for o in self.outcome(d)}))
+                            for d in self.acting if not self.executions[d]))
+
+    def figures(self) -> dict[str, Any]:
+        return {"events": self.events, "undecided": len(self.undecided),
+                "actions": len(self.acting), "executed_once": self.executed_once,
+                "executed_twice": len(self.executed_twice),
+                "interrupted": len(self.interrupted), "not_executed": self.not_executed()}
 
 
-def check_loop(bootstrap: str, topics: Any, sent: list[str], sink: SlowSink) -> LoopCheck:
+def check_loop(bootstrap: str, topics: Any, sent: list[str], sink: FaultSink,
+               actuator_group: str) -> LoopCheck:
+    """Read back what a loop did: decisions, outcomes and, once the actuator has
+    committed every decision and the sink is quiet, the executions."""
     decisions = wait_all_decided(bootstrap, topics.decisions, sent)
     decided = {d["event_id"] for d in decisions}
     acting = {d["decision_id"] for d in decisions if d["action"] and d["mode"] == "auto"}
-    outcomes = wait_outcomes(bootstrap, topics.outcomes, acting)
+    wait_outcomes(bootstrap, topics.outcomes, acting)
+    wait_committed(bootstrap, actuator_group, topics.decisions)
+    sink.wait_quiet()
     by_decision: dict[str, list[dict]] = {}
-    for o in outcomes:
+    for o in read_to_end(bootstrap, topics.outcomes):
         by_decision.setdefault(o["decision_id"], []).append(o)
-    time.sleep(0.5)  # the last webhook calls may still be in the sink's handler
     with sink.lock:
-        calls = Counter(sink.calls)
+        executions, attempts = Counter(sink.executions), Counter(sink.attempts)
     return LoopCheck(events=len(sent), undecided=sorted(set(sent) - decided), acting=acting,
-                     calls=calls, outcomes=by_decision)
+                     executions=executions, attempts=attempts, outcomes=by_decision)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """A broker and a Redis, like the session's ``infra`` (for a stack of a trial's own)."""
+
+    kafka: str
+    redis_url: str
+
+
+ROLES = {"worker": "worker", "actuator": "actuate", "audit": "audit-writer"}
+
+
+class Loop:
+    """Workers, an actuator, a slow and flaky webhook and a feeder on topics of their own."""
+
+    def __init__(self, infra, tmp_path: Path, prefix: str, t: Trial, **env: str) -> None:
+        self.infra, self.tmp, self.prefix = infra, tmp_path, prefix
+        self.topics = Topics(prefix)
+        ensure_topics(infra.kafka, self.topics.all(), 4)
+        self.sink = FaultSink(t.rng)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.format(url=self.sink.url))
+        self.env = ia_env(infra, prefix, policy, IA_BATCH_SIZE="100",
+                          IA_AUDIT_DIR=str(tmp_path / "audit"), **env)
+        self.procs: dict[str, IaProcess] = {}
+        self.feeder = Feeder(infra.kafka, self.topics.telemetry, prefix)
+        self.decisions = Progress(infra.kafka, self.topics.decisions)
+        self.outcomes = Progress(infra.kafka, self.topics.outcomes)
+
+    @property
+    def actuator_group(self) -> str:
+        return self.env["IA_ACTUATOR_APP_ID"]
+
+    def start(self, role: str, name: str | None = None) -> IaProcess:
+        """Start ``role`` (worker, actuator, audit) as the process called ``name``."""
+        name = name or role
+        self.procs[name] = IaProcess([ROLES[role]], self.env, self.tmp / f"{name}.log").start()
+        return self.procs[name]
+
+    def env_os(self) -> dict[str, str]:
+        """The environment an ``ia`` command of this loop runs with."""
+        return {**os.environ, **self.env}
+
+    def check(self, sent: list[str]) -> LoopCheck:
+        return check_loop(self.infra.kafka, self.topics, sent, self.sink, self.actuator_group)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {n}\n{p.tail()}" for n, p in self.procs.items())
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.stop()
+        try:
+            if self.feeder.is_alive():
+                self.feeder.stop()
+        finally:
+            self.decisions.close()
+            self.outcomes.close()
+            self.sink.close()
+
+
+@contextlib.contextmanager
+def running_loop(infra, tmp_path: Path, prefix: str, t: Trial, **env: str) -> Iterator[Loop]:
+    lp = Loop(infra, tmp_path, prefix, t, **env)
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+def assert_promises(loop: Loop, res: LoopCheck, *, interruptions_allowed: bool) -> None:
+    """No event undecided, no action twice, an outcome for each action and an honest one."""
+    assert not res.undecided, f"{len(res.undecided)} events without a decision\n{loop.tails()}"
+    assert not res.executed_twice, f"actions executed more than once: {res.executed_twice}"
+    no_outcome = res.without_outcome()
+    assert not no_outcome, f"{len(no_outcome)} of {len(res.acting)} actions got no outcome"
+    wrong = res.dishonest(interruptions_allowed=interruptions_allowed)
+    assert not wrong, f"outcomes that misreport what ran: {dict(list(wrong.items())[:5])}"
+    assert res.executed_once > 0, "no action ran: the actuator was not exercised"
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def audit_log(loop: Loop) -> Path:
+    return Path(loop.env["IA_AUDIT_DIR"]) / f"{loop.prefix}.audit.jsonl"
+
+
+def lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_log_growth(path: Path, by: int, timeout_s: float) -> None:
+    target = lines(path) + by
+    deadline = time.monotonic() + timeout_s
+    while lines(path) < target:
+        assert time.monotonic() < deadline, f"the audit log did not grow within {timeout_s:g}s"
+        time.sleep(0.1)
+
+
+def verify(loop: Loop) -> dict:
+    """``ia audit verify --json`` of the loop's log."""
+    done = subprocess.run([sys.executable, "-m", "ia.cli", "audit", "verify", "--json"],
+                          env={**loop.env_os(), "IA_LOG_LEVEL": "error"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def wait_audited(loop: Loop, decisions: int, timeout_s: float = 240.0) -> dict:
+    """The verify report once every decision's story is in the log (or the last one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = verify(loop)
+        stats = report["completeness"]
+        if (stats["complete"] >= decisions and not stats["pending"]) or \
+                time.monotonic() > deadline:
+            return report
+        time.sleep(2.0)
 
 
 # --------------------------------------------------------------------------- progress
@@ -238,20 +604,50 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-class PersistentRedis:
-    """A valkey with an append-only file fsynced on every write, restartable on one port."""
+def shipped_redis_options(config: str, data_dir: Path) -> list[str]:
+    """The persistence options a shipped stack runs Redis with, read from where it ships.
 
-    def __init__(self, data_dir: Path) -> None:
-        self.dir = data_dir
+    ``embedded``: ``ia up`` and the test stack (:mod:`ia.runtime.embedded`);
+    ``compose``: ``compose/docker-compose.yml``.
+    """
+    if config == "embedded":
+        argv = _redis_argv(redis_binary(), 0, data_dir)[1:]
+    elif config == "compose":
+        doc = yaml.safe_load((REPO / "compose" / "docker-compose.yml").read_text())
+        argv = doc["services"]["redis"]["command"][1:]
+    else:
+        raise ValueError(config)
+    return _persistence_only(argv)
+
+
+def _persistence_only(argv: list[str]) -> list[str]:
+    """The ``--save``/``--appendonly``/``--appendfsync`` options of a Redis command line."""
+    keep, out, i = {"--save", "--appendonly", "--appendfsync"}, [], 0
+    while i < len(argv):
+        if argv[i] in keep:
+            out += [argv[i], argv[i + 1]]
+            i += 2
+        else:
+            i += 1
+    return out
+
+
+class RestartableRedis:
+    """A valkey on one port with a shipped stack's persistence options, which a test
+    can kill, stop, pause and start again on the same data directory."""
+
+    def __init__(self, data_dir: Path, config: str) -> None:
+        self.dir, self.config = data_dir, config
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.options = shipped_redis_options(config, self.dir)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 20.0) -> PersistentRedis:
+    def start(self, timeout_s: float = 20.0) -> RestartableRedis:
         argv = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-                "--daemonize", "no", "--dir", str(self.dir), "--logfile", "redis.log"]
+                *self.options, "--daemonize", "no", "--dir", str(self.dir),
+                "--logfile", "redis.log"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent)
@@ -274,8 +670,18 @@ class PersistentRedis:
             self.proc.kill()
             self.proc.wait(10)
 
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        """Shut down as ``docker stop`` or ``ia down`` would (SIGTERM: Redis saves first)."""
         if self.proc and self.proc.poll() is None:
+            self.resume()
             self.proc.terminate()
             try:
                 self.proc.wait(10)
