@@ -37,7 +37,7 @@ def test_interrupted_is_a_status_of_the_model_and_of_the_current_schema() -> Non
 
 
 def test_the_schema_before_interrupted_is_frozen_as_v2_and_still_readable() -> None:
-    assert history_refs("action_outcome") == ["action_outcome.v1", "action_outcome.v2"]
+    assert history_refs("action_outcome")[:2] == ["action_outcome.v1", "action_outcome.v2"]
     v2 = json.loads((HISTORY_DIR / "action_outcome.v2.avsc").read_text())
     status = next(f for f in v2["fields"] if f["name"] == "status")["type"]
     assert "interrupted" not in status["symbols"]
