@@ -59,7 +59,7 @@ def connect_worker(settings: Settings, shadow: bool = False) -> WorkerService:
                             pipeline_id=SHADOW_PIPELINE if shadow else "main")
     learner = FeedbackLearner(RedisDecisionMemory(client, prefix), features,
                               RedisModelStore(client, prefix))
-    keys = signing_keys(settings)
+    keys = signing_keys(settings.signing)
     if keys is None:
         log.error("no signing key (IA_SIGNING_KEY_FILE): decisions are published unsigned "
                   "and every actuator rejects their actions")
