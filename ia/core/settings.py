@@ -340,7 +340,7 @@ class AuditSettings(_Group):
 class SigningSettings(_Group):
     key_file: Path | None = Field(
         default=None,
-        description="file of `key_id secret_hex` lines: the first signs decisions, all "
+        description="file of `key_id hex_key` lines: the first signs decisions, all "
                     "verify; without one the worker signs nothing and `ia actuate` refuses "
                     "to start")
     max_age_s: float = Field(
