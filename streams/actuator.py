@@ -48,11 +48,6 @@ def build_actuator(settings: Settings) -> faust.App:
 
     def _connect() -> None:
         settings.require_endpoints()
-        keys = signing_keys(settings.signing)
-        if keys is None:
-            raise ConfigError(
-                "no signing key: set IA_SIGNING_KEY_FILE to the workers' key file (`ia up` "
-                "makes one); without it no decision can be verified, so none is executed")
         client = redis_client(settings.redis)
         policy = PolicySource(settings.policy_file)
         conf = settings.actuator
@@ -66,12 +61,17 @@ def build_actuator(settings: Settings) -> faust.App:
             client, actuators, prefix=settings.redis.prefix, timeout_s=conf.action_timeout_s,
             guard=ExecutionGuard(client, settings.redis.prefix, policy.current),
             notifier=notifier, verifier=Verifier(client, settings.redis.prefix))
+        metrics.serve(settings.metrics_port, settings.metrics_host, role="actuator")
+        keys = signing_keys(settings.signing)
+        if keys is None:
+            raise ConfigError(
+                "no signing key: set IA_SIGNING_KEY_FILE to the workers' key file (`ia up` "
+                "makes one); without it no decision can be verified, so none is executed")
         ctx["service"] = ActuatorService(
             executor,
             ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
                           on_expiry=settings.approvals.on_expiry),
             keys, max_age_ms=int(settings.signing.max_age_s * 1000), notifier=notifier)
-        metrics.serve(settings.metrics_port, settings.metrics_host, role="actuator")
 
     _connect()
 

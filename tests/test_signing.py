@@ -7,7 +7,10 @@ on the real decisions topic next to a running worker and actuator.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -229,3 +232,13 @@ def _forge_and_check(kafka: str, topics: Topics, sink: WebhookSink,
             and r["status"] != "rejected"] in (["succeeded"], ["succeeded", "skipped_duplicate"])
     assert len(sink.bodies) == 1 and evil.bodies == []
     assert json.dumps(genuine["action"]["params"]) == json.dumps({"url": sink.url})
+
+
+def test_the_actuator_refuses_to_start_without_a_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "IA_SIGNING_KEY_FILE"}
+    env |= {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "REDIS_URL": "redis://127.0.0.1:9/0"}
+    out = subprocess.run([sys.executable, "-m", "ia.cli", "actuate"], capture_output=True,
+                         text=True, env=env, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "Error: no signing key: set IA_SIGNING_KEY_FILE")
