@@ -1,7 +1,9 @@
 """What the actuator process does, minus Kafka: decisions and approvals in,
 outcomes and approval events out, plus the periodic work (expiry, verification).
 
-Flow of one decision with an action:
+Flow of one decision with an action, once its signature is verified (unsigned,
+badly signed, signed with an unknown key or too old: a ``rejected`` outcome with
+the reason, nothing runs -- :mod:`ia.core.signing`):
 
 * ``auto`` → executed once (:class:`~actuators.executor.ActionExecutor`); if
   the action declares a verification it is scheduled with the outcome
@@ -35,7 +37,8 @@ from ia.actuators.approvals import ApprovalStore
 from ia.actuators.builtin import NotifyActuator
 from ia.actuators.executor import ActionExecutor
 from ia.actuators.verification import SpecError, Verdict, spec_of
-from ia.core import clock
+from ia.core import clock, metrics
+from ia.core.signing import KeyRing, Rejection
 from ia.schemas.models import (
     ActionOutcome,
     ApprovalEvent,
@@ -56,17 +59,28 @@ UNFINISHED_GRACE_MS = 10_000
 
 
 class ActuatorService:
-    def __init__(self, executor: ActionExecutor, approvals: ApprovalStore,
-                 notifier: NotifyActuator | None = None) -> None:
-        """Verifications are the executor's ``verifier``'s (None: no verification)."""
+    def __init__(self, executor: ActionExecutor, approvals: ApprovalStore, keys: KeyRing,
+                 *, max_age_ms: int, notifier: NotifyActuator | None = None) -> None:
+        """Verifications are the executor's ``verifier``'s (None: no verification);
+        ``keys`` verify decisions, which must have been decided within ``max_age_ms``."""
         self.executor = executor
         self.approvals = approvals
+        self.keys = keys
+        self.max_age_ms = max_age_ms
         self.notifier = notifier
 
     async def on_decision(self, d: Decision) -> list[BaseModel]:
-        """Records to publish for one delivered decision (outcomes, approval events)."""
+        """Records to publish for one delivered decision (outcomes, approval events).
+
+        The signature is checked before anything else (approval requests too: an
+        approved forgery would run).  A replayed genuine decision passes and meets
+        the executor's claim on its ``decision_id``: it does not run twice.
+        """
         if d.action is None:
             return []
+        refused = self.keys.check(d.model_dump(mode="json"), clock.now_ms(), self.max_age_ms)
+        if refused is not None:
+            return [self._rejected(d, refused)]
         if d.mode is Mode.needs_approval:
             ev, created = await self.approvals.request(d)
             if created and self.notifier is not None:
@@ -75,6 +89,18 @@ class ActuatorService:
             return [ev] if ev.status is ApprovalStatus.requested else []
         outcome = await self.executor.handle(d)
         return await self._after_action(d, outcome)
+
+    def _rejected(self, d: Decision, reason: Rejection) -> ActionOutcome:
+        assert d.action is not None
+        log.warning("decision %s rejected (%s): not executed", d.decision_id, reason.value)
+        metrics.DECISIONS_REJECTED.labels(reason.value).inc()
+        now = clock.now_ms()
+        return ActionOutcome(
+            decision_id=d.decision_id, entity=d.entity, action_type=d.action.type,
+            target=d.action.target, status=OutcomeStatus.rejected, actuator="signature",
+            started_at=now, finished_at=now, duration_ms=0.0,
+            detail=f"decision rejected before execution: {reason.value}",
+            error=f"rejected: {reason.value}")
 
     async def _announce(self, d: Decision) -> None:
         assert self.notifier is not None and d.action is not None

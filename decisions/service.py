@@ -31,6 +31,7 @@ from pathlib import Path
 from ia.core import metrics
 from ia.core.clock import now_ms
 from ia.core.redis import UNAVAILABLE
+from ia.core.signing import KeyRing
 from ia.decisions.engine import DecisionEngine
 from ia.decisions.learning import FeedbackLearner, LabelResult
 from ia.decisions.shadow import as_shadow
@@ -89,6 +90,8 @@ class WorkerParts:
     shadow: bool = False
     # Metrics one entity may have (None: any number); every batch loads all of them.
     max_metrics_per_entity: int | None = None
+    # Signs every decision with an action (None: unsigned, so no actuator executes them).
+    keys: KeyRing | None = None
 
 
 Accepted = list[tuple[RawRecord, TelemetryEvent]]
@@ -157,7 +160,17 @@ class WorkerService:
                                        [(rec.partition, rec.offset) for rec, _ in accepted],
                                        records)
         await learner.remember(decided)
-        return [as_shadow(d) for d in decided] if self.parts.shadow else decided
+        if self.parts.shadow:
+            decided = [as_shadow(d) for d in decided]
+        return [self._signed(d) for d in decided]
+
+    def _signed(self, d: Decision) -> Decision:
+        """``d`` with its signature; deterministic, so a redelivered event's decision
+        keeps its bytes."""
+        keys = self.parts.keys
+        if keys is None or d.action is None:
+            return d
+        return d.model_copy(update={"signature": keys.sign(d.model_dump(mode="json"))})
 
     def _within_metric_cap(self, accepted: Accepted, records: dict[str, EntityRecord],
                            dead: DeadLetters) -> Accepted:
@@ -208,6 +221,8 @@ class WorkerService:
             metrics.EVENT_TO_DECISION.observe(max(0.0, now_s - d.ts / 1000.0))
 
     async def on_outcome(self, outcome: ActionOutcome) -> None:
+        if outcome.status is OutcomeStatus.rejected:
+            return  # nothing ran; a forged decision must not write an entity's history
         await self.parts.features.record_action(outcome.entity, outcome.action_type,
                                                 outcome.status.value, outcome.finished_at)
         if outcome.status in FAILED:

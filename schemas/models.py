@@ -206,6 +206,9 @@ class Decision(_Contract):
     mode: Mode = Mode.none
     policy_version: str = ""
     explanation: Explanation | None = None
+    #: ``"<key id>:<hex HMAC-SHA256>"`` of the worker that decided it (ia.core.signing);
+    #: an actuator executes no action decision without a valid one.
+    signature: str | None = None
 
     @property
     def chosen_rule(self) -> str | None:
@@ -229,6 +232,9 @@ class OutcomeStatus(StrEnum):
     #: The actuator failed or died after the action may have started: its
     #: result is unknown, and it is not run again (at most once).
     interrupted = "interrupted"
+    #: The decision was refused before anything else (unsigned, badly signed, unknown
+    #: key, too old): nothing ran.  The reason is in the outcome's ``error``.
+    rejected = "rejected"
 
 
 class OutcomePhase(StrEnum):

@@ -23,8 +23,10 @@ from ia.actuators.registry import build_actuators
 from ia.actuators.service import ActuatorService
 from ia.actuators.verification import Verifier
 from ia.core import metrics
+from ia.core.errors import ConfigError
 from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
+from ia.core.signing import signing_keys
 from ia.decisions.guards import ExecutionGuard
 from ia.decisions.policy_source import PolicySource
 from ia.schemas.models import ActionOutcome, ApprovalEvent, Decision
@@ -59,12 +61,17 @@ def build_actuator(settings: Settings) -> faust.App:
             client, actuators, prefix=settings.redis.prefix, timeout_s=conf.action_timeout_s,
             guard=ExecutionGuard(client, settings.redis.prefix, policy.current),
             notifier=notifier, verifier=Verifier(client, settings.redis.prefix))
+        metrics.serve(settings.metrics_port, settings.metrics_host, role="actuator")
+        keys = signing_keys(settings.signing)
+        if keys is None:
+            raise ConfigError(
+                "no signing key: set IA_SIGNING_KEY_FILE to the workers' key file (`ia up` "
+                "makes one); without it no decision can be verified, so none is executed")
         ctx["service"] = ActuatorService(
             executor,
             ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
                           on_expiry=settings.approvals.on_expiry),
-            notifier=notifier)
-        metrics.serve(settings.metrics_port, settings.metrics_host, role="actuator")
+            keys, max_age_ms=int(settings.signing.max_age_s * 1000), notifier=notifier)
 
     _connect()
 

@@ -19,6 +19,7 @@ import faust
 from ia.core import metrics
 from ia.core.redis import client as redis_client
 from ia.core.settings import Settings, Topics
+from ia.core.signing import signing_keys
 from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.engine import DecisionEngine
 from ia.decisions.guards import KillSwitch, RedisGuardStore
@@ -58,8 +59,12 @@ def connect_worker(settings: Settings, shadow: bool = False) -> WorkerService:
                             pipeline_id=SHADOW_PIPELINE if shadow else "main")
     learner = FeedbackLearner(RedisDecisionMemory(client, prefix), features,
                               RedisModelStore(client, prefix))
+    keys = signing_keys(settings.signing)
+    if keys is None:
+        log.error("no signing key (IA_SIGNING_KEY_FILE): decisions are published unsigned "
+                  "and every actuator rejects their actions")
     return WorkerService(WorkerParts(engine, features, learner, settings.wire_format, shadow,
-                                     settings.worker.max_metrics_per_entity))
+                                     settings.worker.max_metrics_per_entity, keys))
 
 
 def output_topics(topics: Topics, shadow: bool) -> tuple[str, str]:

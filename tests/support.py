@@ -8,11 +8,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ia.bench.webhook_sink import WebhookSink as WebhookSink  # re-exported for the tests
+from ia.core.signing import load_keys, write_key_file
+from ia.schemas.models import Decision
+
+# The signing key of every worker and actuator the tests start (one per test session).
+TEST_KEY_FILE = write_key_file(Path(tempfile.mkdtemp(prefix="ia-test-keys-")) / "signing.key")
+TEST_KEYS = load_keys(TEST_KEY_FILE)
 
 PR_SET_PDEATHSIG = 1
 
@@ -72,6 +79,11 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, every_s: f
     raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
 
 
+def signed(d: Decision) -> Decision:
+    """``d`` signed as a worker of the tests signs it."""
+    return d.model_copy(update={"signature": TEST_KEYS.sign(d.model_dump(mode="json"))})
+
+
 def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
     return {
         "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
@@ -82,6 +94,7 @@ def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
         "IA_APP_ID": f"{prefix}-pipeline",
         "IA_ACTUATOR_APP_ID": f"{prefix}-actuator",
         "IA_LOG_LEVEL": "warn",
+        "IA_SIGNING_KEY_FILE": str(TEST_KEY_FILE),
         **extra,
     }
 

@@ -36,22 +36,25 @@ from ia.schemas.models import (
     RuleTrace,
 )
 from tests.redis_faults import FailOnce, RedisConnectionError
+from tests.support import TEST_KEYS, signed
 from tests.test_governance import make_plugin
 
 pytestmark = pytest.mark.integration
 
 T0 = 1_732_700_000_000
+# The decisions here are decided at T0, long ago: their age is not what is tested.
+ANY_AGE_MS = 10 * 365 * 86_400_000
 
 
 def decision(mode: Mode = Mode.needs_approval, entity: str = "svc-a", **params: str) -> Decision:
-    return Decision(
+    return signed(Decision(
         decision_id=f"dc-{uuid.uuid4().hex}", correlation_id="c", event_id="e", entity=entity,
         metric="latency_ms", value=900.0, ts=T0, decided_at=T0, anomaly_score=0.95,
         confidence=0.7, model=ModelInfo(id="m", version="1"),
         rule_trace=[RuleTrace(rule="slow", matched=True, reason="score"),
                     RuleTrace(rule="guard:cooldown", matched=False, reason="free")],
         action=Action(type="log", target=entity, params=params), mode=mode,
-        policy_version="p1")
+        policy_version="p1"))
 
 
 @pytest.fixture
@@ -133,7 +136,7 @@ class Recorder(LogActuator):
 def make_service(client, prefix: str, store: ApprovalStore, act: LogActuator,
                  verifier: Verifier) -> ActuatorService:
     ex = ActionExecutor(client, {"log": act}, prefix=prefix, timeout_s=5, verifier=verifier)
-    return ActuatorService(ex, store)
+    return ActuatorService(ex, store, TEST_KEYS, max_age_ms=ANY_AGE_MS)
 
 
 @pytest.fixture
@@ -303,7 +306,7 @@ async def test_kill_switch_stops_approved_actions(aredis, topic_prefix, store) -
     act = Recorder()
     ex = ActionExecutor(aredis, {"log": act}, prefix=topic_prefix, timeout_s=5,
                         guard=ExecutionGuard(aredis, topic_prefix))
-    svc = ActuatorService(ex, store)
+    svc = ActuatorService(ex, store, TEST_KEYS, max_age_ms=ANY_AGE_MS)
     [req] = await svc.on_decision(decision())
     await KillSwitch(aredis, topic_prefix).pause("ops", "incident review")
     ok = await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")

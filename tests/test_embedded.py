@@ -18,6 +18,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 
 from ia.core.kafka import ensure_topics
+from ia.core.signing import load_keys
 from ia.runtime import embedded
 from ia.runtime.embedded import (
     BinaryNotFoundError,
@@ -147,6 +148,10 @@ def test_detached_up_status_down(tmp_path: Path) -> None:
         assert again.reused
         assert [again.broker.pid, again.redis.pid] == pids
         assert again.env_lines() == info.env_lines()
+        key_file = run_dir / "signing.key"
+        assert f"export IA_SIGNING_KEY_FILE={key_file}" in info.env_lines()
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert load_keys(key_file).signing_id == "k1"
 
         assert redis.Redis.from_url(info.redis_url).ping()
     finally:

