@@ -23,7 +23,7 @@ from ia.core.settings import Topics
 from ia.decisions.policy import Policy
 from ia.schemas.models import Action, Decision, Mode, ModelInfo, RuleTrace
 from tests.kafka_client import produce, read_topic
-from tests.support import IaProcess, ia_env, wait_until
+from tests.support import IaProcess, ia_env, signed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -251,13 +251,14 @@ def test_cost_cap(loop):
 
 
 def _crafted_decision(n: int) -> dict:
-    """A decision produced straight to the decisions topic: only the actuator can stop it."""
-    d = Decision(decision_id=f"dc-crafted-{uuid.uuid4().hex}", correlation_id="x",
+    """A decision produced straight to the decisions topic, signed as a worker would (a
+    key that leaked, or a worker gone wrong): only the actuator's guards can stop it."""
+    d = signed(Decision(decision_id=f"dc-crafted-{uuid.uuid4().hex}", correlation_id="x",
                  event_id=f"crafted-{n}", entity="direct-1", metric="tick", value=1.0, ts=T0,
                  decided_at=int(time.time() * 1000), anomaly_score=0.0, confidence=0.0,
                  model=ModelInfo(id="none", version="0"),
                  rule_trace=[RuleTrace(rule="tick", matched=True, reason="crafted")],
-                 action=Action(type="log", target="direct-1"), mode=Mode.auto)
+                 action=Action(type="log", target="direct-1"), mode=Mode.auto))
     return json.loads(d.model_dump_json())
 
 
