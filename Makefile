@@ -25,7 +25,7 @@ demo: $(STAMP)
 # The fault suite's full trials (faults_long) run in `make faults`; `make test`
 # runs the same tests with fewer trials (faults_quick).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p tests.fault_support -m "not faults_long"
+	$(BIN)/python -m pytest -q -p tests.fault_support -m "not faults_long" --durations=20
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
