@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -65,6 +66,14 @@ def count(default: int) -> int:
     quick run can be made as long as needed to chase a rare failure.
     """
     return int(os.environ.get("IA_FAULT_TRIALS", default))
+
+
+def quick_and_full(quick: int, full: int, full_timeout_s: int) -> list:
+    """The two variants of a fault trial, as pytest params of its fault count: the
+    quick one runs in ``make test``, the full one only in ``make faults``."""
+    return [pytest.param(count(quick), marks=pytest.mark.faults_quick, id="quick"),
+            pytest.param(count(full), marks=[pytest.mark.faults_long,
+                                             pytest.mark.timeout(full_timeout_s)], id="full")]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tests.fault_support import (
     Progress,
     Trial,
     assert_promises,
-    count,
+    quick_and_full,
     running_loop,
     trial,
     wait_all_decided,
@@ -28,9 +28,7 @@ from tests.fault_support import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
-TRIALS = [pytest.param(count(3), marks=pytest.mark.faults_quick, id="quick"),
-          pytest.param(count(20), marks=[pytest.mark.faults_long, pytest.mark.timeout(1200)],
-                       id="full")]
+TRIALS = quick_and_full(3, 20, 1200)
 
 def kill_at_random_points(loop: Loop, role: str, n: int, progress: Progress, t: Trial) -> int:
     """Kill ``role`` with SIGKILL ``n`` times at random moments while it works, and

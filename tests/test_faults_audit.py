@@ -13,7 +13,7 @@ import pytest
 from tests.fault_support import (
     assert_promises,
     audit_log,
-    count,
+    quick_and_full,
     running_loop,
     trial,
     wait_audited,
@@ -22,9 +22,7 @@ from tests.fault_support import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
-TRIALS = [pytest.param(count(1), marks=pytest.mark.faults_quick, id="quick"),
-          pytest.param(count(8), marks=[pytest.mark.faults_long, pytest.mark.timeout(1200)],
-                       id="full")]
+TRIALS = quick_and_full(1, 8, 1200)
 
 
 @pytest.mark.parametrize("n", TRIALS)

@@ -20,7 +20,7 @@ from tests.fault_support import (
     Loop,
     Trial,
     assert_promises,
-    count,
+    quick_and_full,
     running_loop,
     trial,
     wait_all_decided,
@@ -28,9 +28,7 @@ from tests.fault_support import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
-CHANGES = [pytest.param(count(4), marks=pytest.mark.faults_quick, id="quick"),
-           pytest.param(count(20), marks=[pytest.mark.faults_long, pytest.mark.timeout(1500)],
-                        id="full")]
+CHANGES = quick_and_full(4, 20, 1500)
 MAX_GROUP = 3
 
 
