@@ -39,7 +39,7 @@ def make_app(settings: Settings, app_id: str) -> faust.App:
         broker_heartbeat_interval=settings.kafka.heartbeat_interval_s,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        broker_commit_every=1000,
+        broker_commit_every=settings.kafka.commit_every,
         broker_commit_interval=settings.kafka.commit_interval_s,
         # Room for a whole batch of decisions per partition in one record batch.
         producer_max_batch_size=256 * 1024,

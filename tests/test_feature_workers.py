@@ -150,7 +150,8 @@ def test_worker_killed_mid_stream_and_restarted_keeps_feature_state(infra, tmp_p
     records = workload(seed=1)
     port = free_port()
     # No offset commit before the kill, so its records are certainly redelivered.
-    worker = start_worker({**env, "IA_COMMIT_INTERVAL_S": "600"}, tmp_path / "worker.log", port)
+    worker = start_worker({**env, "IA_COMMIT_INTERVAL_S": "600", "IA_COMMIT_EVERY": "100000"},
+                          tmp_path / "worker.log", port)
     try:
         feeder = threading.Thread(target=feed, args=(infra.kafka, topics.telemetry, records))
         feeder.start()

@@ -125,6 +125,9 @@ class KafkaSettings(_Group):
         default=1.0, gt=0,
         description="how often consumed offsets are committed; records since the last "
                     "commit are delivered again after a crash and skipped by the store")
+    commit_every: int = Field(
+        default=1000, gt=0,
+        description="also commit after this many records, whichever comes first")
 
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {
         "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", "IA_KAFKA_BOOTSTRAP_SERVERS"),
