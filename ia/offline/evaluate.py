@@ -97,7 +97,7 @@ def score_series(times: Iterable[int], values: Iterable[float],
     >>> scores = score_series(range(0, 400 * 60_000, 60_000),
     ...                       [25.0 if i == 350 else 10.0 + math.sin(i / 5.0) for i in range(400)])
     >>> len(scores), scores[0], scores[349], scores[350]
-    (400, 0.0, 0.06292, 1.0)
+    (400, 0.0, 0.063155, 1.0)
     """
     det = AdaptiveDetector(config)
     st = det.new_state()
