@@ -74,7 +74,8 @@ FEATURE_LATE_EVENTS = _counter("ia_feature_late_events_total",
 # The actuator (ia.core.signing): action decisions refused before anything else, by reason.
 DECISIONS_REJECTED = _counter("ia_decisions_rejected_total",
                               "Action decisions the actuator refused to execute "
-                              "(unsigned, badly signed, unknown key, too old)", ["reason"])
+                              "(unsigned, badly signed, unknown key, too old, or not what "
+                              "its current policy allows)", ["reason"])
 # Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
 APPROVALS = _counter("ia_approval_events_total", "Approval events published", ["status"])
 AUDIT_RECORDS = _counter("ia_audit_records_total", "Records appended to the audit chain",

@@ -309,9 +309,14 @@ class ActuatorSettings(_Group):
         description="default Slack-compatible incoming webhook of notify actions and decisions")
     plugins: str = Field(default="all",
                          description="actuator plug-ins to load: all, none or names")
+    webhook_allow: str | None = Field(
+        default=None,
+        description="comma-separated scheme://host[:port] that webhook destinations may "
+                    "have (default: those of the policy's own URLs); others are rejected")
 
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {"app_id": ("IA_ACTUATOR_APP_ID",),
-                                                 "plugins": ("IA_ACTUATOR_PLUGINS",)}
+                                                 "plugins": ("IA_ACTUATOR_PLUGINS",),
+                                                 "webhook_allow": ("IA_WEBHOOK_ALLOW",)}
 
 
 class ApprovalSettings(_Group):

@@ -9,9 +9,11 @@ identifies it: ``decision_id`` (it names the pipeline and the event, and it is t
 executor's idempotency claim), ``event_id``, ``correlation_id``, ``entity``,
 ``metric``, ``ts``, ``decided_at`` (bounded by a maximum age, so an old genuine
 decision cannot be held back and released later), ``action`` (type, target and
-every parameter, the webhook URL included), ``mode`` and ``policy_version``.  The
-scores, features, trace and explanation are what humans read; changing them cannot
-make anything run.  The canonical encoding is sorted-key compact JSON of those
+every parameter, the webhook URL included), ``mode``, ``policy_version`` and
+``rule_trace`` (its last matched rule step names the rule the actuator re-authorises
+the action against, whose guards apply and whose approvers answer).  The scores,
+features and explanation are what humans read; changing them cannot make anything
+run.  The canonical encoding is sorted-key compact JSON of those
 fields, so the worker and the actuator agree on the bytes without sharing code paths.
 
 The signature is ``"<key id>:<hex HMAC-SHA256>"``.  Keys come from a file (never
@@ -38,7 +40,7 @@ from ia.core.errors import ConfigError
 from ia.core.settings import SigningSettings
 
 SIGNED_FIELDS = ("decision_id", "event_id", "correlation_id", "entity", "metric", "ts",
-                 "decided_at", "action", "mode", "policy_version")
+                 "decided_at", "action", "mode", "policy_version", "rule_trace")
 # Shorter secrets are refused: HMAC-SHA256 wants at least its output size of key.
 MIN_SECRET_BYTES = 32
 
