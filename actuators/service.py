@@ -89,7 +89,7 @@ class ActuatorService:
             return []
         refused = self.keys.check(d.model_dump(mode="json"), clock.now_ms(), self.max_age_ms)
         if refused is not None:
-            _count_refusal(d, refused.value, "bad or missing signature")
+            _count_refusal(d, refused.value, "signature check")
             return [_rejected(d, refused.value, "signature",
                               f"decision rejected before execution: {refused.value}")]
         disallowed = self._disallowed(d)

@@ -1,4 +1,5 @@
-"""Re-authorisation at execution (ia.actuators.authorisation), on plain objects.
+"""Re-authorisation at execution (ia.actuators.authorisation), on plain objects, then in
+the actuator's service (real Redis).
 
 A decision is checked against the actuator's own current policy: a record that
 differs from what the policy would decide, in any way that could make something run,
@@ -7,12 +8,30 @@ is refused with a stable reason.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
+from ia.actuators.approvals import ApprovalStore
 from ia.actuators.authorisation import Authoriser, Reason, origin, parse_allow
+from ia.actuators.executor import ActionExecutor
+from ia.actuators.service import ActuatorService
+from ia.core import metrics
+from ia.core.clock import now_ms
 from ia.core.errors import ConfigError
 from ia.decisions.policy import Policy
-from ia.schemas.models import Action, Decision, Mode, ModelInfo, RuleTrace
+from ia.schemas.models import (
+    Action,
+    ActionOutcome,
+    ApprovalEvent,
+    ApprovalStatus,
+    Decision,
+    Mode,
+    ModelInfo,
+    OutcomeStatus,
+    RuleTrace,
+)
+from tests.support import TEST_KEYS, signed
 
 POLICY = """\
 version: 1
@@ -56,8 +75,9 @@ def decision(rule: str = "hook", *, entity: str = "svc-a", metric: str = "latenc
                                   features={}, score=1.0, confidence=1.0, drift="stable")
         assert found.rule == rule, found.trace
         action = found.action
-    return Decision(decision_id="dc-1", correlation_id="c", event_id="e", entity=entity,
-                    metric=metric, value=1.0, ts=1, decided_at=1, anomaly_score=1.0,
+    return Decision(decision_id=f"dc-{uuid.uuid4().hex}", correlation_id="c", event_id="e",
+                    entity=entity, metric=metric, value=1.0, ts=1, decided_at=now_ms(),
+                    anomaly_score=1.0,
                     confidence=1.0, model=ModelInfo(id="m", version="1"),
                     rule_trace=[RuleTrace(rule=rule, matched=True, reason="score"),
                                 RuleTrace.of_guard("cooldown", "free", matched=False)],
@@ -195,3 +215,68 @@ def test_the_current_policy_is_the_one_checked() -> None:
                                                  "https://hooks.example/y"))
     refusal = auth.check(d)
     assert refusal is not None and refusal.reason is Reason.params
+
+
+# --------------------------------------------------------------------------- in the service
+
+
+class Recorder:
+    name = "command"
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    async def execute(self, action, decision) -> str:
+        self.ran.append(decision.decision_id)
+        return "ran"
+
+
+@pytest.fixture
+def service(aredis, topic_prefix):
+    current = [policy()]
+    act = Recorder()
+    ex = ActionExecutor(aredis, {"command": act}, prefix=topic_prefix, timeout_s=5)
+    store = ApprovalStore(aredis, topic_prefix, ttl_s=60)
+    svc = ActuatorService(ex, store, TEST_KEYS, max_age_ms=10 * 365 * 86_400_000,
+                          authoriser=Authoriser(lambda: current[0]))
+    return svc, store, act, current
+
+
+def _rejected_count(reason: str) -> float:
+    return metrics.DECISIONS_REJECTED.labels(reason)._value.get()
+
+
+@pytest.mark.integration
+async def test_the_service_rejects_right_after_the_signature(service) -> None:
+    svc, _store, act, _ = service
+    before = _rejected_count("mode")
+    d = signed(decision("careful", entity="db", mode=Mode.auto))
+    [out] = await svc.on_decision(d)
+    assert isinstance(out, ActionOutcome) and out.status is OutcomeStatus.rejected
+    assert (out.actuator, out.error) == ("policy", "rejected: mode")
+    assert "allows at most mode needs_approval" in out.detail
+    assert _rejected_count("mode") == before + 1 and act.ran == []
+    # a bad signature is still the first refusal
+    [out] = await svc.on_decision(d.model_copy(update={"signature": None}))
+    assert out.error == "rejected: unsigned"
+
+
+@pytest.mark.integration
+async def test_an_approved_request_is_checked_again_before_it_runs(service) -> None:
+    svc, store, act, current = service
+    d = signed(decision("careful", entity="db", mode=Mode.needs_approval))
+    [req] = await svc.on_decision(d)
+    assert isinstance(req, ApprovalEvent) and req.status is ApprovalStatus.requested
+    # while it waits, the rule is changed: the decision's params are no longer the policy's
+    changed = POLICY.replace("commands: {restart: [/bin/true]}",
+                             "commands: {restart: [/bin/true], stop: [/bin/false]}")
+    current[0] = Policy.from_text(changed.replace("params: {command: restart,",
+                                                  "params: {command: stop,"))
+    before = _rejected_count("params")
+    ok = await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
+    [out] = await svc.on_approval(ok)
+    assert isinstance(out, ActionOutcome) and out.status is OutcomeStatus.rejected
+    assert out.error == "rejected: params" and out.approved_by is None
+    assert out.approval_id == req.approval_id and act.ran == []
+    assert _rejected_count("params") == before + 1
+    assert await svc.on_approval(ok) == []  # settled once
