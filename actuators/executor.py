@@ -161,8 +161,8 @@ class ActionExecutor:
         action = action or d.action
         assert action is not None
         finished = now_ms()
-        approved = approval is not None and status not in (OutcomeStatus.blocked,
-                                                           OutcomeStatus.skipped_duplicate)
+        approved = approval is not None and status not in (
+            OutcomeStatus.blocked, OutcomeStatus.skipped_duplicate, OutcomeStatus.rejected)
         return ActionOutcome(
             decision_id=d.decision_id, entity=d.entity, action_type=action.type,
             target=action.target, status=status, actuator=action.type,
@@ -338,12 +338,15 @@ class ActionExecutor:
         return result or self._taken_over(decision, started, approval=approval)
 
     async def settle(self, decision: Decision, detail: str,
-                     approval: ApprovalEvent | None = None) -> ActionOutcome | None:
-        """Report ``decision``'s action as not run (``blocked``), once; None if already settled."""
+                     approval: ApprovalEvent | None = None, *,
+                     status: OutcomeStatus = OutcomeStatus.blocked,
+                     error: str | None = None) -> ActionOutcome | None:
+        """Report ``decision``'s action as not run (``blocked``, or ``rejected`` when the
+        policy no longer allows it), once; None if already settled."""
         started = now_ms()
 
         async def attempt(held: _Held) -> ActionOutcome:
-            return self._outcome(decision, OutcomeStatus.blocked, started, detail,
+            return self._outcome(decision, status, started, detail, error=error,
                                  approval=approval)
 
         async def record(held: _Held, outcome: ActionOutcome) -> None:

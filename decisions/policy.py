@@ -349,6 +349,23 @@ def _render_target(template: str, entity: str, metric: str) -> str:
     return _PLACEHOLDER.sub(lambda m: entity if m.group(1) == "entity" else metric, template)
 
 
+def render_action(rule: Rule, entity: str, metric: str) -> Action | None:
+    """The action ``rule`` decides for a sample of ``entity``/``metric`` (None: the rule
+    has none): its type and params as written, its target template rendered.  The
+    worker decides with it and the actuator re-authorises against it."""
+    if rule.action is None:
+        return None
+    return Action(type=rule.action.type,
+                  target=_render_target(rule.action.target, entity, metric)[:256],
+                  params=rule.action.params)
+
+
+def selects(rule: Rule, entity: str, metric: str) -> bool:
+    """Whether ``rule``'s entity and metric selectors take this series (labels, kind and
+    conditions are the worker's to judge: a decision does not carry them)."""
+    return _globs(rule.match.entity, entity) and _globs(rule.match.metric, metric)
+
+
 def _globs(patterns: list[str], value: str) -> bool:
     return _compiled(tuple(patterns))(value) is not None
 
@@ -372,6 +389,7 @@ class Policy:
         self.source = source
         self.version = hashlib.sha256(text.encode()).hexdigest()[:12] if text else "inline"
         self._guards = {r.name: self._resolve(r) for r in doc.rules}
+        self._rules = {r.name: r for r in doc.rules}
         self.fleet_labels = _fleet_labels(doc)
         self._selections: dict[tuple[str, str, str], list[str | None]] = {}
 
@@ -386,6 +404,10 @@ class Policy:
             error_budget=_pick(rule.error_budget, d.error_budget),  # type: ignore[arg-type]
             max_event_age_s=_pick(rule.max_event_age_s, d.max_event_age_s),  # type: ignore[arg-type]
             cost=rule.cost, cost_cap=self.doc.cost_cap if rule.cost > 0 else None)
+
+    def rule(self, name: str | None) -> Rule | None:
+        """The rule called ``name`` (None: there is no such rule)."""
+        return self._rules.get(name) if name is not None else None
 
     def guards_for(self, rule: str | None) -> RuleGuards:
         """Guard settings of the rule named ``rule``; the defaults' if there is no such rule."""
@@ -453,11 +475,7 @@ class Policy:
             trace.append(RuleTrace(rule=rule.name, matched=True, reason=(
                 f"score {score:.3f} >= {rule.when.min_score}, "
                 f"confidence {confidence:.3f} >= {rule.when.min_confidence}" + ladder)))
-            action = None
-            if rule.action:
-                action = Action(type=rule.action.type,
-                                target=_render_target(rule.action.target, entity, metric)[:256],
-                                params=rule.action.params)
+            action = render_action(rule, entity, metric)
             return PolicyResult(rule.name, action, mode if action else Mode.none,
                                 trace, self._guards[rule.name])
         return PolicyResult(None, None, Mode.none, trace)

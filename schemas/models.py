@@ -284,6 +284,9 @@ class Feedback(_Contract):
     at: NonNegLong
     entity: str | None = None
     comment: str | None = Field(default=None, max_length=4096)
+    #: ``"<key id>:<hex HMAC-SHA256>"`` with a feedback key (ia.core.signing); a worker
+    #: counts no label without a valid one.
+    signature: str | None = None
 
 
 class ApprovalStatus(StrEnum):

@@ -58,6 +58,7 @@ PINNED = {
     K.kill_switch: "ia:paused",
     K.remembered_decision("dc-1"): "ia:dfx:dc-1",
     K.labels("dc-1"): "ia:labels:dc-1",
+    K.label_quota("web-1", 480): "ia:fbq:480:web-1",
     K.model("feedback"): "ia:model:feedback",
     K.action_claim("dc-1"): "ia:act:dc-1",
     K.compensation_claim("dc-1"): "ia:act:dc-1:compensation",
@@ -180,16 +181,20 @@ async def test_kill_switch_and_learning_layout(aredis, prefix) -> None:
     memory = RedisDecisionMemory(aredis, prefix)
     await memory.remember([("dc-1", Remembered("web-1", "restart", {"x": 1.0}))])
     await memory.first("dc-1", Step.label, "useful")
+    await memory.take("web-1", 480, 3600)
     await RedisModelStore(aredis, prefix).update("feedback", lambda _old: (1, b"blob"))
     _assert_layout(await _layout(aredis, prefix), {
         "paused": ("string", -1),
         "dfx:dc-1": ("string", 30 * DAY),
         "labels:dc-1": ("hash", 30 * DAY),
+        "fbq:480:web-1": ("string", 3600),
         "model:feedback": ("hash", -1),
     })
     assert await aredis.get(f"{prefix}:dfx:dc-1") == \
         b'{"action": "restart", "entity": "web-1", "x": {"x": 1.0}}'
     assert await aredis.hgetall(f"{prefix}:labels:dc-1") == {b"label": b"useful"}
+    assert await aredis.get(f"{prefix}:fbq:480:web-1") == b"1"
+    assert await memory.used("web-1", 480) == 1 and await memory.used("web-1", 481) == 0
     model = await aredis.hgetall(f"{prefix}:model:feedback")
     assert sorted(model) == [b"blob", b"saved_at", b"version"]
 

@@ -135,6 +135,10 @@ class Keys:
         """What a decision's labels have done (each step once)."""
         return f"{self.prefix}:labels:{decision_id}"
 
+    def label_quota(self, entity: str, window: int) -> str:
+        """Labels counted for an entity in one window (the feedback cap)."""
+        return f"{self.prefix}:fbq:{window}:{entity}"
+
     def model(self, name: str) -> str:
         """A shared model's versioned checkpoint."""
         return f"{self.prefix}:model:{name}"

@@ -45,6 +45,10 @@ OUTCOMES = _counter("ia_outcomes_total", "Action outcomes", ["action", "status"]
 GUARD_INTERVENTIONS = _counter("ia_guard_interventions_total",
                                "Decisions a guard blocked or downgraded", ["guard"])
 FEEDBACK = _counter("ia_feedback_total", "Feedback and outcome records applied", ["kind"])
+# Labels that must not count (ia.decisions.learning): unauthenticated, unknown decision,
+# another entity than the decision's, over the entity's cap. Nothing changed.
+FEEDBACK_REFUSED = _counter("ia_feedback_refused_total",
+                            "Feedback labels refused and ignored", ["reason"])
 # A shared model checkpoint that failed validation (ia.decisions.learning): ignored, never run.
 CHECKPOINTS_REJECTED = _counter("ia_checkpoints_rejected_total",
                                 "Model checkpoints read from Redis that failed validation",
@@ -74,7 +78,8 @@ FEATURE_LATE_EVENTS = _counter("ia_feature_late_events_total",
 # The actuator (ia.core.signing): action decisions refused before anything else, by reason.
 DECISIONS_REJECTED = _counter("ia_decisions_rejected_total",
                               "Action decisions the actuator refused to execute "
-                              "(unsigned, badly signed, unknown key, too old)", ["reason"])
+                              "(unsigned, badly signed, unknown key, too old, or not what "
+                              "its current policy allows)", ["reason"])
 # Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
 APPROVALS = _counter("ia_approval_events_total", "Approval events published", ["status"])
 AUDIT_RECORDS = _counter("ia_audit_records_total", "Records appended to the audit chain",
@@ -89,8 +94,8 @@ AUDIT_HEAD_SEQ = _gauge("ia_audit_head_seq", "Sequence number of the audit chain
 
 FAMILIES: dict[Role, tuple[Collector, ...]] = {
     "worker": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, DECISIONS, GUARD_INTERVENTIONS, FEEDBACK,
-               RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE, FEATURE_LATE_EVENTS,
-               OFFSET_GAPS, CHECKPOINTS_REJECTED),
+               FEEDBACK_REFUSED, RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE,
+               FEATURE_LATE_EVENTS, OFFSET_GAPS, CHECKPOINTS_REJECTED),
     "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS,
                  DECISIONS_REJECTED),
     "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,

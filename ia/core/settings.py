@@ -296,6 +296,12 @@ class WorkerSettings(_Group):
         default=256, ge=1,
         description="metrics one entity may have (every batch loads all of its entity's "
                     "state); samples of further metrics go to the DLQ as too_many_metrics")
+    feedback_max_per_entity: int = Field(
+        default=30, ge=1,
+        description="feedback labels that count per entity and window; further ones are "
+                    "refused (over_cap)")
+    feedback_window_s: float = Field(default=3600.0, gt=0,
+                                     description="the window of the feedback cap")
 
 
 class ActuatorSettings(_Group):
@@ -309,9 +315,14 @@ class ActuatorSettings(_Group):
         description="default Slack-compatible incoming webhook of notify actions and decisions")
     plugins: str = Field(default="all",
                          description="actuator plug-ins to load: all, none or names")
+    webhook_allow: str | None = Field(
+        default=None,
+        description="comma-separated scheme://host[:port] that webhook destinations may "
+                    "have (default: those of the policy's own URLs); others are rejected")
 
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {"app_id": ("IA_ACTUATOR_APP_ID",),
-                                                 "plugins": ("IA_ACTUATOR_PLUGINS",)}
+                                                 "plugins": ("IA_ACTUATOR_PLUGINS",),
+                                                 "webhook_allow": ("IA_WEBHOOK_ALLOW",)}
 
 
 class ApprovalSettings(_Group):
@@ -365,8 +376,14 @@ class SigningSettings(_Group):
     max_age_s: float = Field(
         default=600.0, gt=0,
         description="an action decision decided longer ago than this is rejected, not run")
+    feedback_key_file: Path | None = Field(
+        default=None,
+        description="file of `key_id hex_key` lines that sign and verify feedback labels "
+                    "(`ia feedback` signs, the worker counts only labels it verifies); "
+                    "without one no label counts")
 
     ENV_PREFIX: ClassVar[str] = "IA_SIGNING_"
+    ENV: ClassVar[dict[str, tuple[str, ...]]] = {"feedback_key_file": ("IA_FEEDBACK_KEY_FILE",)}
 
 
 class Settings(BaseSettings):
