@@ -33,7 +33,7 @@ import logging
 
 from pydantic import BaseModel
 
-from ia.actuators.approvals import ApprovalStore
+from ia.actuators.approvals import ApprovalStore, approval_refused
 from ia.actuators.builtin import NotifyActuator
 from ia.actuators.executor import ActionExecutor
 from ia.actuators.verification import SpecError, Verdict, spec_of
@@ -155,6 +155,11 @@ class ActuatorService:
     async def _settle(self, ev: ApprovalEvent, d: Decision) -> list[BaseModel]:
         run = ev.status is ApprovalStatus.approved or (
             ev.status is ApprovalStatus.expired and ev.on_expiry is ExpiryPolicy.approve)
+        refused = await self.approvals.release_refusal(ev.approval_id, d, self.keys) \
+            if run else None
+        if refused is not None:  # Redis said approved; the signed records do not
+            await self.approvals.finish(ev.approval_id)
+            return [approval_refused(d, ev, refused)]
         if run:
             outcome = await self.executor.run(d, approval=ev)
             if outcome.status is OutcomeStatus.skipped_duplicate:

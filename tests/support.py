@@ -20,6 +20,9 @@ from ia.schemas.models import Decision
 # The signing key of every worker and actuator the tests start (one per test session).
 TEST_KEY_FILE = write_key_file(Path(tempfile.mkdtemp(prefix="ia-test-keys-")) / "signing.key")
 TEST_KEYS = load_keys(TEST_KEY_FILE)
+# The approval key (requests, answers): a different one, as a least-privilege deployment has.
+TEST_APPROVAL_KEY_FILE = write_key_file(TEST_KEY_FILE.parent / "approval.key", "a1")
+TEST_APPROVAL_KEYS = load_keys(TEST_APPROVAL_KEY_FILE)
 
 PR_SET_PDEATHSIG = 1
 
@@ -95,6 +98,7 @@ def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
         "IA_ACTUATOR_APP_ID": f"{prefix}-actuator",
         "IA_LOG_LEVEL": "warn",
         "IA_SIGNING_KEY_FILE": str(TEST_KEY_FILE),
+        "IA_APPROVAL_KEY_FILE": str(TEST_APPROVAL_KEY_FILE),
         **extra,
     }
 
