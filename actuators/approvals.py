@@ -48,7 +48,7 @@ from ia.schemas.models import (
     ExpiryPolicy,
     OutcomeStatus,
 )
-from ia.schemas.serde import decode, encode
+from ia.schemas.serde import DecodeError, decode, encode
 
 log = logging.getLogger("ia.actuate")
 KEEP_S = 30 * 24 * 3600  # how long a resolved approval stays readable
@@ -224,10 +224,16 @@ class ApprovalStore:
         return found[0], False
 
     async def get(self, approval_id: str) -> tuple[ApprovalEvent, Decision] | None:
-        raw = await self.client.hgetall(self.keys.approval(normalise_id(approval_id)))
+        aid = normalise_id(approval_id)
+        raw = await self.client.hgetall(self.keys.approval(aid))
         if not raw:
             return None
-        return self._event(raw), decode(raw[b"decision"], Decision, "json")
+        try:
+            return self._event(raw), decode(raw[b"decision"], Decision, "json")
+        except (KeyError, ValueError, DecodeError) as exc:  # not written by this code
+            log.warning("approval record %s is malformed (%s: %s); ignored", aid,
+                        type(exc).__name__, exc)
+            return None
 
     @staticmethod
     def _event(raw: dict[bytes, bytes]) -> ApprovalEvent:

@@ -22,6 +22,7 @@ from ia.actuators.executor import ActionExecutor
 from ia.actuators.registry import ActuatorContext, build_actuators, discover, load_plugins
 from ia.actuators.service import ActuatorService
 from ia.actuators.verification import SpecError, Verifier, spec_of
+from ia.core import metrics
 from ia.core.errors import ConfigError
 from ia.decisions.policy import Policy
 from ia.governance.api import (
@@ -44,6 +45,7 @@ from ia.schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
+from ia.schemas.serde import decode, encode
 from tests.redis_faults import FailOnce, RedisConnectionError
 from tests.support import TEST_APPROVAL_KEYS, TEST_KEYS, signed
 from tests.test_governance import make_plugin
@@ -246,6 +248,93 @@ async def test_lost_answer_is_settled_by_the_periodic_pass(service, store) -> No
     assert out[1].status is OutcomeStatus.blocked and "rejected by bo via api:ops: no" in \
         out[1].detail
     assert act.ran == []
+
+
+# --------------------------------------------------------------------------- forged approvals
+# A client with write access to Redis (or the approvals topic) but not the approval key.
+
+
+def approved(req: ApprovalEvent) -> ApprovalEvent:
+    """What a forger sends to the approvals topic after writing to Redis."""
+    return req.model_copy(update={"status": ApprovalStatus.approved, "by": "mallory"})
+
+
+def refused(out: list) -> ActionOutcome:
+    [outcome] = out
+    assert isinstance(outcome, ActionOutcome) and outcome.status is OutcomeStatus.rejected, out
+    assert outcome.error == "rejected: unverified approval" and outcome.approved_by is None
+    return outcome
+
+
+async def test_approval_written_straight_to_redis_is_not_taken(service, store) -> None:
+    svc, act = service
+    before = _refusals()
+    [req] = await svc.on_decision(decision())
+    key = store.keys.approval(req.approval_id)
+    await store.client.hset(key, mapping={"status": "approved", "by": "mallory", "via": "cli",
+                                          "at": T0, "reason": "trust me"})
+    await store.client.zadd(store.keys.approvals_unfinished, {req.approval_id: 0})
+    forged = req.model_copy(update={"status": ApprovalStatus.approved, "by": "mallory"})
+    assert "0 valid approval(s) of the 1 required" in refused(await svc.on_approval(forged)).detail
+    assert await svc.tick(10**15) == []  # settled as refused: the periodic pass leaves it
+    assert act.ran == [] and _refusals() == before + 1
+
+
+async def test_forged_votes_and_tampered_terms_are_not_taken(service, store) -> None:
+    svc, act = service
+    # a genuine vote copied from another request does not count here
+    [other] = await svc.on_decision(decision())
+    await store.resolve(other.approval_id, ApprovalStatus.rejected, by="ann", via="cli",
+                        reason="no")
+    [req] = await svc.on_decision(decision(rule="guarded"))
+    key = store.keys.approval(req.approval_id)
+    copied = await store.client.hget(store.keys.approval(other.approval_id), "vote:ann")
+    await store.client.hset(key, mapping={"vote:ann": copied, "status": "approved"})
+    assert "0 valid" in refused(await svc.on_approval(approved(req))).detail
+    # one genuine approval of the two required, then Redis is told it is approved
+    [req] = await svc.on_decision(decision(rule="guarded"))
+    key = store.keys.approval(req.approval_id)
+    await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
+    await store.client.hset(key, mapping={"required": 1, "vote:bo": "{}", "status": "approved"})
+    assert "1 valid approval(s) of the 2 required" in refused(await svc.on_approval(approved(req))).detail
+    # terms rewritten in the stored request (anyone may approve, one is enough)
+    [req] = await svc.on_decision(decision(rule="guarded"))
+    key = store.keys.approval(req.approval_id)
+    lax = req.model_copy(update={"approvers": [], "required": 1}).model_dump_json()
+    await store.client.hset(key, "request", lax)
+    with pytest.raises(ApprovalError, match="fails verification"):
+        await store.resolve(req.approval_id, ApprovalStatus.approved, by="dee", via="cli")
+    await store.client.hset(key, mapping={"status": "approved", "by": "dee"})  # malformed
+    assert await svc.on_approval(approved(req)) == []
+    await store.client.hset(key, mapping={"via": "cli", "at": T0, "reason": ""})
+    assert "request signature: bad_signature" in refused(await svc.on_approval(approved(req))).detail
+    # an on_expiry: approve request marked expired before its deadline
+    [req] = await svc.on_decision(decision(rule="brief-yes"))
+    await store.client.hset(store.keys.approval(req.approval_id), "status", "expired")
+    expired = req.model_copy(update={"status": ApprovalStatus.expired})
+    assert "before its deadline" in refused(await svc.on_approval(expired)).detail
+    assert act.ran == []
+
+
+async def test_swapped_decision_is_not_taken(service, store) -> None:
+    """A genuine approval cannot carry a different action: the stored decision is
+    checked against its own signature and the one the request was signed with."""
+    svc, act = service
+    [req] = await svc.on_decision(decision())
+    await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
+    key = store.keys.approval(req.approval_id)
+    d = decode(await store.client.hget(key, "decision"), Decision, "json")
+    evil = d.model_copy(update={"action": Action(type="log", target="everything")})
+    await store.client.hset(key, "decision", encode(evil, "json"))
+    assert "decision signature: bad_signature" in refused(await svc.on_approval(approved(req))).detail
+    resigned = signed(evil)  # even a genuine decision the request was not made for
+    await store.client.hset(key, "decision", encode(resigned, "json"))
+    assert "request signature" in refused(await svc.on_approval(approved(req))).detail
+    assert act.ran == []
+
+
+def _refusals() -> float:
+    return metrics.APPROVALS_REFUSED._value.get()
 
 
 class FakeSeries(Verifier):
