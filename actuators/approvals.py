@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
 from collections.abc import Callable
 
 from ia.actuators.approvers import Vote, may_answer, release_refusal, request_payload

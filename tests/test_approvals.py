@@ -290,13 +290,13 @@ async def test_forged_votes_and_tampered_terms_are_not_taken(service, store) -> 
     key = store.keys.approval(req.approval_id)
     copied = await store.client.hget(store.keys.approval(other.approval_id), "vote:ann")
     await store.client.hset(key, mapping={"vote:ann": copied, "status": "approved"})
-    assert "0 valid" in refused(await svc.on_approval(approved(req))).detail
+    assert "0 valid" in await refusal(svc, req)
     # one genuine approval of the two required, then Redis is told it is approved
     [req] = await svc.on_decision(decision(rule="guarded"))
     key = store.keys.approval(req.approval_id)
     await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
     await store.client.hset(key, mapping={"required": 1, "vote:bo": "{}", "status": "approved"})
-    assert "1 valid approval(s) of the 2 required" in refused(await svc.on_approval(approved(req))).detail
+    assert "1 valid approval(s) of the 2 required" in await refusal(svc, req)
     # terms rewritten in the stored request (anyone may approve, one is enough)
     [req] = await svc.on_decision(decision(rule="guarded"))
     key = store.keys.approval(req.approval_id)
@@ -307,7 +307,7 @@ async def test_forged_votes_and_tampered_terms_are_not_taken(service, store) -> 
     await store.client.hset(key, mapping={"status": "approved", "by": "dee"})  # malformed
     assert await svc.on_approval(approved(req)) == []
     await store.client.hset(key, mapping={"via": "cli", "at": T0, "reason": ""})
-    assert "request signature: bad_signature" in refused(await svc.on_approval(approved(req))).detail
+    assert "request signature: bad_signature" in await refusal(svc, req)
     # an on_expiry: approve request marked expired before its deadline
     [req] = await svc.on_decision(decision(rule="brief-yes"))
     await store.client.hset(store.keys.approval(req.approval_id), "status", "expired")
@@ -326,11 +326,16 @@ async def test_swapped_decision_is_not_taken(service, store) -> None:
     d = decode(await store.client.hget(key, "decision"), Decision, "json")
     evil = d.model_copy(update={"action": Action(type="log", target="everything")})
     await store.client.hset(key, "decision", encode(evil, "json"))
-    assert "decision signature: bad_signature" in refused(await svc.on_approval(approved(req))).detail
+    assert "decision signature: bad_signature" in await refusal(svc, req)
     resigned = signed(evil)  # even a genuine decision the request was not made for
     await store.client.hset(key, "decision", encode(resigned, "json"))
-    assert "request signature" in refused(await svc.on_approval(approved(req))).detail
+    assert "request signature" in await refusal(svc, req)
     assert act.ran == []
+
+
+async def refusal(svc: ActuatorService, req: ApprovalEvent) -> str:
+    """Why the actuator refuses the forged ``approved`` event of ``req``."""
+    return refused(await svc.on_approval(approved(req))).detail
 
 
 def _refusals() -> float:

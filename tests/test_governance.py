@@ -23,8 +23,8 @@ import redis
 
 from ia.core.kafka import ensure_topics
 from ia.core.operator import default_by
-from ia.governance.api import token_hash
 from ia.core.settings import Topics
+from ia.governance.api import token_hash
 from ia.runtime.embedded import free_port
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until

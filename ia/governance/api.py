@@ -174,10 +174,7 @@ def load_tokens(token: str | None, token_file: Path | None) -> Tokens:
     if token:
         hashes.update(parse_tokens([(1, token.strip())], "IA_API_TOKEN"))
     if token_file:
-        try:
-            text = Path(token_file).read_text()
-        except OSError as exc:
-            raise ConfigError(f"token file {token_file}: {exc.strerror}") from None
+        text = Path(token_file).read_text()  # a missing file: the CLI's one-line OSError
         hashes.update(parse_tokens(enumerate(text.splitlines(), start=1), str(token_file)))
     return Tokens(hashes)
 
@@ -338,6 +335,7 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
         settings.api.token_file)
     if not tokens:
         raise ConfigError("no API token: set IA_API_TOKEN or IA_API_TOKEN_FILE")
+    metrics.serve(settings.metrics_port, settings.metrics_host, role="api")
 
     async def make() -> web.Application:
         client = redis_client(settings.redis)
