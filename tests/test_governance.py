@@ -386,14 +386,14 @@ def test_forged_approvals_are_not_taken(gov):
 
 def test_api_rate_limit_answers_429(gov):
     wait_until(lambda: _up(gov["api"]), 30, "approval API")
-    noisy = _bearer(gov, "noisy")
-    codes = [httpx.get(f"{gov['api']}/approvals", headers=noisy).status_code
-             for _ in range(RATE_LIMIT + 1)]
-    assert codes == [200] * RATE_LIMIT + [429]
-    r = httpx.get(f"{gov['api']}/approvals", headers=noisy)
-    assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
+    noisy, url = _bearer(gov, "noisy"), f"{gov['api']}/approvals/ap-none"  # a cheap 404
+    with httpx.Client(headers=noisy) as client:
+        codes = [client.get(url).status_code for _ in range(RATE_LIMIT + 1)]
+        assert codes == [404] * RATE_LIMIT + [429]
+        r = client.get(url)
+        assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
     # per identity: the others are unaffected
-    assert httpx.get(f"{gov['api']}/approvals", headers=_bearer(gov, "bob")).status_code == 200
+    assert httpx.get(url, headers=_bearer(gov, "bob")).status_code == 404
 
 
 def _up(api: str) -> bool:
