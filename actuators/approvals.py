@@ -225,8 +225,9 @@ class ApprovalStore:
     async def get(self, approval_id: str) -> tuple[ApprovalEvent, Decision] | None:
         aid = normalise_id(approval_id)
         raw = await self.client.hgetall(self.keys.approval(aid))
-        if not raw:
-            return None
+        return self._parsed(aid, raw) if raw else None
+
+    def _parsed(self, aid: str, raw: dict[bytes, bytes]) -> tuple[ApprovalEvent, Decision] | None:
         try:
             return self._event(raw), decode(raw[b"decision"], Decision, "json")
         except (KeyError, ValueError, DecodeError) as exc:  # not written by this code
@@ -273,10 +274,12 @@ class ApprovalStore:
         raw = await self.client.hgetall(self.keys.approval(aid))
         if not raw:
             raise ApprovalNotFound(f"no approval request {aid}")
-        current = self._event(raw)
+        found = self._parsed(aid, raw)
+        if found is None:
+            raise ApprovalTampered(f"approval request {aid} is malformed; not answered")
+        current, decision = found
         if current.status is not ApprovalStatus.requested:
             raise ApprovalConflict(f"approval request {aid} is already {current.status.value}")
-        decision = decode(raw[b"decision"], Decision, "json")
         tampered = self._verified_request(raw, decision)
         if tampered is not None:
             raise ApprovalTampered(f"approval request {aid} fails verification ({tampered}); "
@@ -315,6 +318,14 @@ class ApprovalStore:
             return "the approval request is gone"
         if self.signing is None:
             return "no approval key to verify it with"
+        try:
+            return self._release_refusal(raw, decision, decision_keys, self.signing,
+                                         clock.now_ms() if now_ms is None else now_ms)
+        except (KeyError, ValueError, DecodeError) as exc:
+            return f"malformed record ({type(exc).__name__})"
+
+    def _release_refusal(self, raw: dict[bytes, bytes], decision: Decision,
+                         decision_keys: KeyRing, keys: KeyRing, now_ms: int) -> str | None:
         refused = decision_keys.verify_bytes(canonical(decision.model_dump(mode="json")),
                                              decision.signature)
         if refused is not None:
@@ -333,10 +344,9 @@ class ApprovalStore:
                 continue
             vote = Vote.from_json(value)
             if vote is not None and name == b"vote:" + vote.by.encode() and \
-                    self.signing.verify_bytes(vote.payload(sig), vote.signature) is None:
+                    keys.verify_bytes(vote.payload(sig), vote.signature) is None:
                 votes.append(vote)
-        return release_refusal(request, ApprovalStatus(raw[b"status"].decode()), votes,
-                               clock.now_ms() if now_ms is None else now_ms)
+        return release_refusal(request, ApprovalStatus(raw[b"status"].decode()), votes, now_ms)
 
     async def _transition(self, aid: str, status: ApprovalStatus, by: str, via: str,
                           reason: str, now: int, mode: str) -> str:
