@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import LockError, RedisError
 
+from ia.actuators.approvers import approved_by
 from ia.actuators.base import ActionFailed, Actuator
 from ia.actuators.builtin import NotifyActuator
 from ia.actuators.verification import SpecError, VerificationJob, Verifier, spec_of
@@ -170,7 +171,7 @@ class ActionExecutor:
             duration_ms=float(max(0, finished - started)), attempts=attempts, detail=detail,
             error=error, phase=phase,
             approval_id=approval.approval_id if approval else None,
-            approved_by=approval.by if approved and approval else None)
+            approved_by=approved_by(approval) if approved and approval else None)
 
     # -- the claim ---------------------------------------------------------------------------
 
@@ -481,6 +482,9 @@ def _with_approval(outcome: ActionOutcome, approval: ApprovalEvent | None) -> Ac
         return outcome
     if outcome.status is OutcomeStatus.blocked:
         return outcome.model_copy(update={"approval_id": approval.approval_id})
+    who = approved_by(approval)
+    via = f" via {approval.via}" if not approval.approvals or len(approval.approvals) == 1 \
+        else f", last via {approval.via}"
     return outcome.model_copy(update={
-        "approval_id": approval.approval_id, "approved_by": approval.by,
-        "detail": f"{outcome.detail} (approved by {approval.by} via {approval.via})"})
+        "approval_id": approval.approval_id, "approved_by": who,
+        "detail": f"{outcome.detail} (approved by {who}{via})"})

@@ -36,7 +36,7 @@ import logging
 
 from pydantic import BaseModel
 
-from ia.actuators.approvals import ApprovalStore
+from ia.actuators.approvals import ApprovalStore, approval_refused
 from ia.actuators.authorisation import Authoriser, Refusal
 from ia.actuators.builtin import NotifyActuator
 from ia.actuators.executor import ActionExecutor
@@ -165,6 +165,11 @@ class ActuatorService:
     async def _settle(self, ev: ApprovalEvent, d: Decision) -> list[BaseModel]:
         run = ev.status is ApprovalStatus.approved or (
             ev.status is ApprovalStatus.expired and ev.on_expiry is ExpiryPolicy.approve)
+        refused = await self.approvals.release_refusal(ev.approval_id, d, self.keys) \
+            if run else None
+        if refused is not None:  # Redis said approved; the signed records do not
+            await self.approvals.finish(ev.approval_id)
+            return [approval_refused(d, ev, refused)]
         # The policy may have changed while the request waited: it must still allow it.
         disallowed = self._disallowed(d) if run else None
         if disallowed is not None:

@@ -27,7 +27,7 @@ from ia.core import metrics
 from ia.core.errors import ConfigError
 from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
-from ia.core.signing import signing_keys
+from ia.core.signing import approval_keys, signing_keys
 from ia.decisions.guards import ExecutionGuard
 from ia.decisions.policy_source import PolicySource
 from ia.schemas.models import ActionOutcome, ApprovalEvent, Decision
@@ -73,7 +73,9 @@ def build_actuator(settings: Settings) -> faust.App:
         ctx["service"] = ActuatorService(
             executor,
             ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
-                          on_expiry=settings.approvals.on_expiry),
+                          on_expiry=settings.approvals.on_expiry,
+                          keys=approval_keys(settings.approvals, settings.signing),
+                          terms=lambda rule: policy.current().approval_terms(rule)),
             keys, max_age_ms=int(settings.signing.max_age_s * 1000), notifier=notifier,
             authoriser=Authoriser(policy.current, allow))
 

@@ -23,6 +23,9 @@ TEST_KEYS = load_keys(TEST_KEY_FILE)
 # ... and the key their labels are signed with (ia feedback, tests that produce labels).
 TEST_FEEDBACK_KEY_FILE = write_key_file(TEST_KEY_FILE.parent / "feedback.key")
 TEST_FEEDBACK_KEYS = load_keys(TEST_FEEDBACK_KEY_FILE)
+# The approval key (requests, answers): a different one, as a least-privilege deployment has.
+TEST_APPROVAL_KEY_FILE = write_key_file(TEST_KEY_FILE.parent / "approval.key", "a1")
+TEST_APPROVAL_KEYS = load_keys(TEST_APPROVAL_KEY_FILE)
 
 PR_SET_PDEATHSIG = 1
 
@@ -104,6 +107,7 @@ def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
         "IA_LOG_LEVEL": "warn",
         "IA_SIGNING_KEY_FILE": str(TEST_KEY_FILE),
         "IA_FEEDBACK_KEY_FILE": str(TEST_FEEDBACK_KEY_FILE),
+        "IA_APPROVAL_KEY_FILE": str(TEST_APPROVAL_KEY_FILE),
         **extra,
     }
 

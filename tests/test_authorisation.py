@@ -31,7 +31,7 @@ from ia.schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
-from tests.support import TEST_KEYS, signed
+from tests.support import TEST_APPROVAL_KEYS, TEST_KEYS, signed
 
 POLICY = """\
 version: 1
@@ -236,7 +236,8 @@ def service(aredis, topic_prefix):
     current = [policy()]
     act = Recorder()
     ex = ActionExecutor(aredis, {"command": act}, prefix=topic_prefix, timeout_s=5)
-    store = ApprovalStore(aredis, topic_prefix, ttl_s=60)
+    store = ApprovalStore(aredis, topic_prefix, ttl_s=60, keys=TEST_APPROVAL_KEYS,
+                          terms=lambda rule: current[0].approval_terms(rule))
     svc = ActuatorService(ex, store, TEST_KEYS, max_age_ms=10 * 365 * 86_400_000,
                           authoriser=Authoriser(lambda: current[0]))
     return svc, store, act, current

@@ -33,6 +33,7 @@ from ia.features.store import EntityRecord, RedisFeatureStore
 from ia.governance.audit import Head
 from ia.governance.audit_store import RedisAuditState
 from ia.schemas.models import Action, ApprovalStatus, Decision, Mode, ModelInfo
+from tests.support import TEST_APPROVAL_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_732_700_000_000
@@ -232,7 +233,7 @@ async def test_executor_and_verifier_layout(aredis, prefix) -> None:
 
 @pytest.mark.integration
 async def test_approval_layout(aredis, prefix) -> None:
-    store = ApprovalStore(aredis, prefix, ttl_s=900)
+    store = ApprovalStore(aredis, prefix, ttl_s=900, keys=TEST_APPROVAL_KEYS)
     ev, _ = await store.request(_decision(Mode.needs_approval), now_ms=T0)
     assert ev.approval_id == "ap-1"
     assert await aredis.zscore(f"{prefix}:appr:pending", "ap-1") == ev.expires_at
@@ -243,7 +244,8 @@ async def test_approval_layout(aredis, prefix) -> None:
         "appr:index": ("zset", -1),
     })
     assert sorted(await aredis.hgetall(f"{prefix}:appr:ap-1")) == [
-        b"at", b"by", b"decision", b"expires_at", b"reason", b"request", b"status", b"via"]
+        b"at", b"by", b"decision", b"expires_at", b"nvotes", b"reason", b"request",
+        b"request_sig", b"required", b"status", b"via", b"vote:op", b"voters"]
     assert await aredis.zscore(f"{prefix}:appr:index", "ap-1") == T0
     assert await aredis.zscore(f"{prefix}:appr:unfinished", "ap-1") == T0 + 1
 

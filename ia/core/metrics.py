@@ -82,6 +82,13 @@ DECISIONS_REJECTED = _counter("ia_decisions_rejected_total",
                               "its current policy allows)", ["reason"])
 # Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
 APPROVALS = _counter("ia_approval_events_total", "Approval events published", ["status"])
+APPROVALS_REFUSED = _counter(
+    "ia_approvals_refused_total",
+    "Approved (or approved-on-expiry) requests the actuator did not run: their signed "
+    "records do not verify (forged or tampered in Redis)")
+API_REFUSED = _counter("ia_api_refused_total",
+                       "Approval API requests refused (unauthenticated, forbidden, "
+                       "rate_limited)", ["reason"])
 AUDIT_RECORDS = _counter("ia_audit_records_total", "Records appended to the audit chain",
                          ["kind"])
 AUDIT_COMPLETENESS = _gauge(
@@ -97,10 +104,10 @@ FAMILIES: dict[Role, tuple[Collector, ...]] = {
                FEEDBACK_REFUSED, RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE,
                FEATURE_LATE_EVENTS, OFFSET_GAPS, CHECKPOINTS_REJECTED),
     "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS,
-                 DECISIONS_REJECTED),
+                 DECISIONS_REJECTED, APPROVALS_REFUSED),
     "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,
               RETRIES, OFFSET_GAPS),
-    "api": (APPROVALS,),
+    "api": (APPROVALS, API_REFUSED),
     "bench": (EVENTS_IN, EVENTS_OUT, BATCH_SIZE, OFFSET_GAPS),
 }
 

@@ -326,9 +326,19 @@ class ActuatorSettings(_Group):
 
 
 class ApprovalSettings(_Group):
-    ttl_s: float = Field(default=900.0, gt=0, description="how long an approval request waits")
+    ttl_s: float = Field(
+        default=900.0, gt=0,
+        description="how long an approval request waits, unless the policy's `approval.ttl_s` "
+                    "says otherwise")
     on_expiry: Literal["reject", "approve"] = Field(
-        default="reject", description="what an unanswered approval request becomes")
+        default="reject",
+        description="what an unanswered approval request becomes, unless the policy's "
+                    "`approval.on_expiry` says otherwise (never approve for a rule with "
+                    "`approvers` or `required` above 1)")
+    key_file: Path | None = Field(
+        default=None,
+        description="file of `key_id hex_key` lines signing approval requests (actuator) and "
+                    "answers (API, CLI); default IA_SIGNING_KEY_FILE")
 
     ENV_PREFIX: ClassVar[str] = "IA_APPROVAL_"
 
@@ -337,9 +347,16 @@ class ApiSettings(_Group):
     token: SecretStr | None = Field(
         default=None, description="bearer token of `ia api`; without one it refuses everything")
     token_file: Path | None = Field(
-        default=None, description="file of bearer tokens, one per line: `token` or `name token`")
+        default=None,
+        description="file of named bearer tokens, one per line: `name sha256:<hex>` (the "
+                    "token's SHA-256), `name token`, or `token` (identity `api`)")
     host: str = Field(default="127.0.0.1", description="where `ia api` listens")
     port: int = Field(default=8470, ge=0, description="port of `ia api`")
+    rate_limit: int = Field(
+        default=60, ge=0,
+        description="requests per identity (per client address before authentication) and "
+                    "window; more get 429 with Retry-After (0: no limit)")
+    rate_window_s: float = Field(default=60.0, gt=0, description="window of the rate limit")
 
     ENV_PREFIX: ClassVar[str] = "IA_API_"
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ia.core.errors import ConfigError
-from ia.core.settings import SigningSettings
+from ia.core.settings import ApprovalSettings, SigningSettings
 
 SIGNED_FIELDS = ("decision_id", "event_id", "correlation_id", "entity", "metric", "ts",
                  "decided_at", "action", "mode", "policy_version", "rule_trace")
@@ -80,8 +80,7 @@ class KeyRing:
         return f"KeyRing(ids={sorted(self.keys)}, signing_id={self.signing_id!r})"
 
     def sign(self, decision: Mapping[str, Any], fields: tuple[str, ...] = SIGNED_FIELDS) -> str:
-        mac = hmac.new(self.keys[self.signing_id], canonical(decision, fields), hashlib.sha256)
-        return f"{self.signing_id}:{mac.hexdigest()}"
+        return self.sign_bytes(canonical(decision, fields))
 
     def check(self, decision: Mapping[str, Any], now_ms: int,
               max_age_ms: int) -> Rejection | None:
@@ -96,7 +95,20 @@ class KeyRing:
     def verify(self, record: Mapping[str, Any],
                fields: tuple[str, ...] = SIGNED_FIELDS) -> Rejection | None:
         """Why ``record``'s signature over ``fields`` is not one of these keys' (None: it is)."""
-        signature = record.get("signature")
+        return self.verify_bytes(canonical(record, fields), record.get("signature"))
+
+    def sign_bytes(self, data: bytes) -> str:
+        """``"<key id>:<hex HMAC-SHA256>"`` of ``data`` with the signing key.
+
+        Callers other than decisions put a domain prefix in ``data`` (approval
+        records: :data:`ia.actuators.approvers.DOMAIN`), so no signature made for
+        one kind of record can ever verify as another kind.
+        """
+        mac = hmac.new(self.keys[self.signing_id], data, hashlib.sha256)
+        return f"{self.signing_id}:{mac.hexdigest()}"
+
+    def verify_bytes(self, data: bytes, signature: object) -> Rejection | None:
+        """Why ``signature`` is not a valid signature of ``data`` (None: it is)."""
         if not signature:
             return Rejection.unsigned
         key_id, sep, mac = str(signature).partition(":")
@@ -105,7 +117,7 @@ class KeyRing:
         key = self.keys.get(key_id)
         if key is None:
             return Rejection.unknown_key
-        expected = hmac.new(key, canonical(record, fields), hashlib.sha256).hexdigest()
+        expected = hmac.new(key, data, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, mac):
             return Rejection.bad_signature
         return None
@@ -165,4 +177,12 @@ def signing_keys(settings: SigningSettings) -> KeyRing | None:
 def feedback_keys(settings: SigningSettings) -> KeyRing | None:
     """The key ring of feedback labels (None: no feedback key file configured)."""
     path = settings.feedback_key_file
+    return load_keys(path) if path is not None else None
+
+
+def approval_keys(approvals: ApprovalSettings, signing: SigningSettings) -> KeyRing | None:
+    """The key ring of approval records: ``IA_APPROVAL_KEY_FILE``, else the decisions'
+    key file (one file is enough for a single-host setup; give the API and the
+    operators a separate one so they cannot sign decisions).  None: neither is set."""
+    path = approvals.key_file or signing.key_file
     return load_keys(path) if path is not None else None
