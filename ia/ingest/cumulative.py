@@ -142,8 +142,8 @@ class RedisCumulativeStore:
             return []
         pipe = self.client.pipeline(transaction=False)
         for p in points:
-            self.script(keys=[self.keys.cumulative(p.series_id)],
-                        args=[p.ts_ms, p.entry(), self.ttl_s, KEEP], client=pipe)
+            await self.script(keys=[self.keys.cumulative(p.series_id)],
+                              args=[p.ts_ms, p.entry(), self.ttl_s, KEEP], client=pipe)
         return [_answer(reply) for reply in await pipe.execute()]
 
 
