@@ -9,8 +9,9 @@ the value).  Meant for deploys and config changes, which feed the context featur
 * metric (the event's name): the extension attribute ``iaevent`` if set; else the
   CloudEvents ``type``'s last segment, trailing version segments dropped
   (``dev.cdevents.service.deployed.0.2.0`` -> ``deployed``), lower-cased, ``-`` as
-  ``_``, then by :data:`ALIASES` (``deployed`` -> ``deploy``,
-  ``configuration_changed`` -> ``config_change``, ...);
+  ``_``, then by :data:`ALIASES` (``deployed`` -> ``deploy``, ``config-changed`` ->
+  ``config_change``, ...), where the last two segments joined by ``_`` are tried
+  first (``com.acme.config.changed`` -> ``config_changed`` -> ``config_change``);
 * entity: the extension ``iaentity``; else ``subject``; else the mapping rules'
   entity labels (``IA_INGEST_ENTITY_LABELS``) among the data's top-level fields;
   else refused (``no_entity``);
@@ -43,7 +44,8 @@ ALIASES = {
                      "released", "rollout", "upgraded", "rolledback", "rolled_back"),
                     "deploy"),
     **dict.fromkeys(("config_change", "config_changed", "configchanged", "configchange",
-                     "configuration_changed", "config", "modified"), "config_change"),
+                     "configuration_changed", "config_updated", "config", "modified"),
+                    "config_change"),
     **dict.fromkeys(("restart", "restarted"), "restart"),
     **dict.fromkeys(("scale", "scaled"), "scale"),
 }
@@ -71,8 +73,10 @@ def event_name(ce_type: str) -> str:
     parts = [p for p in ce_type.split(".") if p]
     while len(parts) > 1 and _VERSION.match(parts[-1]):
         parts.pop()
-    last = (parts[-1] if parts else ce_type).lower().replace("-", "_")
-    return ALIASES.get(last, last)
+    words = [p.lower().replace("-", "_") for p in parts] or [ce_type.lower()]
+    if len(words) > 1 and f"{words[-2]}_{words[-1]}" in ALIASES:  # com.acme.config.changed
+        return ALIASES[f"{words[-2]}_{words[-1]}"]
+    return ALIASES.get(words[-1], words[-1])
 
 
 def convert(headers: Headers, key: bytes | None, value: bytes | None, record_ts_ms: int | None,
@@ -84,6 +88,11 @@ def convert(headers: Headers, key: bytes | None, value: bytes | None, record_ts_
     except Exception as exc:  # the SDK parses untrusted bytes: any failure is the record's
         raise Refused("undecodable_cloudevent", f"{type(exc).__name__}: {exc}") from None
     attrs = ce.get_attributes()
+    # The SDK makes up an id (a UUID) and a time (now) an event lacks: a made-up id
+    # would differ on every delivery, and a made-up time is no event time.
+    given = _given(message)
+    if "id" not in given:
+        raise Refused("undecodable_cloudevent", "no id attribute (CloudEvents requires one)")
     if attrs.get("specversion") != "1.0":
         raise Refused("undecodable_cloudevent",
                       f"specversion {attrs.get('specversion')!r}; 1.0 is read")
@@ -92,7 +101,7 @@ def convert(headers: Headers, key: bytes | None, value: bytes | None, record_ts_
     entity = attrs.get("iaentity") or attrs.get("subject")
     if not entity:
         entity = entity_of(rules, {k: v for k, v in data.items() if isinstance(v, str)})
-    when = attrs.get("time")
+    when = attrs.get("time") if "time" in given else None
     ts = int(when.timestamp() * 1000) if when is not None else record_ts_ms
     if not ts or ts <= 0:
         raise Refused("no_timestamp", "no time attribute and no record timestamp")
@@ -109,6 +118,19 @@ def convert(headers: Headers, key: bytes | None, value: bytes | None, record_ts_
                               labels=event_labels(SOURCE, meta, scalars))
     except ValidationError as exc:
         raise Refused("invalid_event", str(exc.errors()[0]["msg"])) from None
+
+
+def _given(message: ce_kafka.KafkaMessage) -> set[str]:
+    """The attributes the record itself carries (headers in binary mode, the JSON
+    envelope's members in structured mode)."""
+    names = {k.lower()[3:] for k in message.headers if k.lower().startswith("ce_")}
+    if names:
+        return names
+    try:
+        doc = json.loads(message.value)
+    except (ValueError, RecursionError):
+        return set()
+    return set(doc) if isinstance(doc, dict) else set()
 
 
 def _data(data: Any) -> dict[str, Any]:
