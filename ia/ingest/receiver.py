@@ -69,19 +69,35 @@ class KafkaSink:
     records' delivery reports (a thread serves the producer's callbacks)."""
 
     def __init__(self, kafka: KafkaSettings, topic: str, timeout_s: float) -> None:
-        from ia.core.kafka import producer
-
-        self.topic, self.timeout_s = topic, timeout_s
-        self.producer = producer(kafka, {
-            "acks": "all", "enable.idempotence": True, "linger.ms": 5,
-            # Given up at the request's own deadline: a 503'd request is not delivered later.
-            "message.timeout.ms": int(timeout_s * 1000),
-            # The Java client's (and aiokafka's) partitioner, so an entity lands on the
-            # same partition whichever producer sent it.
-            "partitioner": "murmur2_random"})
+        self.kafka, self.topic, self.timeout_s = kafka, topic, timeout_s
+        self._fatal = False
+        self.producer = self._producer()
         self._running = True
         self._poller = threading.Thread(target=self._poll, name="ia-receive-kafka", daemon=True)
         self._poller.start()
+
+    def _producer(self):  # type: ignore[no-untyped-def]
+        from ia.core.kafka import producer
+
+        return producer(self.kafka, {
+            # Not idempotent: after batches time out, an idempotent producer bumps its
+            # epoch, which some brokers (tansu) then fence for good; a retried record may
+            # be written twice instead, which is harmless (same event id, same decision
+            # id).  One request in flight per connection keeps each entity's order.
+            "acks": "all", "enable.idempotence": False,
+            "max.in.flight.requests.per.connection": 1, "linger.ms": 5,
+            # Given up at the request's own deadline: a 503'd request is not delivered later.
+            "message.timeout.ms": int(self.timeout_s * 1000),
+            # The Java client's (and aiokafka's) partitioner, so an entity lands on the
+            # same partition whichever producer sent it.
+            "partitioner": "murmur2_random", "error_cb": self._on_error})
+
+    def _on_error(self, err) -> None:  # type: ignore[no-untyped-def]
+        # A producer that failed for good is replaced at the next request, which would
+        # otherwise get 503 for ever.
+        if err.fatal():
+            log.error("Kafka producer failed for good (%s); replacing it", err)
+            self._fatal = True
 
     def _poll(self) -> None:
         while self._running:
@@ -90,6 +106,9 @@ class KafkaSink:
     async def send(self, records: Records) -> None:
         if not records:
             return
+        if self._fatal:
+            self._fatal = False
+            self.producer = self._producer()
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future] = []
 
