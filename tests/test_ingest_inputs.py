@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import struct
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import cramjam
 import pytest
@@ -17,7 +19,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from ia.core.errors import ConfigError
 from ia.ingest import alertmanager, cloudevents, remote_write
-from ia.ingest.mapping import Refused, Rules
+from ia.ingest.mapping import INGEST_REASONS, Refused, Rules
 from ia.ingest.prompb_pb2 import WriteRequest
 from ia.ingest.receiver import MemorySeenAlerts, Unavailable, build_receiver
 from ia.schemas.models import EventKind, TelemetryEvent
@@ -257,3 +259,10 @@ async def test_alerts_are_sent_once_per_fingerprint_and_status() -> None:
         assert (await client.post("/alertmanager", json=other, headers=AUTH)).status == 200
     assert [(e.value, e.labels["alert.fingerprint"]) for e in sink.records] == [
         (1.0, "a1b2c3d4e5f60708"), (0.0, "a1b2c3d4e5f60708"), (1.0, "ffff0000ffff0000")]
+
+
+def test_every_ingest_reason_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Inputs: OpenTelemetry", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| reason | the record, point, sample or alert |", 1)[1]
+    assert set(INGEST_REASONS) <= set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
