@@ -266,3 +266,23 @@ def test_every_ingest_reason_is_documented_in_the_readme() -> None:
     section = readme.split("## Inputs: OpenTelemetry", 1)[1].split("\n## ", 1)[0]
     table = section.split("| reason | the record, point, sample or alert |", 1)[1]
     assert set(INGEST_REASONS) <= set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
+
+
+async def test_a_receiver_whose_broker_is_unreachable_answers_503() -> None:
+    """The real Kafka sink, pointed at a closed port: the request waits for the delivery
+    deadline, then gets 503 (and nothing is delivered late: the records expired)."""
+    from ia.core.settings import KafkaSettings
+    from ia.ingest.receiver import KafkaSink
+    from ia.runtime.embedded import free_port
+
+    sink = KafkaSink(KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+                     "t.telemetry", timeout_s=1.0)
+    body = snappy(write_request(({"__name__": "up", "job": "api"}, [(1.0, T0)])))
+    try:
+        app = build_receiver(sink, MemorySeenAlerts(), {TOKEN: "tests"}, RULES)
+        async with TestClient(TestServer(app)) as client:
+            resp = await client.post("/api/v1/write", data=body, headers=AUTH)
+            assert resp.status == 503
+            assert "retry" in (await resp.json())["error"]
+    finally:
+        sink.close()

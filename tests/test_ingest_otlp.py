@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -260,3 +261,23 @@ async def test_labels_carry_resource_and_point_attributes_within_bounds() -> Non
     ev = out.events[0]
     assert ev.labels["ia.source"] == "otlp" and len(ev.labels) == 64
     assert len(ev.metric) <= 256 and ev.metric.startswith("requests{")
+
+
+@pytest.mark.integration
+async def test_the_redis_store_answers_as_the_memory_store(aredis) -> None:
+    """The Lua script and the memory store agree on every status and predecessor: new
+    points, a redelivered one, a stale one, and a history longer than it keeps."""
+    from ia.ingest.cumulative import KEEP, RedisCumulativeStore
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    redis_store = RedisCumulativeStore(aredis, prefix, ttl_s=60)
+    memory = MemoryCumulativeStore()
+    points = [otlp.convert(_request(_counter(float(i), 10 + i)), RULES).pending[0].point
+              for i in range(KEEP + 3)]
+    sequence = [*points[:5], points[3], points[4], points[1], *points[5:], points[0],  # evicted
+                points[2], points[-1]]
+    got = await redis_store.previous(sequence)
+    want = await memory.previous(sequence)
+    assert got == want
+    assert [s for s, _ in got[:8]] == [FIRST, NEW, NEW, NEW, NEW, REPLAY, REPLAY, REPLAY]
+    assert [s for s, _ in got[-3:]] == [STALE, STALE, REPLAY]

@@ -305,7 +305,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     conf = settings.receive
     if conf.token_file is None:
         raise ConfigError("no receiver token: set IA_RECEIVE_TOKEN_FILE")
-    tokens = load_tokens(None, conf.token_file)
+    try:
+        tokens = load_tokens(None, conf.token_file)
+    except ConfigError as exc:
+        raise ConfigError(f"IA_RECEIVE_TOKEN_FILE {conf.token_file}: {exc}") from None
     if not tokens:
         raise ConfigError(f"no token in {conf.token_file} (IA_RECEIVE_TOKEN_FILE)")
     try:
