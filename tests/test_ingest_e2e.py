@@ -205,8 +205,8 @@ def stack(infra, tmp_path_factory):  # type: ignore[no-untyped-def]
         for proc in procs:  # all asked at once: each takes seconds to shut down
             if proc.alive():
                 proc.proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.stop()
+        for proc in procs:  # nothing of theirs is checked after this: no long grace
+            proc.stop(timeout=3)
         for tool in tools:
             _stop(tool)
         target.close()
