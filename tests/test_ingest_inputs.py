@@ -286,3 +286,31 @@ async def test_a_receiver_whose_broker_is_unreachable_answers_503() -> None:
             assert "retry" in (await resp.json())["error"]
     finally:
         sink.close()
+
+
+def test_the_rules_come_from_the_settings() -> None:
+    from ia.core.settings import Settings
+
+    s = Settings(_env={"IA_INGEST_ENTITY_LABELS": "team, app", "IA_INGEST_QUANTILES": "0.9",
+                       "IA_INGEST_IGNORE_LABELS": "pod", "IA_INGEST_HISTOGRAM_MEAN": "false"})
+    rules = Rules.of(s.ingest)
+    assert rules == Rules(entity_labels=("team", "app"), quantiles=(0.9,),
+                          ignore_labels=frozenset({"pod"}), histogram_mean=False)
+    body = snappy(write_request(({"__name__": "up", "app": "web", "pod": "p-1"}, [(1.0, T0)])))
+    out = remote_write.convert(remote_write.decode(body, 1 << 20), rules, 10)
+    assert [(e.entity, e.metric, e.labels["pod"]) for e in out.events] == [("web", "up", "p-1")]
+    with pytest.raises(ValueError, match="quantiles"):
+        Settings(_env={"IA_INGEST_QUANTILES": "1.5"})
+
+
+def test_cloudevent_records_that_are_none_are_dead_letters() -> None:
+    from ia.ingest.cumulative import MemoryCumulativeStore
+    from ia.ingest.translate import Record, Translator
+
+    good = ce_kafka.to_binary_event(_deploy())
+    out = Translator(RULES, MemoryCumulativeStore()).cloudevents([
+        Record(b"checkout", good.value, "ia.cloudevents", 0, 1, good.headers, T0),
+        Record(b"k", b"\xff", "ia.cloudevents", 0, 2, [], T0)])
+    assert [e.metric for e in out.events] == ["deploy"]
+    assert [(k, dl.reason, dl.source_offset) for k, dl in out.dead_letters] == [
+        (b"k", "undecodable_cloudevent", 2)]
