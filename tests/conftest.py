@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis
@@ -66,3 +67,19 @@ async def aredis(infra: Infra) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (``make test`` runs two processes) the fault trials run one
+    after another on one worker: each loads the machine on purpose, and two at once
+    would measure each other.  Every other test is scheduled on its own.
+
+    (``--dist loadgroup`` would say this with a marker, but pytest-xdist 3.8 cannot
+    rename pytest 9's node ids, so its groups are silently ignored.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FaultTrialsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "fault-trials" if nodeid.startswith("tests/test_faults") else nodeid
+
+    return FaultTrialsTogether(config, log)
