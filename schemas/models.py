@@ -353,7 +353,8 @@ REJECT_REASONS: Final = {
 class DeadLetter(_Contract):
     """A record the pipeline could not accept (topic ``ia.telemetry.dlq``).
 
-    ``reason`` is one of ``DECODE_REASONS`` or :data:`REJECT_REASONS`; ``error`` says
+    ``reason`` is one of ``DECODE_REASONS`` or :data:`REJECT_REASONS` (or, for records of
+    ``ia ingest``'s input topics, ``ia.ingest.mapping.INGEST_REASONS``); ``error`` says
     what was wrong in words (for ``processing_error``: the exception and the innermost
     frames of its stack).
     """

@@ -72,7 +72,10 @@ async def aredis(infra: Infra) -> AsyncIterator[aioredis.Redis]:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under pytest-xdist (``make test`` runs two processes) the fault trials run one
     after another on one worker: each loads the machine on purpose, and two at once
-    would measure each other.  Every other test is scheduled on its own.
+    would measure each other.  The tests of ``test_ingest_e2e.py`` stay together and in
+    order too: they share one module fixture (a broker, three ``ia`` processes,
+    Prometheus and Alertmanager) that two workers would each start, and its last test
+    pauses that broker.  Every other test is scheduled on its own.
 
     (``--dist loadgroup`` would say this with a marker, but pytest-xdist 3.8 cannot
     rename pytest 9's node ids, so its groups are silently ignored.)"""
@@ -80,6 +83,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class FaultTrialsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "fault-trials" if nodeid.startswith("tests/test_faults") else nodeid
+            if nodeid.startswith("tests/test_faults"):
+                return "fault-trials"
+            if nodeid.startswith("tests/test_ingest_e2e.py"):
+                return "tests/test_ingest_e2e.py"
+            return nodeid
 
     return FaultTrialsTogether(config, log)

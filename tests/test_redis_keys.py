@@ -32,6 +32,8 @@ from ia.features.series import SeriesState
 from ia.features.store import EntityRecord, RedisFeatureStore
 from ia.governance.audit import Head
 from ia.governance.audit_store import RedisAuditState
+from ia.ingest.cumulative import CumulativePoint, RedisCumulativeStore
+from ia.ingest.receiver import RedisSeenAlerts
 from ia.schemas.models import Action, ApprovalStatus, Decision, Mode, ModelInfo
 from tests.support import TEST_APPROVAL_KEYS
 
@@ -74,6 +76,8 @@ PINNED = {
     K.audit_pending: "ia:audit:pending",
     K.audit_offsets: "ia:audit:offsets",
     K.audit_lease: "ia:audit:lease",
+    K.cumulative("0f3a"): "ia:ingest:cum:0f3a",
+    K.alert_seen("9b1c"): "ia:ingest:alert:9b1c",
 }
 
 
@@ -198,6 +202,19 @@ async def test_kill_switch_and_learning_layout(aredis, prefix) -> None:
     assert await memory.used("web-1", 480) == 1 and await memory.used("web-1", 481) == 0
     model = await aredis.hgetall(f"{prefix}:model:feedback")
     assert sorted(model) == [b"blob", b"saved_at", b"version"]
+
+
+@pytest.mark.integration
+async def test_ingest_layout(aredis, prefix) -> None:
+    point = CumulativePoint("counter\x1fweb-1\x1frequests", T0 - 60_000, T0, (5.0,))
+    await RedisCumulativeStore(aredis, prefix, ttl_s=DAY).previous([point])
+    await RedisSeenAlerts(aredis, prefix).mark(["9b1c"])
+    _assert_layout(await _layout(aredis, prefix), {
+        f"ingest:cum:{point.series_id}": ("string", DAY),
+        "ingest:alert:9b1c": ("string", 7 * DAY),
+    })
+    stored = json.loads(await aredis.get(f"{prefix}:ingest:cum:{point.series_id}"))
+    assert stored == [[T0, json.dumps([T0 - 60_000, [5.0], []])]]
 
 
 class _Recorder:

@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
-Role = Literal["worker", "actuator", "audit", "api", "bench"]
+Role = Literal["worker", "actuator", "audit", "api", "bench", "ingest", "receiver"]
 
 
 def _counter(name: str, doc: str, labels: tuple[str, ...] | list[str] = ()) -> Counter:
@@ -97,6 +97,24 @@ AUDIT_COMPLETENESS = _gauge(
 AUDIT_DECISIONS = _gauge("ia_audit_decisions", "Decisions known to the audit log by state",
                          ["state"])
 AUDIT_HEAD_SEQ = _gauge("ia_audit_head_seq", "Sequence number of the audit chain's head")
+# Inputs (ia.ingest): `ia ingest` (OTLP, CloudEvents over Kafka) and `ia receive` (HTTP).
+INGEST_EVENTS = _counter("ia_ingest_events_total",
+                         "Telemetry events made from an input and confirmed by the broker",
+                         ["input"])
+INGEST_REFUSED = _counter("ia_ingest_refused_total",
+                          "Records, points, samples or alerts of an input refused, by reason "
+                          "(ia.ingest.mapping.INGEST_REASONS)", ["input", "reason"])
+RECEIVE_REQUESTS = _counter("ia_receive_requests_total",
+                            "Requests to `ia receive` by path and HTTP status", ["path", "code"])
+RECEIVE_SECONDS = _histogram(
+    "ia_receive_request_duration_seconds",
+    "Time from a request's arrival to its answer (includes the broker's confirmation)",
+    ["path"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RECEIVE_DUPLICATES = _counter("ia_receive_duplicate_alerts_total",
+                              "Alertmanager alerts already sent on (same fingerprint, status "
+                              "and start), not sent again")
+RECEIVE_SKIPPED = _counter("ia_receive_skipped_samples_total",
+                           "Remote-write samples skipped: stale markers and other NaN values")
 
 
 FAMILIES: dict[Role, tuple[Collector, ...]] = {
@@ -109,6 +127,10 @@ FAMILIES: dict[Role, tuple[Collector, ...]] = {
               RETRIES, OFFSET_GAPS),
     "api": (APPROVALS, API_REFUSED),
     "bench": (EVENTS_IN, EVENTS_OUT, BATCH_SIZE, OFFSET_GAPS),
+    "ingest": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, INGEST_EVENTS, INGEST_REFUSED, RETRIES,
+               OFFSET_GAPS),
+    "receiver": (EVENTS_OUT, INGEST_EVENTS, INGEST_REFUSED, RECEIVE_REQUESTS, RECEIVE_SECONDS,
+                 RECEIVE_DUPLICATES, RECEIVE_SKIPPED),
 }
 
 
