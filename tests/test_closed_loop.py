@@ -224,4 +224,4 @@ def test_external_confluent_kafka_client_round_trip(loop):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr + run.stdout
     summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert summary == {"decisions": 60, "actions": 1}
+    assert summary == {"decisions": 60, "actions": 1, "outcomes": {"succeeded": 1}}
