@@ -127,9 +127,15 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
             metrics.BATCH_SIZE.observe(len(events))
             batch = [RawRecord(ev.message.key, ev.message.value, ev.message.topic,
                                ev.message.partition, ev.message.offset) for ev in events]
+            # Arrival: when Faust's monitor saw the record come in (else now).
+            now = time.monotonic()
+            arrived = [ev.message.time_in or now for ev in events]
             decided = await decide_batch(service, batch, app,
                                          settings.worker.processing_attempts)
             await publish(decided)
+            done = time.monotonic()
+            for t in arrived:
+                metrics.RECORD_TO_DECISION.observe(max(0.0, done - t))
 
     @app.agent(outcomes_t)
     async def learn_from_outcomes(stream: faust.StreamT) -> None:

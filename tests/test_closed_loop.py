@@ -205,7 +205,8 @@ def test_worker_metrics_endpoint(loop):
 
         wait_until(scraped, 60, "metrics endpoint")
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert "ia_event_to_decision_seconds_bucket" in text
+        assert "ia_event_time_lag_seconds_bucket" in text
+        assert "ia_record_to_decision_seconds_bucket" in text
         assert "ia_stage_duration_seconds" in text and "ia_dlq_records_total" in text
     finally:
         extra.stop()
