@@ -32,9 +32,12 @@ from ia.schemas.models import ActionOutcome, Feedback
 from ia.schemas.serde import encode
 from ia.streams.app import (
     GaveUp,
+    announce_ready,
     confirm,
     decode_events,
+    endpoints,
     make_app,
+    partitions_of,
     raw_topic,
     send_batched,
     with_retry,
@@ -149,4 +152,13 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
             for label in decode_events([event], Feedback, fmt, "feedback"):
                 await with_retry("feedback", lambda f=label: service.on_feedback(f), app)
 
+    async def ready() -> str:
+        policy = PolicySource(settings.policy_file).current()
+        n = await partitions_of(app, topics.telemetry)
+        role = "shadow worker" if shadow else "worker"
+        return (f"{role} ready: group {app.conf.id}, {n if n is not None else '?'} partitions "
+                f"of {topics.telemetry}, policy {policy.source} v{policy.version}, "
+                f"{endpoints(settings)}")
+
+    announce_ready(app, ready)
     return app

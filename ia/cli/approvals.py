@@ -73,12 +73,35 @@ def approvals_show(approval_id: str) -> None:
                            "decision": found[1].model_dump(mode="json")}, indent=2))
 
 
-def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> None:
+PAUSED_APPROVAL = ("automation is paused ({who}): the actuator will not run an approved "
+                   "action while paused; it records a 'blocked' outcome, and the action does "
+                   "not run after `ia resume` either")
+
+
+def _answer(approval_id: str, approve: bool, by: str | None, reason: str,
+            while_paused: bool = False) -> None:
     from ia.actuators.approvals import ApprovalStore
+    from ia.decisions.guards import KillSwitch
     from ia.governance.api import ApprovalDesk, kafka_publisher
 
     s = settings()
     s.require_endpoints()
+
+    async def paused() -> dict | None:
+        client = redis_client(s)
+        try:
+            return await KillSwitch(client, s.redis.prefix).info()
+        finally:
+            await client.aclose()
+
+    pause = asyncio.run(paused()) if approve else None
+    if pause is not None:
+        who = f"by {pause.get('by') or '?'} at {when(pause.get('at'))}" + (
+            f": {pause['reason']}" if pause.get("reason") else "")
+        if not while_paused:
+            raise click.ClickException(
+                PAUSED_APPROVAL.format(who=who) + ". Approve after `ia resume`, or pass "
+                "--while-paused to approve now anyway")
 
     async def run():
         client = redis_client(s)
@@ -93,15 +116,25 @@ def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> Non
 
     ev = asyncio.run(run())
     click.echo(f"{ev.approval_id} {ev.status.value} by {ev.by} at {when(ev.at)}")
+    if pause is not None:
+        click.echo(f"note: {PAUSED_APPROVAL.format(who=who)}", err=True)
 
 
 @approvals.command("approve")
 @click.argument("approval_id")
 @click.option("--by", default=None, help="Who approves (default: user@host).")
 @click.option("--reason", default="", help="Why (recorded).")
-def approvals_approve(approval_id: str, by: str | None, reason: str) -> None:
-    """Approve APPROVAL_ID (or the decision id): the actuator runs the action."""
-    _answer(approval_id, True, by, reason)
+@click.option("--while-paused", is_flag=True,
+              help="Approve even though `ia pause` is in force (the action is then blocked, "
+                   "not run).")
+def approvals_approve(approval_id: str, by: str | None, reason: str,
+                      while_paused: bool) -> None:
+    """Approve APPROVAL_ID (or the decision id): the actuator runs the action.
+
+    While automation is paused this is refused (the action would be blocked for good),
+    unless --while-paused.
+    """
+    _answer(approval_id, True, by, reason, while_paused)
 
 
 @approvals.command("reject")

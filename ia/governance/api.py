@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -218,6 +219,11 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
         app.on_cleanup.append(_cleanup)
         return app
 
-    web.run_app(make(), host=host or settings.api.host,
-                port=settings.api.port if port is None else port, print=None,
-                access_log=None)
+    bind = (host or settings.api.host, settings.api.port if port is None else port)
+    # Addresses and counts only: the tokens and any Redis password stay out of it.
+    redis_at = settings.redis.url.split("@")[-1] if settings.redis.url else "-"
+    web.run_app(make(), host=bind[0], port=bind[1], access_log=None,
+                print=lambda _: print(f"api ready: http://{bind[0]}:{bind[1]}/approvals, "
+                                      f"{len(tokens)} token(s), broker "
+                                      f"{settings.kafka.bootstrap_servers}, redis {redis_at}",
+                                      file=sys.stderr, flush=True))
