@@ -23,7 +23,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ia.schemas.actions import ParamSpec
 from ia.schemas.models import Action, Decision
+
+__all__ = ["ActionFailed", "Actuator", "ParamSpec"]
 
 
 class ActionFailed(Exception):

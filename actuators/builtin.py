@@ -20,6 +20,7 @@ from tenacity import (
 
 from ia.actuators.approvals import approval_id_for
 from ia.actuators.base import ActionFailed
+from ia.schemas.actions import BUILTIN_ACTIONS
 from ia.schemas.models import Action, Decision
 
 log = logging.getLogger("ia.actuators")
@@ -31,6 +32,7 @@ class LogActuator:
     """Records the action in the log and does nothing else (dry runs, tests)."""
 
     name = "log"
+    params = BUILTIN_ACTIONS["log"].params  # what it reads (ia.schemas.actions)
 
     async def execute(self, action: Action, decision: Decision) -> str:
         log.info("action %s on %s for decision %s", action.type, action.target,
@@ -102,6 +104,7 @@ class WebhookActuator:
     """
 
     name = "webhook"
+    params = BUILTIN_ACTIONS["webhook"].params  # what it reads (ia.schemas.actions)
 
     def __init__(self, default_url: str | None = None, retries: int = 3,
                  timeout_s: float = 5.0, backoff_s: float = 0.2) -> None:
@@ -171,6 +174,7 @@ class SimulatorActuator(WebhookActuator):
     """The demo fleet's control plane: restart, rollback, scale_out a service."""
 
     name = "simulator"
+    params = BUILTIN_ACTIONS["simulator"].params  # what it reads (ia.schemas.actions)
 
     def url_for(self, action: Action) -> str:
         if not self.default_url:
@@ -213,6 +217,7 @@ class NotifyActuator(WebhookActuator):
     """
 
     name = "notify"
+    params = BUILTIN_ACTIONS["notify"].params  # what it reads (ia.schemas.actions)
 
     def url_for(self, action: Action) -> str:
         """``params.notify_url``, a ``notify`` action's own ``params.url``, or ``IA_NOTIFY_URL``."""
@@ -291,6 +296,7 @@ class CommandActuator:
     """
 
     name = "command"
+    params = BUILTIN_ACTIONS["command"].params  # what it reads (ia.schemas.actions)
 
     def __init__(self, commands: Mapping[str, list[str]] | Callable[[], Mapping[str, list[str]]],
                  timeout_s: float = 10.0) -> None:

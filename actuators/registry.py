@@ -20,6 +20,18 @@ whose ``name`` equals the entry point's name.  A package adds one with::
             ...                           # raise ia.actuators.base.ActionFailed on failure
             return "incident opened"
 
+A plug-in declares the params it reads, so ``ia policy check`` can check them, as a
+``params`` attribute of what the entry point names (:class:`~ia.schemas.actions.ParamSpec`
+is re-exported by :mod:`ia.actuators.base`)::
+
+    class PagerDutyActuator:
+        name = "pagerduty"
+        params = {"service": ParamSpec("string", "PagerDuty service id", required=True),
+                  "urgency": ParamSpec("string", "", choices=("high", "low"))}
+
+Without ``params`` its params are not checked. Plug-in params are never templated (the
+worker, which fills in ``{entity}``, loads no plug-ins).
+
 Policies then use ``action: {type: pagerduty, ...}``.  The executor gives a
 plug-in the same idempotency, per-target lock, timeout, guards and outcome
 records as a built-in.  A plug-in cannot replace a built-in (that name is
@@ -33,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 
 from ia.actuators.base import Actuator
@@ -44,6 +56,7 @@ from ia.actuators.builtin import (
     SimulatorActuator,
     WebhookActuator,
 )
+from ia.schemas.actions import BUILTIN_ACTIONS, ActionTypeSpec, ParamSpec
 
 log = logging.getLogger("ia.actuators")
 
@@ -100,6 +113,45 @@ def load_plugins(ctx: ActuatorContext, select: str = "all") -> dict[str, Actuato
             continue
         out[ep.name] = actuator
         log.info("actuator plug-in %s loaded from %s", ep.name, ep.value)
+    return out
+
+
+def plugin_spec(name: str, factory: object) -> ActionTypeSpec:
+    """The declaration of a plug-in's action type: its ``params`` (if any) and docstring.
+
+    A ``templated`` flag is dropped: the worker does not load plug-ins, so it cannot fill
+    ``{entity}`` into their params, and the checker must not say it would.
+    """
+    doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
+    help_ = doc[0] if doc else f"plug-in {name}"
+    declared = getattr(factory, "params", None)
+    if not isinstance(declared, Mapping) or not all(
+            isinstance(p, ParamSpec) for p in declared.values()):
+        if declared is not None:
+            log.warning("actuator plug-in %s: params is not a mapping of ParamSpec; "
+                        "its params are not checked", name)
+        return ActionTypeSpec(name, help_, {}, declared=False, builtin=False)
+    params = {k: replace(p, templated=False) for k, p in declared.items()}
+    return ActionTypeSpec(name, help_, params, builtin=False)
+
+
+def action_catalog(select: str = "all") -> dict[str, ActionTypeSpec]:
+    """Every action type an actuator with these plug-ins offers, and the params it reads.
+
+    Loads the plug-ins' classes (not instances: no context, no connections), for ``ia
+    policy check``. A plug-in that fails to load is left out, as the actuator would.
+    """
+    out: dict[str, ActionTypeSpec] = dict(BUILTIN_ACTIONS)
+    for ep in discover(select):
+        if ep.name in BUILTIN:
+            continue
+        try:
+            factory = ep.load()
+        except Exception as exc:
+            log.error("actuator plug-in %s (%s) failed to load: %s: %s", ep.name, ep.value,
+                      type(exc).__name__, exc)
+            continue
+        out[ep.name] = plugin_spec(ep.name, factory)
     return out
 
 

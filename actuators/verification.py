@@ -10,8 +10,8 @@ An action declares both in its params (policy YAML; values are strings)::
         verify_metric: latency_ms      # default: the decision's metric
         verify_within_s: 60            # the metric must recover within this time
         verify_below: 250              # ... to below this value (or verify_above)
-        compensate: simulator          # action type to run when it does not
-        compensate.op: scale_in        # params of the compensating action
+        compensate: notify             # action type to run when it does not
+        compensate.message: "scale-out did not help"   # params of the compensating action
         # compensate_target: other     # default: the same target
 
 After the action succeeds the actuator watches the feature store (the

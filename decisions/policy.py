@@ -65,6 +65,7 @@ from pydantic import (
 )
 
 from ia.core.errors import IaError
+from ia.schemas.actions import COMPENSATE_PREFIX, PLACEHOLDERS, templated_params
 from ia.schemas.models import Action, Mode, RuleTrace
 
 
@@ -407,6 +408,32 @@ def _render_target(template: str, entity: str, metric: str) -> str:
     return _PLACEHOLDER.sub(lambda m: entity if m.group(1) == "entity" else metric, template)
 
 
+_TEMPLATED = templated_params()
+
+
+def _templated_keys(rule: Rule) -> frozenset[str]:
+    """The params of ``rule``'s action the worker fills ``{entity}``/``{metric}`` into:
+    those the built-in action types declare templated (``ia.schemas.actions``) that hold
+    a placeholder. Plug-in params are passed as written (the worker loads no plug-ins)."""
+    if rule.action is None:
+        return frozenset()
+    params = rule.action.params
+    own = _TEMPLATED.get(rule.action.type, frozenset())
+    nested = _TEMPLATED.get(params.get("compensate", ""), frozenset())
+    return frozenset(k for k, v in params.items()
+                     if (k in own or (k.startswith(COMPENSATE_PREFIX)
+                                      and k[len(COMPENSATE_PREFIX):] in nested))
+                     and any(p in v for p in PLACEHOLDERS))
+
+
+def _render_params(params: dict[str, str], templated: frozenset[str], entity: str,
+                   metric: str) -> dict[str, str]:
+    if not templated:
+        return params
+    return {k: _render_target(v, entity, metric)[:4096] if k in templated else v
+            for k, v in params.items()}
+
+
 def render_action(rule: Rule, entity: str, metric: str) -> Action | None:
     """The action ``rule`` decides for a sample of ``entity``/``metric`` (None: the rule
     has none): its type and params as written, its target template rendered.  The
@@ -415,7 +442,8 @@ def render_action(rule: Rule, entity: str, metric: str) -> Action | None:
         return None
     return Action(type=rule.action.type,
                   target=_render_target(rule.action.target, entity, metric)[:256],
-                  params=rule.action.params)
+                  params=_render_params(rule.action.params, _templated_keys(rule),
+                                        entity, metric))
 
 
 def selects(rule: Rule, entity: str, metric: str) -> bool:
@@ -446,8 +474,10 @@ class Policy:
         self.doc = doc
         self.source = source
         self.version = hashlib.sha256(text.encode()).hexdigest()[:12] if text else "inline"
+        self.text = text
         self._guards = {r.name: self._resolve(r) for r in doc.rules}
         self._rules = {r.name: r for r in doc.rules}
+        self._templated = {r.name: _templated_keys(r) for r in doc.rules}
         self.fleet_labels = _fleet_labels(doc)
         self._selections: dict[tuple[str, str, str], list[str | None]] = {}
 
@@ -597,6 +627,19 @@ def _unselected(rule: Rule, entity: str, metric: str, kind: str) -> str | None:
     if not _globs(m.metric, metric):
         return "metric not selected"
     return None
+
+
+# How far a sample got through a rule before the reason it was not taken: the order of
+# _unselected and _mismatch, then the autonomy ladder (ia policy test's "closest rule").
+_MISS_ORDER = ("kind ", "entity ", "metric ", "label ", "score ", "confidence ", "direction ",
+               "drift ", "feature ")
+
+
+def miss_depth(reason: str) -> int:
+    """How many of a rule's checks a sample passed before ``reason`` (higher: closer)."""
+    if "autonomy ladder" in reason:
+        return len(_MISS_ORDER)
+    return next((i for i, prefix in enumerate(_MISS_ORDER) if reason.startswith(prefix)), 0)
 
 
 def _mismatch(rule: Rule, labels: dict[str, str], features: dict[str, float], score: float,

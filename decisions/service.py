@@ -220,7 +220,7 @@ class WorkerService:
             metrics.DECISIONS.labels(d.action.type if d.action else "none", d.mode.value).inc()
             for step in d.interventions():
                 metrics.GUARD_INTERVENTIONS.labels(step.guard).inc()
-            metrics.EVENT_TO_DECISION.observe(max(0.0, now_s - d.ts / 1000.0))
+            metrics.EVENT_TIME_LAG.observe(max(0.0, now_s - d.ts / 1000.0))
 
     async def on_outcome(self, outcome: ActionOutcome) -> None:
         if outcome.status is OutcomeStatus.rejected:

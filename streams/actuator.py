@@ -32,7 +32,16 @@ from ia.decisions.guards import ExecutionGuard
 from ia.decisions.policy_source import PolicySource
 from ia.schemas.models import ActionOutcome, ApprovalEvent, Decision
 from ia.schemas.serde import encode
-from ia.streams.app import confirm, decode_events, make_app, raw_topic, with_retry
+from ia.streams.app import (
+    announce_ready,
+    confirm,
+    decode_events,
+    endpoints,
+    make_app,
+    partitions_of,
+    raw_topic,
+    with_retry,
+)
 
 log = logging.getLogger("ia.actuate")
 TICK_S = 0.5
@@ -60,6 +69,7 @@ def build_actuator(settings: Settings) -> faust.App:
             notify_url=notify_url, retries=conf.webhook_retries,
             timeout_s=conf.action_timeout_s, plugins=conf.plugins)
         notifier = actuators["notify"] if notify_url else None
+        ctx["actuators"], ctx["policy"] = sorted(actuators), policy.current()
         executor = ActionExecutor(
             client, actuators, prefix=settings.redis.prefix, timeout_s=conf.action_timeout_s,
             guard=ExecutionGuard(client, settings.redis.prefix, policy.current),
@@ -141,4 +151,12 @@ def build_actuator(settings: Settings) -> faust.App:
         await with_retry("publish", lambda: publish_confirmed(records), app)
         await with_retry("verified", lambda: ctx["service"].published(records), app)
 
+    async def ready() -> str:
+        n = await partitions_of(app, topics.decisions)
+        policy = ctx["policy"]
+        return (f"actuator ready: group {app.conf.id}, {n if n is not None else '?'} partitions "
+                f"of {topics.decisions}, policy {policy.source} v{policy.version}, action "
+                f"types {', '.join(ctx['actuators'])}, {endpoints(settings)}")
+
+    announce_ready(app, ready)
     return app

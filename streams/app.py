@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import faust
 from aiokafka.errors import KafkaError
@@ -165,6 +167,52 @@ def decode_events(events: list, model_cls: type[M], fmt: str, what: str) -> list
             log.error("undecodable %s at %s[%d]@%d: %s", what, ev.message.topic,
                       ev.message.partition, ev.message.offset, exc)
     return out
+
+
+def redis_address(url: str | None) -> str:
+    """``url`` without its user info: ``redis://host:port/db``. A password in a Redis URL
+    must not reach a log line."""
+    if not url:
+        return "-"
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def endpoints(settings: Settings) -> str:
+    """``broker ..., redis ..., metrics ...`` for a ready line: addresses only, no secret."""
+    metrics_at = (f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+                  if settings.metrics_port else "off")
+    return (f"broker {settings.kafka.bootstrap_servers}, "
+            f"redis {redis_address(settings.redis.url)}, metrics {metrics_at}")
+
+
+async def partitions_of(app: faust.App, topic: str) -> int | None:
+    """How many partitions ``topic`` has, from the producer's metadata (None: unknown)."""
+    try:
+        producer = await app.maybe_start_producer()
+        found = await producer._ensure_producer().partitions_for(topic)
+    except Exception as exc:  # the ready line must not stop a process that runs
+        log.debug("partitions of %s: %s", topic, exc)
+        return None
+    return len(found) if found else None
+
+
+def announce_ready(app: faust.App, describe: Callable[[], Awaitable[str]]) -> None:
+    """Write ``describe()`` to stderr once ``app`` has started: the line that tells a
+    person at a terminal that the process is up, and where it is connected."""
+
+    @app.task
+    async def _ready() -> None:
+        try:
+            line = await describe()
+        except Exception as exc:  # never fail a running process over its greeting
+            line = f"{app.conf.id} ready ({type(exc).__name__} describing it)"
+        # The real stderr: Faust's worker redirects sys.stderr into its log.
+        out = sys.__stderr__ or sys.stderr
+        out.write(line + "\n")
+        out.flush()
 
 
 def tune_gc() -> None:

@@ -23,7 +23,7 @@ from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
 from ia.governance.audit import AuditError, load_key
 from ia.governance.audit_store import AuditWriter, SourceRecord
-from ia.streams.app import make_app, with_retry
+from ia.streams.app import announce_ready, endpoints, make_app, with_retry
 
 log = logging.getLogger("ia.audit")
 
@@ -103,4 +103,9 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
         if ctx.get("started"):
             await writer.close()
 
+    async def ready() -> str:
+        return (f"audit writer ready: group {app.conf.id}, reading "
+                f"{', '.join(kinds)}, log {settings.audit_log}, {endpoints(settings)}")
+
+    announce_ready(app, ready)
     return app

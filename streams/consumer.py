@@ -46,6 +46,10 @@ RecordMap = Mapping[TP, list[Any]]
 # How long a fetch waits when no partition's position is known yet (just assigned, its
 # offset being looked up): a broker round trip, and no busy loop meanwhile.
 _POSITION_WAIT_S = 0.05
+# How long stopping the consumer (its coordinator's last round trips: leave the group)
+# may take. A reachable broker answers in milliseconds; an unreachable one would hold the
+# stop until mode's 60 s shutdown timeout. Offsets are committed before this, by Faust.
+STOP_TIMEOUT_S = 5.0
 
 
 class GapGuardedConsumerThread(driver.AIOKafkaConsumerThread):
@@ -61,6 +65,42 @@ class GapGuardedConsumerThread(driver.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = self.app.ia_fetch_max_wait_ms  # type: ignore[attr-defined]
         return consumer
+
+    async def on_thread_stop(self) -> None:
+        """Stop the consumer, and let the thread finish stopping whatever that raised.
+
+        With the broker gone, aiokafka's ``stop()`` cancels the fetch in flight and
+        re-raises that fetch's ``CancelledError`` from ``Fetcher.close()``; escaping from
+        here it skips mode's ``set_shutdown()``, and the worker told to stop waited for
+        mode's 60 s shutdown timeout. So the stop runs as its own task, bounded by
+        :data:`STOP_TIMEOUT_S`; whatever it ends with is logged and the connections are
+        closed. (Offsets were committed before this, by Faust's own ``on_stop``.)
+        """
+        stopping = asyncio.ensure_future(super().on_thread_stop())
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_S)
+        if not done:
+            stopping.cancel()
+            log.warning("the broker did not answer within %gs while the consumer stopped; "
+                        "stopping without leaving the group (its session timeout moves "
+                        "the partitions)", STOP_TIMEOUT_S)
+        elif stopping.cancelled():
+            log.info("consumer stopped; a fetch in flight was cancelled (broker away?)")
+        elif stopping.exception() is not None:
+            exc = stopping.exception()
+            log.warning("consumer stop failed: %s: %s", type(exc).__name__, exc)
+        else:
+            return
+        await self._close_quietly()
+
+    async def _close_quietly(self) -> None:
+        """Close the connections an interrupted ``stop()`` left open, bounded."""
+        client = getattr(self._consumer, "_client", None)
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(client.close(), 1.0)
+        except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # best effort on exit
+            log.debug("closing the consumer's connections: %r", exc)
 
     def _refetch(self, topic: str, partition: int, offset: int) -> None:
         try:

@@ -32,9 +32,12 @@ from ia.schemas.models import ActionOutcome, Feedback
 from ia.schemas.serde import encode
 from ia.streams.app import (
     GaveUp,
+    announce_ready,
     confirm,
     decode_events,
+    endpoints,
     make_app,
+    partitions_of,
     raw_topic,
     send_batched,
     with_retry,
@@ -133,9 +136,15 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
             metrics.BATCH_SIZE.observe(len(events))
             batch = [RawRecord(ev.message.key, ev.message.value, ev.message.topic,
                                ev.message.partition, ev.message.offset) for ev in events]
+            # Arrival: when Faust's monitor saw the record come in (else now).
+            now = time.monotonic()
+            arrived = [ev.message.time_in or now for ev in events]
             decided = await decide_batch(service, batch, app,
                                          settings.worker.processing_attempts)
             await publish(decided)
+            done = time.monotonic()
+            for t in arrived:
+                metrics.RECORD_TO_DECISION.observe(max(0.0, done - t))
 
     @app.agent(outcomes_t)
     async def learn_from_outcomes(stream: faust.StreamT) -> None:
@@ -149,4 +158,13 @@ def build_worker(settings: Settings, shadow: bool = False) -> faust.App:
             for label in decode_events([event], Feedback, fmt, "feedback"):
                 await with_retry("feedback", lambda f=label: service.on_feedback(f), app)
 
+    async def ready() -> str:
+        policy = PolicySource(settings.policy_file).current()
+        n = await partitions_of(app, topics.telemetry)
+        role = "shadow worker" if shadow else "worker"
+        return (f"{role} ready: group {app.conf.id}, {n if n is not None else '?'} partitions "
+                f"of {topics.telemetry}, policy {policy.source} v{policy.version}, "
+                f"{endpoints(settings)}")
+
+    announce_ready(app, ready)
     return app

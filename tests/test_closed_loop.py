@@ -221,7 +221,8 @@ def test_worker_metrics_endpoint(loop):
 
         wait_until(scraped, 60, "metrics endpoint")
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert "ia_event_to_decision_seconds_bucket" in text
+        assert "ia_event_time_lag_seconds_bucket" in text
+        assert "ia_record_to_decision_seconds_bucket" in text
         assert "ia_stage_duration_seconds" in text and "ia_dlq_records_total" in text
     finally:
         extra.stop()
@@ -240,4 +241,25 @@ def test_external_confluent_kafka_client_round_trip(loop):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr + run.stdout
     summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert summary == {"decisions": 60, "actions": 1}
+    assert summary == {"decisions": 60, "actions": 1, "outcomes": {"succeeded": 1}}
+
+
+def test_worker_and_actuator_say_they_are_ready(loop):
+    """Each long-running process prints one line on start: group, partitions, policy
+    version and endpoints (never a secret)."""
+    prefix = loop["prefix"]
+
+    def ready(proc, role: str) -> str | None:
+        found = [line for line in proc.log.read_text(errors="replace").splitlines()
+                 if f"{role} ready: " in line]
+        return found[0] if found else None
+
+    wait_until(lambda: ready(loop["worker"], "worker") and ready(loop["actuator"], "actuator"),
+               60, "ready lines")
+    worker = ready(loop["worker"], "worker")
+    assert f"worker ready: group {prefix}-pipeline, 4 partitions of {prefix}.telemetry, " \
+        "policy " in worker and f"broker {loop['infra'].kafka}" in worker
+    assert " v" in worker and "redis redis://" in worker
+    actuator = ready(loop["actuator"], "actuator")
+    assert f"group {prefix}-actuator, 4 partitions of {prefix}.decisions" in actuator
+    assert "action types command, log, notify, simulator, webhook" in actuator

@@ -417,7 +417,9 @@ def test_dashboards() -> None:
                 used |= names
     # The dashboards show what they promise; metrics added since only warn.
     assert {"ia_outcomes_total", "ia_feedback_total", "ia_decisions_total",
-            "ia_stage_duration_seconds_bucket", "ia_event_to_decision_seconds_bucket",
+            "ia_stage_duration_seconds_bucket", "ia_event_time_lag_seconds_bucket",
+            "ia_record_to_decision_seconds_bucket", "ia_decisions_rejected_total",
+            "ia_checkpoints_rejected_total", "ia_offset_gaps_total",
             "ia_dlq_records_total", "ia_batch_size_bucket", "ia_batch_retries_total"} <= used
     unshown = sorted(f for f in _ia_metric_families() if not any(n.startswith(f) for n in used))
     if unshown:

@@ -150,6 +150,8 @@ def test_detached_up_status_down(tmp_path: Path) -> None:
         assert again.env_lines() == info.env_lines()
         key_file = run_dir / "signing.key"
         assert f"export IA_SIGNING_KEY_FILE={key_file}" in info.env_lines()
+        # so `ia status` and `ia down` find the stack from any directory
+        assert f"export IA_RUN_DIR={run_dir.resolve()}" in info.env_lines()
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert load_keys(key_file).signing_id == "k1"
         labels_key = run_dir / "feedback.key"  # its own: labellers cannot sign decisions

@@ -18,6 +18,7 @@ from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.v1.event import CloudEvent
 
 from ia.core.errors import ConfigError
+from ia.core.tokens import Tokens, token_hash
 from ia.ingest import alertmanager, cloudevents, remote_write
 from ia.ingest.mapping import INGEST_REASONS, Refused, Rules
 from ia.ingest.prompb_pb2 import WriteRequest
@@ -197,7 +198,8 @@ class Sink:
 
 @asynccontextmanager
 async def receiver(sink: Sink, **kw: int):  # type: ignore[no-untyped-def]
-    app = build_receiver(sink, MemorySeenAlerts(), {TOKEN: "tests"}, RULES, **kw)
+    tokens = Tokens({token_hash(TOKEN): "tests"})
+    app = build_receiver(sink, MemorySeenAlerts(), tokens, RULES, **kw)
     async with TestClient(TestServer(app)) as client:
         yield client
 
@@ -213,7 +215,7 @@ async def test_every_post_needs_a_token() -> None:
         assert (await client.get("/healthz")).status == 200
     assert sink.records == []
     with pytest.raises(ConfigError):
-        build_receiver(sink, MemorySeenAlerts(), {}, RULES)
+        build_receiver(sink, MemorySeenAlerts(), Tokens({}), RULES)
 
 
 async def test_remote_write_is_204_once_sent_and_503_while_the_broker_is_away() -> None:
@@ -279,7 +281,7 @@ async def test_a_receiver_whose_broker_is_unreachable_answers_503() -> None:
                      "t.telemetry", timeout_s=1.0)
     body = snappy(write_request(({"__name__": "up", "job": "api"}, [(1.0, T0)])))
     try:
-        app = build_receiver(sink, MemorySeenAlerts(), {TOKEN: "tests"}, RULES)
+        app = build_receiver(sink, MemorySeenAlerts(), Tokens({token_hash(TOKEN): "tests"}), RULES)
         async with TestClient(TestServer(app)) as client:
             resp = await client.post("/api/v1/write", data=body, headers=AUTH)
             assert resp.status == 503

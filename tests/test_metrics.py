@@ -39,3 +39,14 @@ def test_a_served_process_exposes_its_families_only() -> None:
     ours = {n for n in names if n.startswith("ia_") and not n.endswith("_created")}
     assert ours == _families("audit")
     assert "ia_decisions" not in names and "process_cpu_seconds" in names
+
+
+def test_the_two_latencies_are_two_metrics_that_say_what_they_measure() -> None:
+    worker = {d.name: d.documentation for c in metrics.FAMILIES["worker"] for d in c.describe()}
+    assert "ia_event_to_decision_seconds" not in worker  # it was the lag, named as latency
+    assert "arrival at the worker" in worker["ia_record_to_decision_seconds"]
+    assert "event's own timestamp" in worker["ia_event_time_lag_seconds"]
+    seconds = {name: doc for role in metrics.FAMILIES
+               for c in metrics.FAMILIES[role] for d in c.describe()
+               for name, doc in [(d.name, d.documentation)] if name.endswith("_seconds")}
+    assert seconds and all("seconds" in doc.lower() for doc in seconds.values()), seconds

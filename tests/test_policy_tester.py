@@ -85,7 +85,11 @@ def test_rules_and_guards_human_output(tmp_path: Path) -> None:
     assert "=> mode notify (would not execute)" in out.split(f"{e}:4  ")[1].split(f"{e}:5")[0]
     assert "guard:rate_limit intervened: rule restart already acted 3 times within 600s" \
         in out.split(f"{e}:5  ")[1]
-    assert f"{e}:6  " not in out and f"{e}:8  " not in out  # nothing fired: not shown
+    # Nothing fired: the closest rule and the condition that failed.
+    assert "    no rule fired; closest: rule restart (confidence 0.300 below the autonomy " \
+        "ladder (lowest band 0.5))" in out.split(f"{e}:6  ")[1].split(f"{e}:7")[0]
+    assert "    no rule fired; closest: rule page (metric not selected)" \
+        in out.split(f"{e}:8  ")[1]
     assert "guard:cost_cap intervened: cost 3 would exceed the cap: 6 of 8 spent" \
         in out.split(f"{e}:7  ")[1]
     assert out.rstrip().splitlines()[-1] == (

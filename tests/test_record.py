@@ -67,9 +67,12 @@ def test_recorded_slice_replays_like_the_topic(infra, topic_prefix: str,
 
     lo, hi = T0 + 20 * STEP, T0 + 179 * STEP
     rng_args = ["--from", str(lo)]
-    for name in ("one", "two"):
-        ia(infra, topic_prefix, "record", "--topic", topic, "--to", str(tmp_path / name),
-           *rng_args, "--until", str(hi))
+    # The flags of replay and backtest (--to is a time, the file is --output), and the
+    # deprecated spelling (--to FILE, --until TIME), which still records the same slice.
+    ia(infra, topic_prefix, "record", "--topic", topic, "--output", str(tmp_path / "one"),
+       *rng_args, "--to", str(hi))
+    ia(infra, topic_prefix, "record", "--topic", topic, "--to", str(tmp_path / "two"),
+       *rng_args, "--until", str(hi))
     assert (tmp_path / "one").read_bytes() == (tmp_path / "two").read_bytes()
     header, parts = read_recording(tmp_path / "one")
     assert header["range"] == {"from_ms": lo, "to_ms": hi}

@@ -449,13 +449,13 @@ async def test_published_batches_are_counted_per_decision_and_guard() -> None:
               _sample("ia_guard_interventions_total", guard="rate_limit"),
               _sample("ia_guard_interventions_total", guard="cooldown"),
               _sample("ia_dlq_records_total", reason="invalid_json"),
-              _sample("ia_event_to_decision_seconds_count"))
+              _sample("ia_event_time_lag_seconds_count"))
     worker.service.on_published(Decided([guarded], [(None, dead)]))
     after = (_sample("ia_decisions_total", action="webhook", mode="notify"),
              _sample("ia_guard_interventions_total", guard="rate_limit"),
              _sample("ia_guard_interventions_total", guard="cooldown"),
              _sample("ia_dlq_records_total", reason="invalid_json"),
-             _sample("ia_event_to_decision_seconds_count"))
+             _sample("ia_event_time_lag_seconds_count"))
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 0, 1, 1]
 
 

@@ -73,9 +73,16 @@ def approvals_show(approval_id: str) -> None:
                            "decision": found[1].model_dump(mode="json")}, indent=2))
 
 
-def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> None:
+PAUSED_APPROVAL = ("automation is paused ({who}): the actuator will not run an approved "
+                   "action while paused; it records a 'blocked' outcome, and the action does "
+                   "not run after `ia resume` either")
+
+
+def _answer(approval_id: str, approve: bool, by: str | None, reason: str,
+            while_paused: bool = False) -> None:
     from ia.actuators.approvals import ApprovalStore
     from ia.core.signing import approval_keys
+    from ia.decisions.guards import KillSwitch
     from ia.governance.api import ApprovalDesk, kafka_publisher
 
     if by is not None:
@@ -85,6 +92,22 @@ def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> Non
     s = settings()
     s.require_endpoints()
     keys = approval_keys(s.approvals, s.signing)
+
+    async def paused() -> dict | None:
+        client = redis_client(s)
+        try:
+            return await KillSwitch(client, s.redis.prefix).info()
+        finally:
+            await client.aclose()
+
+    pause = asyncio.run(paused()) if approve else None
+    if pause is not None:
+        who = f"by {pause.get('by') or '?'} at {when(pause.get('at'))}" + (
+            f": {pause['reason']}" if pause.get("reason") else "")
+        if not while_paused:
+            raise click.ClickException(
+                PAUSED_APPROVAL.format(who=who) + ". Approve after `ia resume`, or pass "
+                "--while-paused to approve now anyway")
 
     async def run():
         client = redis_client(s)
@@ -104,6 +127,8 @@ def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> Non
                    f"{len(ev.approvals)} of {ev.required} approvers")
         return
     click.echo(f"{ev.approval_id} {ev.status.value} by {ev.by} at {when(ev.at)}")
+    if pause is not None:
+        click.echo(f"note: {PAUSED_APPROVAL.format(who=who)}", err=True)
 
 
 # The approver is the OS user running the command (user@host), flagged ``via cli``;
@@ -115,10 +140,18 @@ _BY = click.option("--by", default=None, hidden=True)
 @click.argument("approval_id")
 @click.option("--reason", default="", help="Why (recorded).")
 @_BY
-def approvals_approve(approval_id: str, reason: str, by: str | None) -> None:
+@click.option("--while-paused", is_flag=True,
+              help="Approve even though `ia pause` is in force (the action is then blocked, "
+                   "not run).")
+def approvals_approve(approval_id: str, reason: str, by: str | None,
+                      while_paused: bool) -> None:
     """Approve APPROVAL_ID (or the decision id) as user@host of this shell: the actuator
-    runs the action once the rule's approvers agree."""
-    _answer(approval_id, True, by, reason)
+    runs the action once the rule's approvers agree.
+
+    While automation is paused this is refused (the action would be blocked for good),
+    unless --while-paused.
+    """
+    _answer(approval_id, True, by, reason, while_paused)
 
 
 @approvals.command("reject")

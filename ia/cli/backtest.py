@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ia.cli import common
-from ia.cli.options import history_options
+from ia.cli.options import history_options, range_options
 from ia.core.settings import Settings
 
 
@@ -91,19 +91,20 @@ def backtest(baseline: Path, candidate: Path, input_path: Path | None, fmt: str,
 
 @click.command()
 @click.option("--topic", required=True, help="Topic to record (e.g. ia.telemetry).")
-@click.option("--to", "to_file", required=True,
+@click.option("--output", "output_file", default=None,
               type=click.Path(dir_okay=False, path_type=Path), help="Recording file to write.")
-@click.option("--from", "from_time", default=None,
-              help="First record: broker time, ISO 8601 (UTC), epoch ms or -2h.")
-@click.option("--until", "to_time", default=None, help="Last record: broker time.")
-@click.option("--from-offsets", default=None, help="PARTITION:OFFSET[,...]")
-@click.option("--to-offsets", default=None, help="PARTITION:OFFSET[,...] (exclusive)")
-def record(topic: str, to_file: Path, **rng: Any) -> None:
+@range_options
+@click.option("--until", "until_time", default=None, hidden=True,
+              help="Deprecated: --to (the last record's broker time).")
+def record(topic: str, output_file: Path | None, until_time: str | None, **rng: Any) -> None:
     """Capture a slice of TOPIC to a file that replay and backtest read (--input FILE).
 
-    The file keeps each record's partition, offset, broker timestamp, key and
-    value, so replaying it equals replaying the slice from Kafka.
+    The range options are those of `ia replay` and `ia backtest` (--from/--to broker
+    times, or offsets); the file is --output. The file keeps each record's partition,
+    offset, broker timestamp, key and value, so replaying it equals replaying the slice
+    from Kafka. (Deprecated spellings: `--to FILE` for the file, `--until` for --to.)
     """
+    output_file, rng["to_time"] = _record_target(output_file, rng["to_time"], until_time)
     from ia.offline.recording import write_recording
     from ia.offline.topic_slice import SliceSpec, read_slice, require_kafka
 
@@ -111,5 +112,31 @@ def record(topic: str, to_file: Path, **rng: Any) -> None:
     spec = SliceSpec.from_options(topic, rng["from_time"], rng["to_time"],
                                   rng["from_offsets"], rng["to_offsets"])
     partitions = read_slice(require_kafka(settings), spec)
-    n = write_recording(to_file, topic, settings.wire_format, partitions, spec.describe())
-    click.echo(f"recorded {n} records of {topic} -> {to_file}", err=True)
+    n = write_recording(output_file, topic, settings.wire_format, partitions, spec.describe())
+    click.echo(f"recorded {n} records of {topic} -> {output_file}", err=True)
+
+
+def _record_target(output_file: Path | None, to: str | None, until: str | None
+                   ) -> tuple[Path, str | None]:
+    """The file and the end time of ``ia record``, from the options and their old spellings.
+
+    ``ia record --to`` used to name the file (while ``replay --to`` is a time) and
+    ``--until`` the end time. An old command keeps working, with a warning: ``--to``
+    is read as the file when ``--output`` is missing and it is no time.
+    """
+    from ia.core.times import TimeFormatError, parse_time
+
+    if until is not None:
+        click.echo("warning: ia record --until is deprecated; use --to TIME", err=True)
+        if to is not None and output_file is not None:
+            raise click.UsageError("give --to or --until, not both")
+    if output_file is None and to is not None:
+        try:
+            parse_time(to)
+        except TimeFormatError:
+            click.echo("warning: ia record --to FILE is deprecated; use --output FILE "
+                       "(--to is the end time, as in ia replay and ia backtest)", err=True)
+            return Path(to), until
+    if output_file is None:
+        raise click.UsageError("give --output FILE (the recording to write)")
+    return output_file, to if to is not None else until

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from ia.cli.common import settings
+
 
 @click.group()
 def policy() -> None:
@@ -18,11 +20,50 @@ def policy() -> None:
 @policy.command("check")
 @click.argument("policy_file", type=click.Path(dir_okay=False, path_type=Path))
 def policy_check(policy_file: Path) -> None:
-    """Validate POLICY_FILE; errors name the file and line (exit status 2)."""
-    from ia.decisions.policy import Policy
+    """Validate POLICY_FILE, its actions included; errors name the file and line.
+
+    Action types and their params are checked against the built-in actuators and the
+    plug-ins IA_ACTUATOR_PLUGINS selects (exit status 2 on any problem).
+    """
+    from ia.actuators.registry import action_catalog
+    from ia.decisions.policy import Policy, PolicyError
+    from ia.decisions.policy_check import check_actions
 
     p = Policy.from_file(policy_file)
+    problems, notes = check_actions(p, action_catalog(settings().actuator.plugins))
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    if problems:
+        for problem in problems[:-1]:
+            click.echo(f"Error: {problem}", err=True)
+        last = problems[-1]
+        if len(problems) > 1:
+            raise PolicyError(last.source, last.line,
+                              f"{last.message} ({len(problems)} problems)")
+        raise last
     click.echo(f"ok: {policy_file}: {len(p.doc.rules)} rules, version {p.version}")
+
+
+@policy.command("actions")
+@click.option("--markdown", is_flag=True, help="The README's reference table.")
+def policy_actions(markdown: bool) -> None:
+    """List the action types (built-in and plug-ins) and the params each one takes."""
+    from ia.actuators.registry import action_catalog
+    from ia.schemas.actions import BUILTIN_ACTIONS, COMMON_PARAMS, reference_markdown
+
+    if markdown:
+        click.echo(reference_markdown(BUILTIN_ACTIONS))
+        return
+    for name, spec in action_catalog(settings().actuator.plugins).items():
+        origin = "built-in" if spec.builtin else "plug-in"
+        click.echo(f"{name} ({origin}): {spec.help}")
+        if not spec.declared:
+            click.echo("    (declares no params: not checked)")
+        for param, p in spec.params.items():
+            click.echo(f"    {param}: {p.describe()}  {p.help}")
+    click.echo("every type:")
+    for param, p in COMMON_PARAMS.items():
+        click.echo(f"    {param}: {p.describe()}  {p.help}")
 
 
 @policy.command("test")

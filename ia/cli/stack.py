@@ -39,10 +39,45 @@ def down(run_dir: Path | None) -> None:
 
 
 @click.command()
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="Where `ia up` keeps its state (default: $IA_RUN_DIR, which `ia up` "
+                   "exports, else .ia).")
 def status(run_dir: Path | None) -> None:
-    """Show the embedded services and whether they are healthy."""
+    """Show the embedded services, whether they are healthy, and whether `ia pause` is in
+    force (read from REDIS_URL, else the embedded Redis)."""
     from ia.runtime import embedded
 
-    click.echo(json.dumps(embedded.status(run_dir or settings().run_dir), indent=2,
-                          default=str))
+    s = settings()
+    report = embedded.status(run_dir or s.run_dir)
+    report["paused"] = _pause_state(s, report.get("redis_url"))
+    click.echo(json.dumps(report, indent=2, default=str))
+
+
+def _pause_state(s, embedded_redis: str | None) -> dict | str:
+    """``{"paused": bool, ...who, when, why}``, or why it cannot be told."""
+    import asyncio
+
+    from ia.cli.common import as_user_error, redis_client
+    from ia.core.errors import IaError
+    from ia.decisions.guards import KillSwitch
+
+    if s.redis.url is None and embedded_redis:
+        s = s.model_copy(update={"redis": s.redis.model_copy(update={"url": embedded_redis})})
+
+    async def read() -> dict | None:
+        client = redis_client(s)
+        try:
+            return await KillSwitch(client, s.redis.prefix).info()
+        finally:
+            await client.aclose()
+
+    try:
+        info = asyncio.run(read())
+    except IaError as exc:
+        return f"unknown: {exc}"
+    except Exception as exc:
+        known = as_user_error(exc)
+        if known is None:
+            raise
+        return f"unknown: {known}"
+    return {"paused": info is not None, **(info or {})}

@@ -56,13 +56,22 @@ CHECKPOINTS_REJECTED = _counter("ia_checkpoints_rejected_total",
 RETRIES = _counter("ia_batch_retries_total", "Batches retried after a dependency failure",
                    ["stage"])
 STAGE_SECONDS = _histogram(
-    "ia_stage_duration_seconds", "Time per batch spent in each pipeline stage", ["stage"],
+    "ia_stage_duration_seconds", "Seconds per batch spent in each pipeline stage",
+    ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-EVENT_TO_DECISION = _histogram(
-    "ia_event_to_decision_seconds",
-    "Event-time lag: from the event's own timestamp to its decision's publication "
-    "(includes producer delay and, for replayed history, its age)",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+# Two latencies, two metrics: how long the worker takes with a record, and how far behind
+# the events' own clocks its decisions are (which no worker speed-up can fix).
+RECORD_TO_DECISION = _histogram(
+    "ia_record_to_decision_seconds",
+    "Processing latency in seconds: from a telemetry record's arrival at the worker (fetched "
+    "from Kafka) until its decision (or dead letter) is confirmed by the broker",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+EVENT_TIME_LAG = _histogram(
+    "ia_event_time_lag_seconds",
+    "Event-time lag in seconds: a decision's publication time minus its event's own "
+    "timestamp (ts); includes the producer's delay, consumer lag and, for replayed "
+    "history, its age",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
 # Live consumers (ia.core.gaps): offset gaps opened in a partition and how each ended:
 # refetched (the skipped records came on a re-fetch) or accepted (no record behind it).
 OFFSET_GAPS = _counter("ia_offset_gaps_total",
@@ -119,7 +128,8 @@ RECEIVE_SKIPPED = _counter("ia_receive_skipped_samples_total",
 
 FAMILIES: dict[Role, tuple[Collector, ...]] = {
     "worker": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, DECISIONS, GUARD_INTERVENTIONS, FEEDBACK,
-               FEEDBACK_REFUSED, RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE,
+               FEEDBACK_REFUSED, RETRIES, STAGE_SECONDS, RECORD_TO_DECISION, EVENT_TIME_LAG,
+               BATCH_SIZE,
                FEATURE_LATE_EVENTS, OFFSET_GAPS, CHECKPOINTS_REJECTED),
     "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS,
                  DECISIONS_REJECTED, APPROVALS_REFUSED),

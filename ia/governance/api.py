@@ -31,16 +31,12 @@ unauthenticated, one client address) get ``429`` with ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import math
-import re
+import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -49,11 +45,20 @@ from ia.core import metrics
 from ia.core.errors import ConfigError
 from ia.core.settings import KafkaSettings
 from ia.core.signing import approval_keys
+from ia.core.tokens import (  # noqa: F401  # re-exported: the API's token file format
+    DEFAULT_IDENTITY,
+    MIN_TOKEN_LEN,
+    TOKEN_NAME_RE,
+    Tokens,
+    bearer,
+    load_tokens,
+    parse_tokens,
+    token_hash,
+)
 from ia.schemas.models import ApprovalEvent, ApprovalStatus
 from ia.schemas.serde import encode
 
 log = logging.getLogger("ia.api")
-MIN_TOKEN_LEN = 16
 MAX_BODY = 64 * 1024
 # Typed request storage where aiohttp has it (3.11+), a plain key otherwise.
 TOKEN_NAME = web.RequestKey("token_name", str) if hasattr(web, "RequestKey") else "token_name"
@@ -99,93 +104,6 @@ def kafka_publisher(kafka: KafkaSettings, topic: str,
 # --------------------------------------------------------------------------- tokens
 
 # A token's name is its identity: no ``@`` (that is the CLI's user@host), no ``:``.
-TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-DEFAULT_IDENTITY = "api"
-HASH_PREFIX = "sha256:"
-
-
-def token_hash(token: str) -> str:
-    """``sha256:<hex>`` of ``token``: what a token file may hold instead of the token."""
-    return HASH_PREFIX + hashlib.sha256(token.strip().encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """Named bearer tokens, kept only as SHA-256 hashes: ``{hash: identity}``."""
-
-    hashes: Mapping[str, str]
-
-    def __bool__(self) -> bool:
-        return bool(self.hashes)
-
-    def __repr__(self) -> str:  # never show a hash either
-        return f"Tokens(identities={sorted(set(self.hashes.values()))})"
-
-    def identify(self, given: str) -> str | None:
-        """The identity whose token is ``given`` (None: none), in constant time."""
-        digest = token_hash(given).encode()
-        found = None
-        for value, name in self.hashes.items():  # compare with every hash: no early exit
-            if hmac.compare_digest(digest, value.encode()):
-                found = name
-        return found
-
-
-def parse_tokens(lines: Iterable[tuple[int, str]], source: str) -> dict[str, str]:
-    """``{hash: identity}`` from token file lines (``(number, text)``)."""
-    out: dict[str, str] = {}
-    for n, line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) > 2:
-            raise ConfigError(f"{source}:{n}: expected `name sha256:<hex>`, `name token` "
-                              "or `token`")
-        name, secret = (parts[0], parts[1]) if len(parts) == 2 else (DEFAULT_IDENTITY, parts[0])
-        if not TOKEN_NAME_RE.fullmatch(name):
-            raise ConfigError(f"{source}:{n}: token name {name!r} is not an identity "
-                              "(letters, digits and . _ + -, at most 64; no @ or :)")
-        if secret.startswith(HASH_PREFIX):
-            digest = secret[len(HASH_PREFIX):].lower()
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ConfigError(f"{source}:{n}: {HASH_PREFIX} needs 64 hex digits")
-            hashed = HASH_PREFIX + digest
-        elif len(secret) < MIN_TOKEN_LEN:
-            raise ConfigError(f"{source}:{n}: the token of {name!r} is shorter than "
-                              f"{MIN_TOKEN_LEN} characters")
-        else:
-            hashed = token_hash(secret)
-        if out.get(hashed, name) != name:
-            raise ConfigError(f"{source}:{n}: the same token is given to {out[hashed]!r} "
-                              f"and {name!r}")
-        out[hashed] = name
-    return out
-
-
-def load_tokens(token: str | None, token_file: Path | None) -> Tokens:
-    """The API's tokens: ``IA_API_TOKEN`` (identity ``api``) and the token file.
-
-    A file line is ``name sha256:<hex>`` (the SHA-256 of the token: the file then
-    holds no secret), ``name token``, or just ``token`` (identity ``api``, the
-    format of earlier versions).  Several lines may share a name (rotation).
-    """
-    hashes: dict[str, str] = {}
-    if token:
-        hashes.update(parse_tokens([(1, token.strip())], "IA_API_TOKEN"))
-    if token_file:
-        text = Path(token_file).read_text()  # a missing file: the CLI's one-line OSError
-        hashes.update(parse_tokens(enumerate(text.splitlines(), start=1), str(token_file)))
-    return Tokens(hashes)
-
-
-def _bearer(request: web.Request) -> str | None:
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return None
-    return given.strip()
-
-
 # --------------------------------------------------------------------------- rate limit
 
 
@@ -249,7 +167,7 @@ def build_api(desk: ApprovalDesk, tokens: Tokens,
     async def auth(request: web.Request, handler):
         if request.path == "/healthz":
             return await handler(request)
-        given = _bearer(request)
+        given = bearer(request.headers)
         name = tokens.identify(given) if tokens and given else None
         if name is None:
             log.warning("unauthenticated %s %s from %s", request.method, request.path,
@@ -354,6 +272,11 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
         app.on_cleanup.append(_cleanup)
         return app
 
-    web.run_app(make(), host=host or settings.api.host,
-                port=settings.api.port if port is None else port, print=None,
-                access_log=None)
+    bind = (host or settings.api.host, settings.api.port if port is None else port)
+    # Addresses and counts only: the tokens and any Redis password stay out of it.
+    redis_at = settings.redis.url.split("@")[-1] if settings.redis.url else "-"
+    web.run_app(make(), host=bind[0], port=bind[1], access_log=None,
+                print=lambda _: print(f"api ready: http://{bind[0]}:{bind[1]}/approvals, "
+                                      f"{len(set(tokens.hashes.values()))} identities, broker "
+                                      f"{settings.kafka.bootstrap_servers}, redis {redis_at}",
+                                      file=sys.stderr, flush=True))

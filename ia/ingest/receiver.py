@@ -42,7 +42,7 @@ from ia.core import metrics
 from ia.core.errors import ConfigError
 from ia.core.keys import Keys
 from ia.core.settings import KafkaSettings, Settings
-from ia.governance.api import _authenticate, load_tokens
+from ia.core.tokens import Tokens, bearer, load_tokens
 from ia.ingest import alertmanager, remote_write
 from ia.ingest.mapping import Refused, Rules
 from ia.ingest.translate import summary
@@ -202,11 +202,11 @@ def _error(status: int, message: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_receiver(sink: Sink, seen: SeenAlerts, tokens: dict[str, str], rules: Rules, *,
+def build_receiver(sink: Sink, seen: SeenAlerts, tokens: Tokens, rules: Rules, *,
                    fmt: str = "json", max_bytes: int = 4 * 1024 * 1024,
                    max_samples: int = 50_000) -> web.Application:
     """The receiver's application (module docstring); ``tokens`` as
-    :func:`ia.governance.api.load_tokens` reads them."""
+    :func:`ia.core.tokens.load_tokens` reads them."""
     if not tokens:
         raise ConfigError("no receiver token: set IA_RECEIVE_TOKEN_FILE")
 
@@ -228,7 +228,8 @@ def build_receiver(sink: Sink, seen: SeenAlerts, tokens: dict[str, str], rules: 
     async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/healthz":
             return await handler(request)
-        if _authenticate(request, tokens) is None:
+        given = bearer(request.headers)
+        if given is None or tokens.identify(given) is None:
             log.warning("unauthenticated %s %s from %s", request.method, request.path,
                         request.remote)
             return web.json_response({"error": "unauthorized"}, status=401,

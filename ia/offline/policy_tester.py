@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from ia.decisions.guards import MemoryKillSwitch, apply_guards, budget_scopes
-from ia.decisions.policy import BlastRadius, Policy
+from ia.decisions.policy import BlastRadius, Policy, miss_depth
 from ia.offline.run import Runner, Variant
 from ia.schemas.models import (
     Action,
@@ -39,6 +39,7 @@ from ia.schemas.models import (
     DriftState,
     Mode,
     ModelInfo,
+    RuleTrace,
     TelemetryEvent,
     derive_decision_id,
 )
@@ -70,6 +71,15 @@ class LineResult:
         return [(t.rule[6:], t.reason) for t in self.decision.rule_trace
                 if t.matched and t.rule.startswith("guard:")]
 
+    @property
+    def closest(self) -> RuleTrace | None:
+        """For a line no rule fired for: the rule it got furthest through (the first of
+        equals), with the condition that failed as its reason."""
+        if self.decision is None or self.rule is not None:
+            return None
+        missed = [t for t in self.decision.rule_trace if not t.matched and t.guard is None]
+        return max(missed, key=lambda t: miss_depth(t.reason), default=None)
+
     def to_json(self) -> dict:
         out: dict = {"line": self.line, "kind": self.kind}
         if self.error:
@@ -83,6 +93,8 @@ class LineResult:
                        action=d.action.model_dump(mode="json") if d.action else None,
                        mode=d.mode.value,
                        guards=[{"guard": g, "reason": r} for g, r in self.guards],
+                       closest=({"rule": self.closest.rule, "failed": self.closest.reason}
+                                if self.closest else None),
                        trace=[t.model_dump(mode="json") for t in d.rule_trace])
         return out
 
@@ -231,12 +243,15 @@ def format_report(report: Report, show_all: bool = False) -> str:
             continue
         d = r.decision
         assert d is not None
-        if not show_all and r.rule is None and not r.guards:
-            continue
+        if not show_all and r.rule is None and not r.guards and r.kind == "event":
+            continue  # telemetry that fired nothing is mostly history; --all shows it
         out.append(f"{where}  {d.entity} {d.metric}={d.value:g} ts={d.ts}  "
                    f"score {d.anomaly_score:.3f} confidence {d.confidence:.3f}")
         if r.rule is None:
-            out.append("    no rule fired")
+            near = r.closest
+            out.append("    no rule fired" + (
+                f"; closest: rule {near.rule} ({near.reason})" if near else
+                " (the policy has no rules)"))
         else:
             fired = next(t for t in reversed(d.rule_trace) if t.rule == r.rule)
             act = "no action"
@@ -257,6 +272,11 @@ def format_report(report: Report, show_all: bool = False) -> str:
     def fmt(c: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
 
+    quiet = sum(1 for r in report.lines if r.kind == "event" and r.rule is None
+                and not r.guards)
+    if quiet and not show_all:
+        out.append(f"({quiet} telemetry events fired no rule; --all shows each, with the "
+                   "closest rule)")
     out.append(f"summary: {s['events']} events, {s['outcomes']} outcomes, {s['errors']} errors; "
                f"rules fired: {fmt(s['rules_fired'])}; guards intervened: "
                f"{fmt(s['guards_intervened'])}; modes: {fmt(s['modes'])}")

@@ -701,6 +701,10 @@ class StackInfo:
                 env[name] = str(path)
         if self.redis.password_file is not None:
             env["IA_REDIS_PASSWORD_FILE"] = self.redis.password_file
+        if self.detached:
+            # Absolute, so `ia status`/`ia down` (and the audit dir and key beneath it)
+            # are the same from any directory of the shell that ran `eval "$(ia up)"`.
+            env["IA_RUN_DIR"] = str(Path(self.run_dir).resolve())
         return env
 
     def env_lines(self) -> list[str]:
