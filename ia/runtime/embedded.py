@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from ia.core.errors import IaError
+from ia.core.keys import Keys
 from ia.core.signing import write_key_file
 
 log = logging.getLogger(__name__)
@@ -681,8 +682,8 @@ def start_redis(
 
 
 #: Redis keys that hold Kafka offsets of the broker they were recorded with, as a
-#: SCAN pattern over every key prefix (:meth:`ia.core.keys.Keys.audit_offsets`).
-BROKER_OFFSET_KEYS = "*:audit:offsets"
+#: SCAN pattern over every key prefix.
+BROKER_OFFSET_KEYS = Keys("*").audit_offsets
 
 
 def forget_broker_offsets(redis_svc: ServiceInfo) -> int:
