@@ -20,7 +20,12 @@ Guarantees, all backed by Redis so they hold across actuator processes:
     than reporting it); its result is unknown.
 
   An action that ran but whose outcome could not be recorded (a Redis blip)
-  has its real outcome recorded and reported by the retry.  Approved, rejected
+  has its real outcome recorded and reported by the retry.  A command can
+  reach Redis although its reply is lost (a paused Redis runs what it was sent
+  once it resumes, after the client gave up), so every step tells its own late
+  writes apart: the claim's compare-and-sets are idempotent, a ``running``
+  claim of this executor's whose action it never called is taken over and
+  run, and a ``done`` claim it wrote is reported with its real outcome.  Approved, rejected
   and expired approvals settle through the same claim, so a decision gets one
   action outcome whatever path it takes.
 * **Execution-time guards** (:class:`ia.decisions.guards.ExecutionGuard`):
@@ -28,7 +33,9 @@ Guarantees, all backed by Redis so they hold across actuator processes:
   circuit breaker and the blast radius are checked again (decision-time state
   can be stale, and so is anything checked before a wait for the lock); every
   outcome is fed back to the breaker and the error budgets.
-* **One action per target at a time**, through a Redis lock.
+* **One action per target at a time**, through a Redis lock whose token names
+  the executor and the claim, so a retry re-enters a lock whose acquisition
+  landed unseen; a release that failed is retried at the next chance.
 * **A timeout on every action.**
 * **Verification scheduled with the outcome**: the ``done`` claim of an action
   that declares a verification and the pending verification are written in
@@ -45,14 +52,13 @@ do: their own ``Idempotency-Key`` and a body that says so).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
 
 from ia.actuators.approvers import approved_by
 from ia.actuators.base import ActionFailed, Actuator
@@ -78,13 +84,35 @@ LOCK_POLL_S = 0.005
 CLAIM_POLL_S = 0.05
 
 # Compare-and-set of a claim: only whoever holds the value ARGV[1] moves it on
-# (to ARGV[2], or deletes it when ARGV[2] is empty).
+# (to ARGV[2], or deletes it when ARGV[2] is empty).  A claim that already holds
+# ARGV[2] was moved by this very swap: a command can reach Redis although its reply
+# never comes back (a paused Redis runs what it was sent when it resumes, after the
+# client gave up; redis-py may even have sent it twice), so the swap is idempotent.
 _SWAP = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local held = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and held == ARGV[2] then return 1 end
+if held ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1])
 else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
 return 1
 """
+
+# The target lock: taken if free or already held with this token (ARGV[1]), for
+# ARGV[2] ms.  Its token names the executor and the claim it serves, so a retry of
+# the same action re-enters a lock whose acquisition reached Redis while its reply
+# was lost.  (With redis-py's Lock and its random token such a lock is held by
+# nobody until it expires, and every action queued on the target times out behind it.)
+_LOCK = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+LOCK_GRACE_S = 5.0
 
 
 def _int(text: str) -> int:
@@ -151,9 +179,16 @@ class ActionExecutor:
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lease_ms = int((timeout_s + claim_grace_s) * 1000)
         self._in_flight: set[str] = set()  # claim keys this executor is working on now
-        # Outcomes of actions that ran but could not be recorded, by claim key:
-        # the retry records and reports them rather than calling them interrupted.
+        # Outcomes not known to be recorded (the done write failed, or its reply was
+        # lost), by claim key: the retry records and reports them rather than calling
+        # them interrupted or already handled.
         self._unrecorded: dict[str, ActionOutcome] = {}
+        # Claim keys whose action this executor has called and not yet recorded: a
+        # ``running`` claim of ours that is not here never ran here.
+        self._invoked: set[str] = set()
+        # Target locks whose release failed, lock key -> token: released at the next
+        # chance, rather than holding up the target until they expire.
+        self._unreleased: dict[str, str] = {}
 
     def _outcome(self, d: Decision, status: OutcomeStatus, started: int, detail: str,
                  error: str | None = None, attempts: int = 0, *,
@@ -203,9 +238,17 @@ class ActionExecutor:
             if not self._abandoned(key, held):
                 await asyncio.sleep(CLAIM_POLL_S)
                 continue
-            if held.state == "running" and key in self._unrecorded:
-                self._in_flight.add(key)
-                return _Held(key, raw.decode(), started=True)
+            if held.state == "running" and held.owner == self.owner:
+                if key in self._unrecorded:  # it ran here; its outcome is not recorded yet
+                    self._in_flight.add(key)
+                    return _Held(key, raw.decode(), started=True)
+                if key not in self._invoked:
+                    # Our own move to ``running`` reached Redis after this executor had
+                    # given up on it (its reply was lost): the action never started.
+                    if await self._swap(key, raw, mine):
+                        self._in_flight.add(key)
+                        return _Held(key, mine)
+                    continue
             if held.state == "claimed":
                 if await self._swap(key, raw, mine):
                     self._in_flight.add(key)
@@ -244,7 +287,7 @@ class ActionExecutor:
         """
         held = await self._acquire(key)
         if isinstance(held, Claim):
-            return held
+            return self._recorded(key, held)
         try:
             outcome = self._unrecorded[key] if held.started else await attempt(held)
             if outcome is not None:
@@ -261,8 +304,7 @@ class ActionExecutor:
                       charge: bool) -> None:
         """Record ``outcome``: the guards' accounting (if ``charge``), then the ``done``
         claim together with the verification the action declares, in one transaction."""
-        if held.started:
-            self._unrecorded[held.key] = outcome
+        self._unrecorded[held.key] = outcome
         if charge and self.guard is not None:
             await self.guard.finished(decision, outcome)
         job = await self._verification(decision, outcome)
@@ -271,7 +313,24 @@ class ActionExecutor:
             if job is not None:
                 job.queue(pipe)
             await pipe.execute()
-        self._unrecorded.pop(held.key, None)
+        self._forget(held.key)
+
+    def _forget(self, key: str) -> None:
+        self._unrecorded.pop(key, None)
+        self._invoked.discard(key)
+
+    def _recorded(self, key: str, claim: Claim) -> ActionOutcome | Claim:
+        """The outcome this executor recorded under ``key`` if ``claim`` is its ``done``
+        write (which reached Redis though its reply was lost), else ``claim``.
+
+        Only this executor moves a claim it holds to ``done`` with a status other
+        than ``interrupted``, so a matching status is its own write."""
+        mine = self._unrecorded.get(key)
+        if mine is None or claim.state != "done" or claim.status != mine.status.value \
+                or claim.owner:
+            return claim
+        self._forget(key)
+        return mine
 
     async def _verification(self, d: Decision, outcome: ActionOutcome) -> VerificationJob | None:
         if self.verifier is None or outcome.status is not OutcomeStatus.succeeded or \
@@ -437,12 +496,8 @@ class ActionExecutor:
         if actuator is None:
             return self._outcome(d, OutcomeStatus.failed, started, "no such actuator",
                                  error=f"unknown action type {action.type!r}", action=action)
-        # A waiting action polls the lock every LOCK_POLL_S (redis-py's default of
-        # 0.1 s would add up to 100 ms to every action queued behind another).
-        lock = self.redis.lock(self.keys.target_lock(action.target),
-                               timeout=self.timeout_s + 5, blocking_timeout=self.timeout_s,
-                               sleep=LOCK_POLL_S)
-        if not await lock.acquire():
+        lock, token = self.keys.target_lock(action.target), f"{self.owner}|{held.key}"
+        if not await self._lock(lock, token):
             return self._outcome(d, OutcomeStatus.timeout, started,
                                  "target busy: lock not acquired", error="lock timeout",
                                  action=action)
@@ -452,11 +507,44 @@ class ActionExecutor:
                 return self._outcome(d, OutcomeStatus.blocked, started, refusal, action=action)
             if not await self._start(held):
                 return None
+            self._invoked.add(held.key)
             return await self._invoke(d, action, started, call(actuator))
         finally:
-            # The lock may have expired, or Redis be away for a moment: it expires anyway.
-            with contextlib.suppress(LockError, RedisError):
-                await lock.release()
+            await self._unlock(lock, token)
+
+    async def _lock(self, lock: str, token: str) -> bool:
+        """Take the target lock within the action timeout; False if it stayed busy.
+
+        A waiting action polls every LOCK_POLL_S (0.1 s, redis-py's default, would
+        add up to 100 ms to every action queued behind another)."""
+        ttl_ms = int((self.timeout_s + LOCK_GRACE_S) * 1000)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            await self._unlock_left()
+            if await self.redis.eval(_LOCK, 1, lock, token, ttl_ms):
+                if self._unreleased.get(lock) == token:
+                    del self._unreleased[lock]  # held again, by its retry
+                return True
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(LOCK_POLL_S)
+
+    async def _unlock(self, lock: str, token: str) -> None:
+        try:
+            await self.redis.eval(_UNLOCK, 1, lock, token)
+        except RedisError as exc:  # Redis away for a moment: released at the next chance
+            log.warning("target lock %s not released (%s); retrying later", lock, exc)
+            self._unreleased[lock] = token
+
+    async def _unlock_left(self) -> None:
+        """Release the target locks whose release failed (each only if still ours)."""
+        for lock, token in list(self._unreleased.items()):
+            try:
+                await self.redis.eval(_UNLOCK, 1, lock, token)
+            except RedisError:
+                return  # still away: the next chance comes soon enough
+            if self._unreleased.get(lock) == token:
+                del self._unreleased[lock]
 
     async def _invoke(self, d: Decision, action: Action, started: int,
                       running: Awaitable[str]) -> ActionOutcome:

@@ -25,6 +25,7 @@ from ia.actuators.service import ActuatorService
 from ia.actuators.verification import Verifier
 from ia.core import metrics
 from ia.core.errors import ConfigError
+from ia.core.redis import UNAVAILABLE, persistence_gap
 from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
 from ia.core.signing import approval_keys, signing_keys
@@ -137,6 +138,21 @@ def build_actuator(settings: Settings) -> faust.App:
 
     async def publish_confirmed(records: list[BaseModel]) -> None:
         await confirm(await publish(records))
+
+    @app.task
+    async def check_persistence() -> None:
+        """Say so, once, if Redis can lose a claim: then a decision redelivered after a
+        Redis restart can run its action again."""
+        try:
+            gap = await persistence_gap(ctx["service"].executor.redis)
+        except UNAVAILABLE as exc:
+            log.warning("Redis persistence not checked (%s)", exc)
+            return
+        if gap is not None:
+            log.warning("Redis runs with %s: a write acknowledged just before Redis (or its "
+                        "machine) goes down can be lost, and with it an action's claim, so a "
+                        "redelivered decision may run its action again; use appendonly yes, "
+                        "appendfsync always (as ia up and compose do)", gap)
 
     @app.timer(interval=TICK_S)
     async def periodic() -> None:

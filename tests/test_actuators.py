@@ -31,7 +31,13 @@ from ia.actuators.registry import build_actuators
 from ia.core.clock import now_ms
 from ia.decisions.guards import ExecutionGuard, KillSwitch
 from ia.schemas.models import Action, Decision, Mode, ModelInfo, OutcomePhase, OutcomeStatus
-from tests.redis_faults import FailOnce, RedisConnectionError
+from tests.redis_faults import (
+    FailOnce,
+    Loss,
+    RedisConnectionError,
+    RedisTimeoutError,
+    lossy_client,
+)
 from tests.support import WebhookSink
 
 pytestmark = pytest.mark.integration
@@ -202,8 +208,9 @@ async def test_actuator_bug_is_a_failed_outcome(aredis, topic_prefix) -> None:
 @pytest.mark.parametrize("where", ["lock", "admit"])
 async def test_blip_before_the_action_starts_lets_the_retry_run_it(where, aredis, topic_prefix,
                                                                    sink, webhook) -> None:
-    # "admit": the guard's first Redis read (the kill switch) fails; "lock": taking the lock
-    flaky = FailOnce(aredis, "lock" if where == "lock" else "get")
+    # "admit": the guard's first Redis read (the kill switch) fails; "lock": taking the
+    # lock (the executor's first script call)
+    flaky = FailOnce(aredis, "eval" if where == "lock" else "get")
     ex = ActionExecutor(flaky if where == "lock" else aredis, {"webhook": webhook},
                         prefix=topic_prefix, timeout_s=5,
                         guard=ExecutionGuard(flaky if where == "admit" else aredis,
@@ -283,6 +290,63 @@ async def test_redelivery_waits_for_a_live_claim_and_reports_its_result(aredis,
     assert "succeeded" in second.detail, second.detail
     assert (await first).status is OutcomeStatus.succeeded
     assert len(act.spans) == 1
+
+
+# --- replies lost: a command ran and the client never heard (a paused Redis) ---------------
+
+#: The executor's steps, by what their command carries on the wire.
+RAN_UNSEEN = {
+    "lock": lambda packed: b":lock:" in packed and b"PX" in packed,  # taking the target lock
+    "start": lambda packed: b"running:" in packed,  # the claim moving to running
+    "done": lambda packed: b"done:succeeded" in packed,  # the outcome recorded
+}
+
+
+@pytest.mark.parametrize("retries", [0, 1], ids=["step-retried", "command-resent"])
+@pytest.mark.parametrize("step", sorted(RAN_UNSEEN))
+async def test_a_step_that_ran_unseen_neither_loses_nor_repeats_the_action(
+        step, retries, infra, topic_prefix, sink, webhook) -> None:
+    # A paused Redis runs the commands it was sent once it resumes, after the client
+    # gave up on them; redis-py may have sent one again (retries=1, as ia's clients do).
+    # Before: a lock nobody held until it expired (the action timed out behind it), a
+    # claim stuck at running (reported interrupted, never run), "taken over" by itself
+    # (skipped_duplicate, never run), or only "already handled" for an action that ran.
+    loss = Loss(RAN_UNSEEN[step], ran=True)
+    client = lossy_client(infra.redis_url, loss, retries=retries)
+    try:
+        ex = ActionExecutor(client, {"webhook": webhook}, prefix=topic_prefix, timeout_s=2)
+        d = decision(url=sink.url)
+        try:
+            out = await ex.handle(d)
+        except RedisTimeoutError:
+            out = await ex.handle(d)  # what with_retry does next
+        assert loss.fired
+        assert out.status is OutcomeStatus.succeeded and "200" in out.detail, out
+        assert sink.calls == {d.decision_id: 1}
+        again = await ex.handle(d)  # a later redelivery
+        assert again.status is OutcomeStatus.skipped_duplicate and "succeeded" in again.detail
+        assert sink.calls == {d.decision_id: 1}
+    finally:
+        await client.aclose()
+
+
+async def test_a_lost_lock_release_does_not_hold_up_the_target(infra, topic_prefix, sink,
+                                                               webhook) -> None:
+    # Before: the lock stayed until it expired (action timeout + 5 s), and the next
+    # action on the target timed out waiting for it.
+    loss = Loss(lambda packed: b":lock:" in packed and b"PX" not in packed, ran=False)
+    client = lossy_client(infra.redis_url, loss, retries=0)
+    try:
+        ex = ActionExecutor(client, {"webhook": webhook}, prefix=topic_prefix, timeout_s=1)
+        first, second = decision(url=sink.url), decision(url=sink.url)  # one target
+        assert (await ex.handle(first)).status is OutcomeStatus.succeeded
+        assert loss.fired
+        out = await ex.handle(second)
+        assert out.status is OutcomeStatus.succeeded, out
+        assert sink.calls == {first.decision_id: 1, second.decision_id: 1}
+        assert await client.exists(f"{topic_prefix}:lock:svc-a") == 0
+    finally:
+        await client.aclose()
 
 
 # --- execution-time guards ------------------------------------------------------------------

@@ -499,8 +499,8 @@ def _actions(first: int, n: int) -> list[SourceRecord]:
 
 @pytest.mark.integration
 async def test_writer_restarts_on_a_redis_that_lost_everything(aredis, tmp_path: Path) -> None:
-    """Finding 11.9: after ``ia down``/``ia up`` the embedded Redis has no head, no
-    offsets and no lease; the anchor beside the log carries the chain on."""
+    """Finding 11.9: a Redis that lost everything (one without persistence, restarted)
+    has no head, no offsets and no lease; the anchor beside the log carries the chain on."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
     path = tmp_path / "audit.jsonl"
     w = AuditWriter(aredis, path, KEY, prefix=prefix)
@@ -526,14 +526,14 @@ async def test_writer_restarts_on_a_redis_that_lost_everything(aredis, tmp_path:
 
 @pytest.mark.integration
 async def test_writer_waits_out_a_redis_outage(tmp_path: Path) -> None:
-    """Finding 11.9: a Redis that goes away (and comes back empty, as the embedded
-    one does) neither stops the writer nor loses or doubles a record."""
+    """Finding 11.9: a Redis that goes away (and comes back empty, as one without
+    persistence does) neither stops the writer nor loses or doubles a record."""
     import redis.asyncio as aioredis
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from ia.runtime.embedded import start_redis
 
-    svc = start_redis(tmp_path / "redis")
+    svc = start_redis(tmp_path / "redis", durable=False)
     client = aioredis.from_url(svc.address)
     path = tmp_path / "audit.jsonl"
     w = AuditWriter(client, path, KEY, prefix="p")
@@ -546,7 +546,7 @@ async def test_writer_waits_out_a_redis_outage(tmp_path: Path) -> None:
         with pytest.raises(RedisConnectionError):  # the timer logs this and tries again
             await w.renew()
         assert verify(path, KEY, AnchorFile(anchor_path(path), KEY).read()).ok
-        svc = start_redis(tmp_path / "redis", port=svc.port)  # back, with nothing in it
+        svc = start_redis(tmp_path / "redis", port=svc.port, durable=False)  # back, empty
         await w.renew()  # the vanished lease is taken again
         retried = await w.write(_actions(3, 3))
         assert [r.seq for r in retried] == [4, 5, 6]

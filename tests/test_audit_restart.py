@@ -1,8 +1,9 @@
 """The audit chain across restarts, as a user meets them (finding 11.9).
 
-``ia down``/``ia up`` gives a fresh broker and a fresh, empty Redis while the
-log stays on disk; a Redis restart under a running ``ia audit-writer`` takes
-the head, offsets and lease away for a moment.  Both through real processes.
+``ia down``/``ia up`` gives a fresh broker, whose offsets start at 0 again, and
+the same Redis (kept in the run directory), while the log stays on disk; a Redis
+that comes back empty under a running ``ia audit-writer`` takes the head, offsets
+and lease away.  Both through real processes.
 """
 
 from __future__ import annotations
@@ -71,13 +72,15 @@ def test_the_audit_chain_survives_ia_down_and_ia_up(tmp_path: Path) -> None:
     log = tmp_path / "audit" / f"{prefix}.audit.jsonl"
     run_dir = tmp_path / "run"
     for round_, first in enumerate((0, 5)):
-        info = embedded.up(run_dir)  # the second time: a fresh broker, an empty Redis
+        # The second time: a fresh broker (offsets from 0 again: the writer must not
+        # skip them as seen before) and the Redis of the first, head and all.
+        info = embedded.up(run_dir)
         try:
             env = _env(tmp_path, prefix, info.kafka_bootstrap_servers, info.redis_url)
             if round_:
                 run = _verify(env)
                 assert run.returncode == 0, run.stdout + run.stderr
-                assert "no audit head in Redis" in run.stdout
+                assert "no audit head in Redis" not in run.stdout
             ensure_topics(info.kafka_bootstrap_servers, Topics(prefix).all(), 1)
             writer = IaProcess(["audit-writer"], env, tmp_path / f"writer{round_}.log").start()
             try:
@@ -95,7 +98,7 @@ def test_the_audit_chain_survives_ia_down_and_ia_up(tmp_path: Path) -> None:
 def test_the_audit_writer_waits_out_a_redis_restart(infra, tmp_path: Path,
                                                    topic_prefix: str) -> None:
     redis_dir = tmp_path / "redis"
-    svc = embedded.start_redis(redis_dir)
+    svc = embedded.start_redis(redis_dir, durable=False)  # one that loses everything
     env = _env(tmp_path, topic_prefix, infra.kafka, svc.address)
     log = tmp_path / "audit" / f"{topic_prefix}.audit.jsonl"
     ensure_topics(infra.kafka, Topics(topic_prefix).all(), 2)
@@ -106,7 +109,7 @@ def test_the_audit_writer_waits_out_a_redis_restart(infra, tmp_path: Path,
         produce(infra.kafka, f"{topic_prefix}.decisions", _decisions(5, 5))
         time.sleep(4)  # the writer's batch and lease renewals fail meanwhile
         assert writer.alive(), writer.tail()
-        svc = embedded.start_redis(redis_dir, port=svc.port)  # back, and empty
+        svc = embedded.start_redis(redis_dir, port=svc.port, durable=False)  # back, empty
         wait_until(lambda: len(_decided(log)) >= 10 or not writer.alive(), 60,
                    "the decisions sent during the outage in the audit log")
         _record(env, infra.kafka, topic_prefix, 10, 3, log, writer)

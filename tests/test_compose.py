@@ -260,6 +260,8 @@ def test_redis_is_persistent(compose: dict, services: dict) -> None:
     cmd = command_of(redis)
     assert cmd[0] == "redis-server"
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    # every write on disk before its reply: an action's claim outlives any crash
+    assert cmd[cmd.index("--appendfsync") + 1] == "always"
     data = [m for m in mounts_of(redis) if m["target"] == "/data"]
     assert data and data[0]["type"] == "volume"
     assert data[0]["source"] in (compose.get("volumes") or {})

@@ -89,7 +89,8 @@ def test_stack_roundtrip_and_clean_stop(tmp_path: Path) -> None:
         assert r.set(b"key", b"value")
         assert r.get(b"key") == b"value"
         assert r.config_get("save") == {"save": ""}
-        assert r.config_get("appendonly") == {"appendonly": "no"}
+        assert r.config_get("appendonly") == {"appendonly": "yes"}
+        assert r.config_get("appendfsync") == {"appendfsync": "always"}
         r.close()
 
         assert (run_dir / "broker.log").exists() and (run_dir / "redis.log").exists()
@@ -168,6 +169,31 @@ def test_detached_up_status_down(tmp_path: Path) -> None:
     assert not (run_dir / "stack.json").exists()
     assert status(run_dir)["exists"] is False
     assert down(run_dir) == []
+
+
+def test_redis_keeps_its_data_across_down_and_up_but_not_the_old_broker_offsets(
+        tmp_path: Path) -> None:
+    """Issue 11: the actuator's claims (and the kill switch, cooldowns, approvals) must
+    outlive a restart of the stack; the audit writer's source offsets must not, as the
+    new broker's offsets start at 0 again and the writer would skip its records."""
+    run_dir = tmp_path / "ia"
+    info = up(run_dir)
+    try:
+        r = redis.Redis.from_url(info.redis_url)
+        r.set("p:act:dc-1", "running:owner-1:1")
+        r.hset("p:audit:offsets", "p.decisions/0", 41)
+        r.close()
+    finally:
+        down(run_dir)
+    assert (run_dir / "appendonlydir").is_dir()
+    info = up(run_dir)  # a fresh broker, the same Redis data
+    try:
+        r = redis.Redis.from_url(info.redis_url)
+        assert r.get("p:act:dc-1") == b"running:owner-1:1"
+        assert r.exists("p:audit:offsets") == 0
+        r.close()
+    finally:
+        down(run_dir)
 
 
 def test_detached_stack_survives_the_starting_process(tmp_path: Path) -> None:

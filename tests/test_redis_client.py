@@ -107,3 +107,23 @@ def test_no_product_code_makes_a_redis_client_of_its_own() -> None:
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"\bfrom_url\(|\bRedis\(", line)]
     assert offenders == []
+
+
+@pytest.mark.integration
+async def test_persistence_gap_names_what_can_lose_a_claim(infra, tmp_path: Path) -> None:
+    from ia.core.redis import persistence_gap
+    from ia.runtime.embedded import start_redis
+
+    if not infra.external:
+        shipped = client(infra.redis_url)  # the embedded stack's: fsynced before each reply
+        try:
+            assert await persistence_gap(shipped) is None
+        finally:
+            await shipped.aclose()
+    svc = start_redis(tmp_path, durable=False)
+    bare = client(svc.address)
+    try:
+        assert await persistence_gap(bare) == "appendonly no, appendfsync everysec"
+    finally:
+        await bare.aclose()
+        svc.stop()

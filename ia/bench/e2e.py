@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import threading
 import time
 import uuid
@@ -571,6 +572,9 @@ def run_bench(opts: BenchOptions, log: Any = print, run_dir: Path | None = None
     bootstrap, redis_url = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("REDIS_URL")
     if bootstrap and redis_url:
         return Bench(opts, Infra(bootstrap, redis_url), run_dir, log).run()
+    # The shipped persistence (every write fsynced: part of what is measured), on an
+    # empty Redis: a kept directory's data from an earlier run would skew the figures.
+    shutil.rmtree(run_dir / "stack" / "appendonlydir", ignore_errors=True)
     with EmbeddedStack(run_dir / "stack") as stack:
         infra = Infra(stack.kafka_bootstrap_servers, stack.redis_url, stack.broker_pid,
                       stack.redis_pid)

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -105,3 +106,23 @@ def read_password(path: Path) -> str:
     if not password:
         raise ConfigError(f"Redis password file {path} is empty")
     return password
+
+
+#: The persistence that keeps an action claim through any crash (what ``ia up`` and
+#: compose ship; why: :data:`ia.runtime.embedded.REDIS_PERSISTENCE`).
+CLAIM_SAFE_PERSISTENCE = {"appendonly": "yes", "appendfsync": "always"}
+
+
+async def persistence_gap(redis: aioredis.Redis) -> str | None:
+    """What in the Redis's persistence can lose an acknowledged write (an action claim),
+    or None if nothing can -- or if the server does not say (``CONFIG`` refused, as
+    managed services may)."""
+    try:
+        conf = await redis.config_get("append*")
+    except redis_errors.ResponseError:
+        return None
+    conf = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
+                                                         else v) for k, v in conf.items()}
+    gaps = [f"{name} {conf.get(name)}" for name, want in CLAIM_SAFE_PERSISTENCE.items()
+            if conf.get(name) != want]
+    return ", ".join(gaps) or None

@@ -64,7 +64,9 @@ def _endpoints(settings: Settings, stack: ExitStack) -> tuple[KafkaSettings, str
                 f"{settings.topic_prefix}-demo-{int(time.time())}")
     run_dir = settings.run_dir / "demo"
     run_dir.mkdir(parents=True, exist_ok=True)
-    emb = embedded.EmbeddedStack(run_dir)
+    # A demo starts from nothing each time: its simulated fleet repeats the same event
+    # ids, which a kept Redis would take for decisions already acted on.
+    emb = embedded.EmbeddedStack(run_dir, durable=False)
     console.print("[bold]starting[/] embedded broker (tansu) and Redis (valkey) ...")
     emb.start()
     stack.callback(emb.stop)
