@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ia.core.kafka import ensure_topics
+from ia.core.redis import sync_client
 from ia.core.settings import Topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
@@ -178,9 +179,8 @@ def test_repeated_false_positive_feedback_lowers_confidence(loop):
 
 
 def _fp_count(loop, entity: str) -> int:
-    import redis
 
-    r = redis.Redis.from_url(loop["infra"].redis_url)
+    r = sync_client(loop["infra"].redis)
     raw = r.hget(f"{loop['prefix']}:f:v1:{entity}", "c:fp")
     r.close()
     return int(raw or 0)

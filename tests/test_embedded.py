@@ -18,6 +18,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 
 from ia.core.kafka import ensure_topics
+from ia.core.redis import sync_client
 from ia.core.signing import load_keys
 from ia.runtime import embedded
 from ia.runtime.embedded import (
@@ -85,7 +86,7 @@ def test_stack_roundtrip_and_clean_stop(tmp_path: Path) -> None:
 
         _roundtrip_kafka(bootstrap, "roundtrip")
 
-        r = redis.Redis.from_url(url)
+        r = sync_client(stack.redis_settings())
         assert r.set(b"key", b"value")
         assert r.get(b"key") == b"value"
         assert r.config_get("save") == {"save": ""}
@@ -109,6 +110,7 @@ def test_temporary_run_dir_removed_and_env_lines() -> None:
         assert lines == [
             f"export KAFKA_BOOTSTRAP_SERVERS={stack.kafka_bootstrap_servers}",
             f"export REDIS_URL={stack.redis_url}",
+            f"export IA_REDIS_PASSWORD_FILE={run_dir / 'redis.password'}",
         ]
         # shell-safe: the shell gives back exactly our values
         out = subprocess.run(
@@ -153,7 +155,10 @@ def test_detached_up_status_down(tmp_path: Path) -> None:
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert load_keys(key_file).signing_id == "k1"
 
-        assert redis.Redis.from_url(info.redis_url).ping()
+        assert sync_client(info.redis_settings()).ping()
+        password_file = run_dir / "redis.password"  # the secure default: beside the key
+        assert f"export IA_REDIS_PASSWORD_FILE={password_file}" in info.env_lines()
+        assert password_file.stat().st_mode & 0o777 == 0o600
     finally:
         stopped = down(run_dir)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from ia.core.kafka import ensure_topics
+from ia.core.redis import sync_client
 from ia.core.settings import Topics
 from ia.runtime.embedded import free_port
 from tests.kafka_client import produce, read_topic
@@ -472,7 +472,7 @@ def test_audit_verify_fails_when_log_and_redis_head_are_rewritten_consistently(g
     original = path.read_bytes()
     anchor = path.with_name(path.name + ".head")
     kept_anchor = anchor.read_bytes()
-    r = redis.Redis.from_url(gov["infra"].redis_url)
+    r = sync_client(gov["infra"].redis)  # someone who controls Redis, password and all
     head_key = f"{gov['prefix']}:audit:head"
     kept_head = r.get(head_key)
     forged, prev = [], hashchain.GENESIS
