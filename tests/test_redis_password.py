@@ -148,7 +148,7 @@ def test_the_test_infra_requires_the_password_too(infra) -> None:
     """Every integration test runs against a Redis with a password (the secure default)."""
     if infra.external and not infra.redis_password_file:
         pytest.skip("external Redis without IA_REDIS_PASSWORD_FILE")
-    with pytest.raises((AuthenticationError, ResponseError), match="NOAUTH|authenticated"):
+    with pytest.raises((AuthenticationError, ResponseError), match=r"NOAUTH|authenticated"):
         redis.Redis.from_url(infra.redis_url).ping()
     assert sync_client(infra.redis).ping()
     assert infra.env["IA_REDIS_PASSWORD_FILE"] == infra.redis_password_file
