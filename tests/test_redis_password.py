@@ -152,3 +152,20 @@ def test_the_test_infra_requires_the_password_too(infra) -> None:
         redis.Redis.from_url(infra.redis_url).ping()
     assert sync_client(infra.redis).ping()
     assert infra.env["IA_REDIS_PASSWORD_FILE"] == infra.redis_password_file
+
+
+def test_ia_up_replaces_an_open_stack_when_a_password_is_asked_for(tmp_path: Path) -> None:
+    """An open Redis left by ``ia up --no-redis-password`` (or an older ``ia``) is not
+    silently reused by ``ia up``, whose default is a password."""
+    run_dir = tmp_path / "run"
+    try:
+        open_stack = embedded.up(run_dir, redis_password=False)
+        assert open_stack.redis.password_file is None
+        locked = embedded.up(run_dir)
+        assert not locked.reused and locked.redis.pid != open_stack.redis.pid
+        assert locked.env()["IA_REDIS_PASSWORD_FILE"] == str(run_dir / "redis.password")
+        with pytest.raises((AuthenticationError, ResponseError)):
+            redis.Redis.from_url(locked.redis_url).ping()
+        assert embedded.up(run_dir).reused  # the same ask again: reused
+    finally:
+        embedded.down(run_dir)
