@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -284,14 +285,22 @@ class CommandActuator:
     The decision names the command (``params.command``); the argv comes only
     from the policy's ``commands`` section.  No telemetry string is ever
     interpolated: the process gets the decision id (a hex digest) in its
-    environment and nothing else from the event.
+    environment and nothing else from the event.  ``commands`` is the map, or a
+    callable returning the current one (the actuator's policy, so the map
+    follows policy reloads).
     """
 
     name = "command"
 
-    def __init__(self, commands: dict[str, list[str]], timeout_s: float = 10.0) -> None:
-        self.commands = commands
+    def __init__(self, commands: Mapping[str, list[str]] | Callable[[], Mapping[str, list[str]]],
+                 timeout_s: float = 10.0) -> None:
+        self._commands = commands
         self.timeout_s = timeout_s
+
+    @property
+    def commands(self) -> Mapping[str, list[str]]:
+        """The command map in force now."""
+        return self._commands() if callable(self._commands) else self._commands
 
     async def execute(self, action: Action, decision: Decision) -> str:
         name = action.params.get("command", "")

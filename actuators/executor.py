@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import LockError, RedisError
 
+from ia.actuators.approvers import approved_by
 from ia.actuators.base import ActionFailed, Actuator
 from ia.actuators.builtin import NotifyActuator
 from ia.actuators.verification import SpecError, VerificationJob, Verifier, spec_of
@@ -161,8 +162,8 @@ class ActionExecutor:
         action = action or d.action
         assert action is not None
         finished = now_ms()
-        approved = approval is not None and status not in (OutcomeStatus.blocked,
-                                                           OutcomeStatus.skipped_duplicate)
+        approved = approval is not None and status not in (
+            OutcomeStatus.blocked, OutcomeStatus.skipped_duplicate, OutcomeStatus.rejected)
         return ActionOutcome(
             decision_id=d.decision_id, entity=d.entity, action_type=action.type,
             target=action.target, status=status, actuator=action.type,
@@ -170,7 +171,7 @@ class ActionExecutor:
             duration_ms=float(max(0, finished - started)), attempts=attempts, detail=detail,
             error=error, phase=phase,
             approval_id=approval.approval_id if approval else None,
-            approved_by=approval.by if approved and approval else None)
+            approved_by=approved_by(approval) if approved and approval else None)
 
     # -- the claim ---------------------------------------------------------------------------
 
@@ -338,12 +339,15 @@ class ActionExecutor:
         return result or self._taken_over(decision, started, approval=approval)
 
     async def settle(self, decision: Decision, detail: str,
-                     approval: ApprovalEvent | None = None) -> ActionOutcome | None:
-        """Report ``decision``'s action as not run (``blocked``), once; None if already settled."""
+                     approval: ApprovalEvent | None = None, *,
+                     status: OutcomeStatus = OutcomeStatus.blocked,
+                     error: str | None = None) -> ActionOutcome | None:
+        """Report ``decision``'s action as not run (``blocked``, or ``rejected`` when the
+        policy no longer allows it), once; None if already settled."""
         started = now_ms()
 
         async def attempt(held: _Held) -> ActionOutcome:
-            return self._outcome(decision, OutcomeStatus.blocked, started, detail,
+            return self._outcome(decision, status, started, detail, error=error,
                                  approval=approval)
 
         async def record(held: _Held, outcome: ActionOutcome) -> None:
@@ -478,6 +482,9 @@ def _with_approval(outcome: ActionOutcome, approval: ApprovalEvent | None) -> Ac
         return outcome
     if outcome.status is OutcomeStatus.blocked:
         return outcome.model_copy(update={"approval_id": approval.approval_id})
+    who = approved_by(approval)
+    via = f" via {approval.via}" if not approval.approvals or len(approval.approvals) == 1 \
+        else f", last via {approval.via}"
     return outcome.model_copy(update={
-        "approval_id": approval.approval_id, "approved_by": approval.by,
-        "detail": f"{outcome.detail} (approved by {approval.by} via {approval.via})"})
+        "approval_id": approval.approval_id, "approved_by": who,
+        "detail": f"{outcome.detail} (approved by {who}{via})"})

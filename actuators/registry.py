@@ -32,6 +32,7 @@ a comma-separated list of names.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 
@@ -103,11 +104,18 @@ def load_plugins(ctx: ActuatorContext, select: str = "all") -> dict[str, Actuato
 
 
 def build_actuators(*, commands: dict[str, list[str]] | None = None,
+                    current_commands: Callable[[], Mapping[str, list[str]]] | None = None,
                     webhook_url: str | None = None, simulator_url: str | None = None,
                     notify_url: str | None = None, retries: int = 3, timeout_s: float = 10.0,
                     plugins: str = "none") -> dict[str, Actuator]:
-    """Built-in actuators plus the selected plug-ins (``plugins``: all, none or names)."""
-    ctx = ActuatorContext(commands=dict(commands or {}), webhook_url=webhook_url,
+    """Built-in actuators plus the selected plug-ins (``plugins``: all, none or names).
+
+    ``current_commands`` (the current policy's map; the actuator process passes it so
+    the map follows policy reloads) overrides ``commands`` for the command actuator;
+    plug-ins get the map as it is now.
+    """
+    now = current_commands() if current_commands is not None else commands
+    ctx = ActuatorContext(commands=dict(now or {}), webhook_url=webhook_url,
                           simulator_url=simulator_url, notify_url=notify_url, retries=retries,
                           timeout_s=timeout_s)
     acts: list[Actuator] = [
@@ -115,6 +123,6 @@ def build_actuators(*, commands: dict[str, list[str]] | None = None,
         WebhookActuator(default_url=webhook_url, retries=retries, timeout_s=timeout_s),
         NotifyActuator(default_url=notify_url, retries=retries, timeout_s=timeout_s),
         SimulatorActuator(default_url=simulator_url, retries=retries, timeout_s=timeout_s),
-        CommandActuator(ctx.commands, timeout_s=timeout_s),
+        CommandActuator(current_commands or ctx.commands, timeout_s=timeout_s),
     ]
     return {**load_plugins(ctx, plugins), **{a.name: a for a in acts}}

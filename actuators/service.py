@@ -3,7 +3,10 @@ outcomes and approval events out, plus the periodic work (expiry, verification).
 
 Flow of one decision with an action, once its signature is verified (unsigned,
 badly signed, signed with an unknown key or too old: a ``rejected`` outcome with
-the reason, nothing runs -- :mod:`ia.core.signing`):
+the reason, nothing runs -- :mod:`ia.core.signing`) and the actuator's own current
+policy allows it (rule, action, params, target, mode, webhook destinations: else
+a ``rejected`` outcome too -- :mod:`ia.actuators.authorisation`; checked again
+when an approved or expired-to-approve request is about to run):
 
 * ``auto`` → executed once (:class:`~actuators.executor.ActionExecutor`); if
   the action declares a verification it is scheduled with the outcome
@@ -33,12 +36,13 @@ import logging
 
 from pydantic import BaseModel
 
-from ia.actuators.approvals import ApprovalStore
+from ia.actuators.approvals import ApprovalStore, approval_refused
+from ia.actuators.authorisation import Authoriser, Refusal
 from ia.actuators.builtin import NotifyActuator
 from ia.actuators.executor import ActionExecutor
 from ia.actuators.verification import SpecError, Verdict, spec_of
 from ia.core import clock, metrics
-from ia.core.signing import KeyRing, Rejection
+from ia.core.signing import KeyRing
 from ia.schemas.models import (
     ActionOutcome,
     ApprovalEvent,
@@ -60,27 +64,38 @@ UNFINISHED_GRACE_MS = 10_000
 
 class ActuatorService:
     def __init__(self, executor: ActionExecutor, approvals: ApprovalStore, keys: KeyRing,
-                 *, max_age_ms: int, notifier: NotifyActuator | None = None) -> None:
+                 *, max_age_ms: int, notifier: NotifyActuator | None = None,
+                 authoriser: Authoriser | None = None) -> None:
         """Verifications are the executor's ``verifier``'s (None: no verification);
-        ``keys`` verify decisions, which must have been decided within ``max_age_ms``."""
+        ``keys`` verify decisions, which must have been decided within ``max_age_ms``;
+        ``authoriser`` checks them against the current policy (``ia actuate`` always
+        has one; None, for tests of the rest: every verified decision is allowed)."""
         self.executor = executor
         self.approvals = approvals
         self.keys = keys
         self.max_age_ms = max_age_ms
         self.notifier = notifier
+        self.authoriser = authoriser
 
     async def on_decision(self, d: Decision) -> list[BaseModel]:
         """Records to publish for one delivered decision (outcomes, approval events).
 
-        The signature is checked before anything else (approval requests too: an
-        approved forgery would run).  A replayed genuine decision passes and meets
-        the executor's claim on its ``decision_id``: it does not run twice.
+        The signature is checked before anything else, then the decision against the
+        current policy (approval requests too: an approved forgery would run).  A
+        replayed genuine decision passes and meets the executor's claim on its
+        ``decision_id``: it does not run twice.
         """
         if d.action is None:
             return []
         refused = self.keys.check(d.model_dump(mode="json"), clock.now_ms(), self.max_age_ms)
         if refused is not None:
-            return [self._rejected(d, refused)]
+            _count_refusal(d, refused.value, "signature check")
+            return [_rejected(d, refused.value, "signature",
+                              f"decision rejected before execution: {refused.value}")]
+        disallowed = self._disallowed(d)
+        if disallowed is not None:
+            return [_rejected(d, disallowed.reason.value, "policy",
+                              f"not allowed by the current policy: {disallowed.detail}")]
         if d.mode is Mode.needs_approval:
             ev, created = await self.approvals.request(d)
             if created and self.notifier is not None:
@@ -90,17 +105,12 @@ class ActuatorService:
         outcome = await self.executor.handle(d)
         return await self._after_action(d, outcome)
 
-    def _rejected(self, d: Decision, reason: Rejection) -> ActionOutcome:
-        assert d.action is not None
-        log.warning("decision %s rejected (%s): not executed", d.decision_id, reason.value)
-        metrics.DECISIONS_REJECTED.labels(reason.value).inc()
-        now = clock.now_ms()
-        return ActionOutcome(
-            decision_id=d.decision_id, entity=d.entity, action_type=d.action.type,
-            target=d.action.target, status=OutcomeStatus.rejected, actuator="signature",
-            started_at=now, finished_at=now, duration_ms=0.0,
-            detail=f"decision rejected before execution: {reason.value}",
-            error=f"rejected: {reason.value}")
+    def _disallowed(self, d: Decision) -> Refusal | None:
+        """Why the current policy does not allow ``d`` (logged and counted; None: it does)."""
+        refusal = self.authoriser.check(d) if self.authoriser is not None else None
+        if refusal is not None:
+            _count_refusal(d, refusal.reason.value, refusal.detail)
+        return refusal
 
     async def _announce(self, d: Decision) -> None:
         assert self.notifier is not None and d.action is not None
@@ -155,7 +165,20 @@ class ActuatorService:
     async def _settle(self, ev: ApprovalEvent, d: Decision) -> list[BaseModel]:
         run = ev.status is ApprovalStatus.approved or (
             ev.status is ApprovalStatus.expired and ev.on_expiry is ExpiryPolicy.approve)
-        if run:
+        refused = await self.approvals.release_refusal(ev.approval_id, d, self.keys) \
+            if run else None
+        if refused is not None:  # Redis said approved; the signed records do not
+            await self.approvals.finish(ev.approval_id)
+            return [approval_refused(d, ev, refused)]
+        # The policy may have changed while the request waited: it must still allow it.
+        disallowed = self._disallowed(d) if run else None
+        if disallowed is not None:
+            outcome = await self.executor.settle(
+                d, f"approved, but not allowed by the current policy: {disallowed.detail}",
+                approval=ev, status=OutcomeStatus.rejected,
+                error=f"rejected: {disallowed.reason.value}")
+            out = [outcome] if outcome is not None else []
+        elif run:
             outcome = await self.executor.run(d, approval=ev)
             if outcome.status is OutcomeStatus.skipped_duplicate:
                 await self.approvals.finish(ev.approval_id)
@@ -220,3 +243,19 @@ class ActuatorService:
             await verifier.finish(r.decision_id for r in records
                                   if isinstance(r, ActionOutcome)
                                   and r.phase is OutcomePhase.verification)
+
+
+def _count_refusal(d: Decision, reason: str, detail: str) -> None:
+    log.warning("decision %s rejected (%s: %s): not executed", d.decision_id, reason, detail)
+    metrics.DECISIONS_REJECTED.labels(reason).inc()
+
+
+def _rejected(d: Decision, reason: str, by: str, detail: str) -> ActionOutcome:
+    """The outcome of a decision refused before anything ran (``by``: which check)."""
+    assert d.action is not None
+    now = clock.now_ms()
+    return ActionOutcome(
+        decision_id=d.decision_id, entity=d.entity, action_type=d.action.type,
+        target=d.action.target, status=OutcomeStatus.rejected, actuator=by,
+        started_at=now, finished_at=now, duration_ms=0.0, detail=detail[:2000],
+        error=f"rejected: {reason}")

@@ -15,6 +15,15 @@ after its decision:
   the per-action counters, from the first label or failed action).  The steps
   are separate because a failed action teaches without being a label: a label
   that follows it still counts entity-wide, but teaches nothing more.
+* ``{prefix}:fbq:{window}:{entity}`` counts the labels an entity got in one window
+  of the feedback cap (:class:`LabelCap`), kept for the window.
+
+A label counts only when it should (:meth:`FeedbackLearner.on_label`): for a
+remembered decision (``unmatched`` otherwise: an id nobody decided, or one older
+than 30 days), naming that decision's entity if it names one (``wrong_entity``),
+and within its entity's cap (``over_cap``).  Whether it comes from an
+authenticated source is the worker's check, before this (:mod:`ia.decisions.service`).
+A refused label changes nothing: no counter, no lesson, no label step.
 
 The classifier is shared by every worker: each lesson is applied as an
 optimistic read-modify-write of its checkpoint (:mod:`ia.decisions.checkpoint`),
@@ -35,6 +44,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from ia.core import clock
 from ia.core.keys import Keys
 from ia.core.metrics import CHECKPOINTS_REJECTED
 from ia.decisions.checkpoint import ModelStore
@@ -64,9 +74,30 @@ class Step(StrEnum):
 
 
 class LabelResult(StrEnum):
+    """What a label did; every value but ``counted`` and ``duplicate`` is a refusal (the
+    ``reason`` of ``ia_feedback_refused_total``)."""
+
     counted = "counted"
     duplicate = "duplicate"  # this decision was labelled before
-    unmatched = "unmatched"  # no entity named, and the decision is not remembered
+    unmatched = "unmatched"  # the decision is not remembered (unknown, or expired)
+    wrong_entity = "wrong_entity"  # the label names another entity than the decision's
+    over_cap = "over_cap"  # the entity had its cap of labels in this window
+    unauthenticated = "unauthenticated"  # not from an authenticated source (the service's)
+
+
+REFUSED = frozenset(LabelResult) - {LabelResult.counted, LabelResult.duplicate}
+
+
+@dataclass(frozen=True)
+class LabelCap:
+    """At most ``max`` labels count per entity in each ``window_s`` (wall clock, fixed
+    windows): however many labels someone sends, an entity's trust falls only so fast."""
+
+    max: int
+    window_s: float
+
+    def window(self, now_ms: int) -> int:
+        return int(now_ms // (self.window_s * 1000))
 
 
 @dataclass(frozen=True)
@@ -87,6 +118,14 @@ class DecisionMemory(Protocol):
 
     async def first(self, decision_id: str, step: Step, value: str) -> bool:
         """Record ``step`` for the decision; True only the first time."""
+        ...
+
+    async def used(self, entity: str, window: int) -> int:
+        """How many labels counted for ``entity`` in ``window``."""
+        ...
+
+    async def take(self, entity: str, window: int, ttl_s: float) -> None:
+        """Count one label for ``entity`` in ``window`` (forgotten after ``ttl_s``)."""
         ...
 
 
@@ -119,6 +158,17 @@ class RedisDecisionMemory:
             added, _ = await pipe.execute()
         return bool(added)
 
+    async def used(self, entity: str, window: int) -> int:
+        raw = await self.client.get(self.keys.label_quota(entity, window))
+        return int(raw) if raw is not None else 0
+
+    async def take(self, entity: str, window: int, ttl_s: float) -> None:
+        key = self.keys.label_quota(entity, window)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, max(1, int(ttl_s + 0.999)))
+            await pipe.execute()
+
 
 class MemoryDecisionMemory:
     """The same in a process's memory (nothing expires)."""
@@ -126,6 +176,7 @@ class MemoryDecisionMemory:
     def __init__(self) -> None:
         self._decisions: dict[str, Remembered] = {}
         self._steps: dict[str, dict[Step, str]] = {}
+        self._quota: dict[tuple[str, int], int] = {}
 
     async def remember(self, decisions: Sequence[tuple[str, Remembered]]) -> None:
         self._decisions.update(decisions)
@@ -140,12 +191,21 @@ class MemoryDecisionMemory:
         done[step] = value
         return True
 
+    async def used(self, entity: str, window: int) -> int:
+        return self._quota.get((entity, window), 0)
+
+    async def take(self, entity: str, window: int, ttl_s: float) -> None:
+        self._quota[(entity, window)] = self._quota.get((entity, window), 0) + 1
+
 
 class FeedbackLearner:
-    def __init__(self, memory: DecisionMemory, store: FeatureStore, models: ModelStore) -> None:
+    def __init__(self, memory: DecisionMemory, store: FeatureStore, models: ModelStore,
+                 cap: LabelCap | None = None) -> None:
+        """``cap``: labels that count per entity and window (None: no cap)."""
         self.memory = memory
         self.store = store
         self.models = models
+        self.cap = cap
         # The stored version last found invalid: not read again until a new one is saved.
         self._rejected_version: int | None = None
 
@@ -159,14 +219,27 @@ class FeedbackLearner:
         remembered = await self.memory.recall(decision_id)
         return remembered.entity if remembered is not None else None
 
-    async def on_label(self, fb: Feedback) -> LabelResult:
+    async def on_label(self, fb: Feedback, now_ms: int | None = None) -> LabelResult:
         """Apply a human or tool label: the entity-wide counter once per decision, and
-        the decision's lesson if it has not taught yet."""
-        entity = fb.entity or await self.entity_of(fb.decision_id)
-        if not entity:
+        the decision's lesson if it has not taught yet.  Refused (nothing changes) for
+        a decision that is not remembered, another entity than the decision's, or an
+        entity over its cap (``now_ms``: the wall clock's by default)."""
+        entity = await self.entity_of(fb.decision_id)
+        if entity is None:
             return LabelResult.unmatched
+        if fb.entity is not None and fb.entity != entity:
+            return LabelResult.wrong_entity
+        window = None
+        if self.cap is not None:
+            window = self.cap.window(clock.now_ms() if now_ms is None else now_ms)
+            if await self.memory.used(entity, window) >= self.cap.max:
+                return LabelResult.over_cap
         if not await self.memory.first(fb.decision_id, Step.label, fb.label.value):
-            return LabelResult.duplicate
+            return LabelResult.duplicate  # a redelivery does not use up the cap
+        if self.cap is not None and window is not None:
+            # Labels of one entity arrive in order on its partition (one worker), so
+            # counting after the check does not let a burst through.
+            await self.memory.take(entity, window, self.cap.window_s)
         positive = is_positive(fb.label.value)
         await self.store.incr_context(entity, counter_name(positive))
         await self.learn(fb.decision_id, positive)

@@ -237,6 +237,60 @@ class Autonomy(_Strict):
         return None
 
 
+# An approver's identity: an API token's name, or ``user@host`` for the CLI.
+IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+
+
+def _identity(v: str) -> str:
+    if not IDENTITY.fullmatch(v):
+        raise ValueError(f"{v!r} is not an identity (a token name or user@host: letters, "
+                         "digits and . _ @ + -, at most 128)")
+    return v
+
+
+Identity = Annotated[str, BeforeValidator(lambda v: _identity(v) if isinstance(v, str) else v)]
+
+
+class ApprovalSpec(_Strict):
+    """Who answers a rule's approval requests, how many, and for how long.
+
+    Unset fields come from ``defaults.approval``, then from the settings
+    (``IA_APPROVAL_TTL_S``, ``IA_APPROVAL_ON_EXPIRY``).  Never from a decision.
+    """
+
+    approvers: list[str] | None = Field(default=None, min_length=1)  # group names
+    required: int | None = Field(default=None, ge=1, le=1024)
+    four_eyes: bool | None = None
+    ttl_s: float | None = Field(default=None, gt=0)
+    on_expiry: Literal["reject", "approve"] | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalTerms:
+    """The approval terms of one rule, resolved from the policy.
+
+    ``approvers`` are identities (empty: anyone authenticated); ``ttl_s`` and
+    ``on_expiry`` are None when the policy leaves them to the settings.
+    """
+
+    approvers: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    required: int = 1
+    ttl_s: float | None = None
+    on_expiry: str | None = None
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the rule limits who answers or asks for several approvers: then an
+        unanswered request is never approved by default."""
+        return bool(self.approvers) or self.required > 1
+
+
+# Action params that decided approval terms before the policy did: refused, so a
+# policy relying on them does not silently lose its expiry.
+_OLD_APPROVAL_PARAMS = ("approval_ttl_s", "on_expiry")
+
+
 # ``false`` switches a guard off for one rule (or, in defaults, for all rules).
 Off = Literal[False]
 
@@ -276,6 +330,7 @@ class Rule(_Strict):
     error_budget: ErrorBudget | Off | None = None
     max_event_age_s: EventAgeLimit | None = None
     cost: float = Field(default=0.0, ge=0.0)
+    approval: ApprovalSpec | None = None
 
 
 class Defaults(_Strict):
@@ -287,12 +342,15 @@ class Defaults(_Strict):
     blast_radius: BlastRadius | Off | None = None
     error_budget: ErrorBudget | Off | None = None
     max_event_age_s: EventAgeLimit = DEFAULT_MAX_EVENT_AGE_S
+    approval: ApprovalSpec | None = None
 
 
 class PolicyDocument(_Strict):
     version: Literal[1]
     defaults: Defaults = Field(default_factory=Defaults)
     cost_cap: CostCap | None = None
+    # Groups of approver identities, named by rules' ``approval.approvers``.
+    approvers: dict[str, list[Identity]] = Field(default_factory=dict)
     # Named argv lists for the ``command`` actuator.  Decisions refer to them
     # by name, so nothing on a topic can make an actuator run arbitrary argv.
     commands: dict[str, list[str]] = Field(default_factory=dict)
@@ -349,6 +407,23 @@ def _render_target(template: str, entity: str, metric: str) -> str:
     return _PLACEHOLDER.sub(lambda m: entity if m.group(1) == "entity" else metric, template)
 
 
+def render_action(rule: Rule, entity: str, metric: str) -> Action | None:
+    """The action ``rule`` decides for a sample of ``entity``/``metric`` (None: the rule
+    has none): its type and params as written, its target template rendered.  The
+    worker decides with it and the actuator re-authorises against it."""
+    if rule.action is None:
+        return None
+    return Action(type=rule.action.type,
+                  target=_render_target(rule.action.target, entity, metric)[:256],
+                  params=rule.action.params)
+
+
+def selects(rule: Rule, entity: str, metric: str) -> bool:
+    """Whether ``rule``'s entity and metric selectors take this series (labels, kind and
+    conditions are the worker's to judge: a decision does not carry them)."""
+    return _globs(rule.match.entity, entity) and _globs(rule.match.metric, metric)
+
+
 def _globs(patterns: list[str], value: str) -> bool:
     return _compiled(tuple(patterns))(value) is not None
 
@@ -372,6 +447,7 @@ class Policy:
         self.source = source
         self.version = hashlib.sha256(text.encode()).hexdigest()[:12] if text else "inline"
         self._guards = {r.name: self._resolve(r) for r in doc.rules}
+        self._rules = {r.name: r for r in doc.rules}
         self.fleet_labels = _fleet_labels(doc)
         self._selections: dict[tuple[str, str, str], list[str | None]] = {}
 
@@ -386,6 +462,15 @@ class Policy:
             error_budget=_pick(rule.error_budget, d.error_budget),  # type: ignore[arg-type]
             max_event_age_s=_pick(rule.max_event_age_s, d.max_event_age_s),  # type: ignore[arg-type]
             cost=rule.cost, cost_cap=self.doc.cost_cap if rule.cost > 0 else None)
+
+    def rule(self, name: str | None) -> Rule | None:
+        """The rule called ``name`` (None: there is no such rule)."""
+        return self._rules.get(name) if name is not None else None
+
+    def approval_terms(self, rule: str | None) -> ApprovalTerms:
+        """Approval terms of the rule named ``rule`` (the defaults' if there is none)."""
+        found = next((r for r in self.doc.rules if r.name == rule), None)
+        return _terms(self.doc, found.approval if found else None)
 
     def guards_for(self, rule: str | None) -> RuleGuards:
         """Guard settings of the rule named ``rule``; the defaults' if there is no such rule."""
@@ -453,11 +538,7 @@ class Policy:
             trace.append(RuleTrace(rule=rule.name, matched=True, reason=(
                 f"score {score:.3f} >= {rule.when.min_score}, "
                 f"confidence {confidence:.3f} >= {rule.when.min_confidence}" + ladder)))
-            action = None
-            if rule.action:
-                action = Action(type=rule.action.type,
-                                target=_render_target(rule.action.target, entity, metric)[:256],
-                                params=rule.action.params)
+            action = render_action(rule, entity, metric)
             return PolicyResult(rule.name, action, mode if action else Mode.none,
                                 trace, self._guards[rule.name])
         return PolicyResult(None, None, Mode.none, trace)
@@ -546,13 +627,65 @@ def _mismatch(rule: Rule, labels: dict[str, str], features: dict[str, float], sc
     return None
 
 
+def _terms(doc: PolicyDocument, own: ApprovalSpec | None) -> ApprovalTerms:
+    """A rule's approval spec over the defaults', resolved to identities."""
+    base = doc.defaults.approval or ApprovalSpec()
+    spec = own or ApprovalSpec()
+
+    def pick(name: str) -> object:
+        value = getattr(spec, name)
+        return getattr(base, name) if value is None else value
+
+    groups = tuple(pick("approvers") or ())  # type: ignore[arg-type]
+    four_eyes = bool(pick("four_eyes"))
+    required = pick("required") or (2 if four_eyes else 1)
+    members = sorted({m for g in groups for m in doc.approvers.get(g, [])})
+    return ApprovalTerms(approvers=tuple(members), groups=groups,
+                         required=int(required),  # type: ignore[call-overload]
+                         ttl_s=pick("ttl_s"),  # type: ignore[arg-type]
+                         on_expiry=pick("on_expiry"))  # type: ignore[arg-type]
+
+
+def _check_approval(doc: PolicyDocument, spec: ApprovalSpec | None, where: tuple,
+                    source: str, root: yaml.Node, is_default: bool = False) -> None:
+    """Approver groups exist and can meet ``required``; the terms are consistent."""
+    if spec is None:
+        return
+    for j, group in enumerate(spec.approvers or []):
+        if group not in doc.approvers:
+            raise PolicyError(source, _line_of(root, (*where, "approvers", j)),
+                              f"unknown approver group {group!r}; declare it under "
+                              "'approvers'")
+    if spec.four_eyes and spec.required == 1:
+        raise PolicyError(source, _line_of(root, (*where, "required")),
+                          "four_eyes needs at least 2 approvers; drop required: 1")
+    terms = _terms(doc, None if is_default else spec)
+    line = _line_of(root, where)
+    if terms.approvers and terms.required > len(terms.approvers):
+        raise PolicyError(source, line, f"required is {terms.required} but the groups "
+                          f"{list(terms.groups)} have {len(terms.approvers)} members")
+    if terms.on_expiry == "approve" and terms.restricted:
+        raise PolicyError(source, line, "on_expiry: approve would run the action without "
+                          "its approvers; use reject, or drop approvers/required")
+
+
 def _check_rule_names(doc: PolicyDocument, source: str, root: yaml.Node) -> None:
     seen: set[str] = set()
+    _check_approval(doc, doc.defaults.approval, ("defaults", "approval"), source, root, True)
     for i, rule in enumerate(doc.rules):
         if rule.name in seen:
             raise PolicyError(source, _line_of(root, ("rules", i, "name")),
                               f"duplicate rule name {rule.name!r}")
         seen.add(rule.name)
+        _check_approval(doc, rule.approval or ApprovalSpec(), ("rules", i, "approval"),
+                        source, root)
+        for param in _OLD_APPROVAL_PARAMS:
+            if rule.action and param in rule.action.params:
+                new = "ttl_s" if param == "approval_ttl_s" else param
+                raise PolicyError(
+                    source, _line_of(root, ("rules", i, "action", "params", param)),
+                    f"action param {param!r} no longer sets approval terms (a decision "
+                    f"must not choose its own); write approval: {{{new}: ...}} on the rule")
         if rule.action and rule.action.type == "command":
             cmd = rule.action.params.get("command")
             if cmd not in doc.commands:

@@ -31,9 +31,9 @@ from pathlib import Path
 from ia.core import metrics
 from ia.core.clock import now_ms
 from ia.core.redis import UNAVAILABLE
-from ia.core.signing import KeyRing
+from ia.core.signing import FEEDBACK_FIELDS, KeyRing
 from ia.decisions.engine import DecisionEngine
-from ia.decisions.learning import FeedbackLearner, LabelResult
+from ia.decisions.learning import REFUSED, FeedbackLearner, LabelResult
 from ia.decisions.shadow import as_shadow
 from ia.features.store import EntityRecord, FeatureStore
 from ia.schemas.models import (
@@ -92,6 +92,8 @@ class WorkerParts:
     max_metrics_per_entity: int | None = None
     # Signs every decision with an action (None: unsigned, so no actuator executes them).
     keys: KeyRing | None = None
+    # Verifies feedback labels (None: no label is authenticated, so none counts).
+    feedback_keys: KeyRing | None = None
 
 
 Accepted = list[tuple[RawRecord, TelemetryEvent]]
@@ -230,10 +232,18 @@ class WorkerService:
         metrics.FEEDBACK.labels("outcome").inc()
 
     async def on_feedback(self, label: Feedback) -> LabelResult:
-        result = await self.parts.learner.on_label(label)
-        if result is LabelResult.unmatched:
-            log.warning("feedback for unknown decision %s ignored", label.decision_id)
-            metrics.FEEDBACK.labels("unmatched").inc()
+        """Apply a label if it counts: signed with a feedback key (``ia feedback``), for a
+        remembered decision and its entity, within the entity's cap.  A refused label is
+        logged, counted in ``ia_feedback_refused_total{reason}`` and changes nothing."""
+        keys = self.parts.feedback_keys
+        signed = keys is not None and keys.verify(label.model_dump(mode="json"),
+                                                  FEEDBACK_FIELDS) is None
+        result = await self.parts.learner.on_label(label) if signed \
+            else LabelResult.unauthenticated
+        if result in REFUSED:
+            log.warning("feedback for decision %s by %s refused (%s): ignored",
+                        label.decision_id, label.by, result.value)
+            metrics.FEEDBACK_REFUSED.labels(result.value).inc()
         elif result is LabelResult.counted:
             metrics.FEEDBACK.labels(label.label.value).inc()
         return result

@@ -284,6 +284,9 @@ class Feedback(_Contract):
     at: NonNegLong
     entity: str | None = None
     comment: str | None = Field(default=None, max_length=4096)
+    #: ``"<key id>:<hex HMAC-SHA256>"`` with a feedback key (ia.core.signing); a worker
+    #: counts no label without a valid one.
+    signature: str | None = None
 
 
 class ApprovalStatus(StrEnum):
@@ -303,8 +306,13 @@ class ApprovalEvent(_Contract):
 
     ``requested`` when a ``needs_approval`` decision reaches the actuator, then
     exactly one of ``approved``, ``rejected`` or ``expired`` (with who, when
-    and why).  Events are derived from the stored approval, so a re-sent event
-    is byte-identical: consumers deduplicate by ``(approval_id, status)``.
+    and why).  A rule that needs ``required`` > 1 approvers announces each
+    approval short of that as another ``requested`` event whose ``approvals``
+    has grown (``by``/``via``/``at``/``reason`` are that answer's).  Events are
+    derived from the stored approval, so a re-sent event is byte-identical:
+    consumers deduplicate by ``(approval_id, status, approvals)``.  ``by`` is the
+    authenticated identity of whoever answered (a token's name, or ``user@host``
+    for the CLI), never a name the caller chose.
     """
 
     approval_id: str
@@ -324,6 +332,10 @@ class ApprovalEvent(_Contract):
     via: str | None = Field(default=None, max_length=MAX_NAME_LEN)
     at: int | None = Field(default=None, ge=0, le=2**63 - 1)
     reason: str | None = Field(default=None, max_length=4096)
+    # The terms, fixed from the actuator's policy when the request is made.
+    approvers: list[str] = Field(default_factory=list, max_length=1024)
+    required: int = Field(default=1, ge=1, le=1024)
+    approvals: list[str] = Field(default_factory=list, max_length=1024)
 
 
 #: Why a telemetry record became a dead letter, besides the reasons of
@@ -341,7 +353,8 @@ REJECT_REASONS: Final = {
 class DeadLetter(_Contract):
     """A record the pipeline could not accept (topic ``ia.telemetry.dlq``).
 
-    ``reason`` is one of ``DECODE_REASONS`` or :data:`REJECT_REASONS`; ``error`` says
+    ``reason`` is one of ``DECODE_REASONS`` or :data:`REJECT_REASONS` (or, for records of
+    ``ia ingest``'s input topics, ``ia.ingest.mapping.INGEST_REASONS``); ``error`` says
     what was wrong in words (for ``processing_error``: the exception and the innermost
     frames of its stack).
     """

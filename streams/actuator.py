@@ -18,6 +18,7 @@ import faust
 from pydantic import BaseModel
 
 from ia.actuators.approvals import ApprovalStore
+from ia.actuators.authorisation import Authoriser, parse_allow
 from ia.actuators.executor import ActionExecutor
 from ia.actuators.registry import build_actuators
 from ia.actuators.service import ActuatorService
@@ -26,7 +27,7 @@ from ia.core import metrics
 from ia.core.errors import ConfigError
 from ia.core.redis import client as redis_client
 from ia.core.settings import Settings
-from ia.core.signing import signing_keys
+from ia.core.signing import approval_keys, signing_keys
 from ia.decisions.guards import ExecutionGuard
 from ia.decisions.policy_source import PolicySource
 from ia.schemas.models import ActionOutcome, ApprovalEvent, Decision
@@ -52,8 +53,10 @@ def build_actuator(settings: Settings) -> faust.App:
         policy = PolicySource(settings.policy_file)
         conf = settings.actuator
         notify_url = conf.notify_url.get_secret_value() if conf.notify_url else None
+        allow = parse_allow(conf.webhook_allow)
         actuators = build_actuators(
-            commands=policy.current().doc.commands, simulator_url=settings.simulator_url,
+            current_commands=lambda: policy.current().doc.commands,
+            simulator_url=settings.simulator_url,
             notify_url=notify_url, retries=conf.webhook_retries,
             timeout_s=conf.action_timeout_s, plugins=conf.plugins)
         notifier = actuators["notify"] if notify_url else None
@@ -70,8 +73,11 @@ def build_actuator(settings: Settings) -> faust.App:
         ctx["service"] = ActuatorService(
             executor,
             ApprovalStore(client, settings.redis.prefix, ttl_s=settings.approvals.ttl_s,
-                          on_expiry=settings.approvals.on_expiry),
-            keys, max_age_ms=int(settings.signing.max_age_s * 1000), notifier=notifier)
+                          on_expiry=settings.approvals.on_expiry,
+                          keys=approval_keys(settings.approvals, settings.signing),
+                          terms=lambda rule: policy.current().approval_terms(rule)),
+            keys, max_age_ms=int(settings.signing.max_age_s * 1000), notifier=notifier,
+            authoriser=Authoriser(policy.current, allow))
 
     _connect()
 

@@ -19,11 +19,11 @@ import faust
 from ia.core import metrics
 from ia.core.redis import client as redis_client
 from ia.core.settings import Settings, Topics
-from ia.core.signing import signing_keys
+from ia.core.signing import feedback_keys, signing_keys
 from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.engine import DecisionEngine
 from ia.decisions.guards import KillSwitch, RedisGuardStore
-from ia.decisions.learning import FeedbackLearner, RedisDecisionMemory
+from ia.decisions.learning import FeedbackLearner, LabelCap, RedisDecisionMemory
 from ia.decisions.policy_source import PolicySource
 from ia.decisions.service import Decided, RawRecord, WorkerParts, WorkerService
 from ia.decisions.shadow import PIPELINE_ID as SHADOW_PIPELINE
@@ -57,14 +57,20 @@ def connect_worker(settings: Settings, shadow: bool = False) -> WorkerService:
                             RedisGuardStore(client, prefix),
                             kill_switch=KillSwitch(client, prefix),
                             pipeline_id=SHADOW_PIPELINE if shadow else "main")
+    conf = settings.worker
     learner = FeedbackLearner(RedisDecisionMemory(client, prefix), features,
-                              RedisModelStore(client, prefix))
+                              RedisModelStore(client, prefix),
+                              LabelCap(conf.feedback_max_per_entity, conf.feedback_window_s))
     keys = signing_keys(settings.signing)
     if keys is None:
         log.error("no signing key (IA_SIGNING_KEY_FILE): decisions are published unsigned "
                   "and every actuator rejects their actions")
+    label_keys = feedback_keys(settings.signing)
+    if label_keys is None:
+        log.error("no feedback key (IA_FEEDBACK_KEY_FILE): no feedback label can be "
+                  "verified, so none counts")
     return WorkerService(WorkerParts(engine, features, learner, settings.wire_format, shadow,
-                                     settings.worker.max_metrics_per_entity, keys))
+                                     conf.max_metrics_per_entity, keys, label_keys))
 
 
 def output_topics(topics: Topics, shadow: bool) -> tuple[str, str]:

@@ -18,6 +18,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis
@@ -88,3 +89,26 @@ async def aredis(infra: Infra) -> AsyncIterator[aioredis.Redis]:
         yield r
     finally:
         await r.aclose()
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (``make test`` runs two processes) the fault trials run one
+    after another on one worker: each loads the machine on purpose, and two at once
+    would measure each other.  The tests of ``test_ingest_e2e.py`` stay together and in
+    order too: they share one module fixture (a broker, three ``ia`` processes,
+    Prometheus and Alertmanager) that two workers would each start, and its last test
+    pauses that broker.  Every other test is scheduled on its own.
+
+    (``--dist loadgroup`` would say this with a marker, but pytest-xdist 3.8 cannot
+    rename pytest 9's node ids, so its groups are silently ignored.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FaultTrialsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/test_faults"):
+                return "fault-trials"
+            if nodeid.startswith("tests/test_ingest_e2e.py"):
+                return "tests/test_ingest_e2e.py"
+            return nodeid
+
+    return FaultTrialsTogether(config, log)

@@ -54,7 +54,12 @@ rules:
 RESULTS: list[dict[str, Any]] = []
 
 #: One seed for the whole session, so ``IA_FAULT_SEED`` replays every trial of a run.
-SEED = int(os.environ.get("IA_FAULT_SEED", time.time_ns() % 1_000_000))
+#: Exported, so pytest-xdist's workers (started after this import) share it.
+SEED = int(os.environ.setdefault("IA_FAULT_SEED", str(time.time_ns() % 1_000_000)))
+
+#: Where each process of a session (pytest-xdist runs several) leaves its trials for
+#: the summary that the main process prints.
+PARTS = Path(os.environ.get("IA_FAULT_SUMMARY_PARTS", REPO / ".ia" / "faults-summary.d"))
 
 #: The figures every trial reports (None where a figure does not apply).
 FIGURES = ("events", "undecided", "actions", "executed_once", "executed_twice", "interrupted")
@@ -126,21 +131,45 @@ def pytest_runtest_logreport(report: Any) -> None:  # pytest hook
                 r["known_failure"] = report.wasxfail
 
 
+def _worker_id(config: Any) -> str | None:
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
+def pytest_sessionstart(session: Any) -> None:  # pytest hook
+    if _worker_id(session.config) is None:  # the main process: a fresh summary
+        PARTS.mkdir(parents=True, exist_ok=True)
+        for part in PARTS.glob("*.json"):
+            part.unlink()
+
+
+def pytest_sessionfinish(session: Any) -> None:  # pytest hook
+    if RESULTS:
+        name = _worker_id(session.config) or "main"
+        (PARTS / f"{name}.json").write_text(json.dumps(RESULTS) + "\n")
+
+
+def _session_results() -> list[dict[str, Any]]:
+    results = [r for part in sorted(PARTS.glob("*.json"))
+               for r in json.loads(part.read_text())]
+    return sorted(results, key=lambda r: r["nodeid"])
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:  # pytest hook
-    if not RESULTS:
+    results = _session_results()
+    if not results:
         return
     tr = terminalreporter
     tr.section("fault suite summary")
-    for r in RESULTS:
+    for r in results:
         figures = ", ".join(f"{k}={v}" for k, v in r.items()
                             if k not in ("test", "nodeid") and v is not None)
         tr.write_line(f"{r['test']}: {figures}")
-    failed = [r for r in RESULTS if r["result"] != "passed"]
+    failed = [r for r in results if r["result"] != "passed"]
     if failed:
         tr.write_line(f"IA_FAULT_SEED={SEED} replays the {len(failed)} trial(s) not passed")
     out = Path(os.environ.get("IA_FAULT_SUMMARY", ".ia/faults-summary.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(RESULTS, indent=2) + "\n")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     tr.write_line(f"(also written to {out})")
 
 

@@ -14,12 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ia.bench.webhook_sink import WebhookSink as WebhookSink  # re-exported for the tests
-from ia.core.signing import load_keys, write_key_file
+from ia.core.signing import FEEDBACK_FIELDS, load_keys, write_key_file
 from ia.schemas.models import Decision
 
 # The signing key of every worker and actuator the tests start (one per test session).
 TEST_KEY_FILE = write_key_file(Path(tempfile.mkdtemp(prefix="ia-test-keys-")) / "signing.key")
 TEST_KEYS = load_keys(TEST_KEY_FILE)
+# ... and the key their labels are signed with (ia feedback, tests that produce labels).
+TEST_FEEDBACK_KEY_FILE = write_key_file(TEST_KEY_FILE.parent / "feedback.key")
+TEST_FEEDBACK_KEYS = load_keys(TEST_FEEDBACK_KEY_FILE)
+# The approval key (requests, answers): a different one, as a least-privilege deployment has.
+TEST_APPROVAL_KEY_FILE = write_key_file(TEST_KEY_FILE.parent / "approval.key", "a1")
+TEST_APPROVAL_KEYS = load_keys(TEST_APPROVAL_KEY_FILE)
 
 PR_SET_PDEATHSIG = 1
 
@@ -84,6 +90,11 @@ def signed(d: Decision) -> Decision:
     return d.model_copy(update={"signature": TEST_KEYS.sign(d.model_dump(mode="json"))})
 
 
+def signed_label(fb: dict) -> dict:
+    """A feedback record (its JSON form) signed as ``ia feedback`` signs it."""
+    return {**fb, "signature": TEST_FEEDBACK_KEYS.sign(fb, FEEDBACK_FIELDS)}
+
+
 def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
     password_file = getattr(infra, "redis_password_file", None)
     return {
@@ -97,6 +108,8 @@ def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
         "IA_ACTUATOR_APP_ID": f"{prefix}-actuator",
         "IA_LOG_LEVEL": "warn",
         "IA_SIGNING_KEY_FILE": str(TEST_KEY_FILE),
+        "IA_FEEDBACK_KEY_FILE": str(TEST_FEEDBACK_KEY_FILE),
+        "IA_APPROVAL_KEY_FILE": str(TEST_APPROVAL_KEY_FILE),
         **extra,
     }
 

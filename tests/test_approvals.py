@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,17 @@ from ia.actuators.executor import ActionExecutor
 from ia.actuators.registry import ActuatorContext, build_actuators, discover, load_plugins
 from ia.actuators.service import ActuatorService
 from ia.actuators.verification import SpecError, Verifier, spec_of
+from ia.core import metrics
 from ia.core.errors import ConfigError
-from ia.governance.api import ApprovalDesk, build_api, load_tokens
+from ia.decisions.policy import Policy
+from ia.governance.api import (
+    ApprovalDesk,
+    RateLimiter,
+    Tokens,
+    build_api,
+    load_tokens,
+    token_hash,
+)
 from ia.schemas.models import (
     Action,
     ActionOutcome,
@@ -35,8 +45,9 @@ from ia.schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
+from ia.schemas.serde import decode, encode
 from tests.redis_faults import FailOnce, RedisConnectionError
-from tests.support import TEST_KEYS, signed
+from tests.support import TEST_APPROVAL_KEYS, TEST_KEYS, signed
 from tests.test_governance import make_plugin
 
 pytestmark = pytest.mark.integration
@@ -46,12 +57,34 @@ T0 = 1_732_700_000_000
 ANY_AGE_MS = 10 * 365 * 86_400_000
 
 
-def decision(mode: Mode = Mode.needs_approval, entity: str = "svc-a", **params: str) -> Decision:
+# The actuator's policy: the approval terms of each rule come from here, never from
+# the decision.
+POLICY = Policy.from_text("""
+version: 1
+approvers:
+  oncall: [ann, bo]
+  leads: [cy]
+rules:
+  - {name: slow, action: {type: log}, mode: needs_approval}
+  - name: brief
+    action: {type: log}
+    approval: {ttl_s: 1}
+  - name: brief-yes
+    action: {type: log}
+    approval: {ttl_s: 1, on_expiry: approve}
+  - name: guarded
+    action: {type: log}
+    approval: {approvers: [oncall, leads], four_eyes: true}
+""")
+
+
+def decision(mode: Mode = Mode.needs_approval, entity: str = "svc-a", rule: str = "slow",
+             **params: str) -> Decision:
     return signed(Decision(
         decision_id=f"dc-{uuid.uuid4().hex}", correlation_id="c", event_id="e", entity=entity,
         metric="latency_ms", value=900.0, ts=T0, decided_at=T0, anomaly_score=0.95,
         confidence=0.7, model=ModelInfo(id="m", version="1"),
-        rule_trace=[RuleTrace(rule="slow", matched=True, reason="score"),
+        rule_trace=[RuleTrace(rule=rule, matched=True, reason="score"),
                     RuleTrace(rule="guard:cooldown", matched=False, reason="free")],
         action=Action(type="log", target=entity, params=params), mode=mode,
         policy_version="p1"))
@@ -59,7 +92,8 @@ def decision(mode: Mode = Mode.needs_approval, entity: str = "svc-a", **params: 
 
 @pytest.fixture
 def store(aredis, topic_prefix) -> ApprovalStore:
-    return ApprovalStore(aredis, topic_prefix, ttl_s=60)
+    return ApprovalStore(aredis, topic_prefix, ttl_s=60, keys=TEST_APPROVAL_KEYS,
+                         terms=POLICY.approval_terms)
 
 
 # --------------------------------------------------------------------------- the store
@@ -81,11 +115,22 @@ async def test_request_is_created_once_and_replayed_identically(store) -> None:
     assert [e.approval_id for e in await store.list()] == [ev.approval_id]
 
 
-async def test_action_params_override_ttl_and_expiry_policy(store) -> None:
-    ev, _ = await store.request(decision(approval_ttl_s="2.5", on_expiry="approve"), now_ms=T0)
-    assert ev.expires_at - ev.requested_at == 2500 and ev.on_expiry.value == "approve"
-    odd, _ = await store.request(decision(approval_ttl_s="soon", on_expiry="maybe"), now_ms=T0)
-    assert odd.expires_at - odd.requested_at == 60_000 and odd.on_expiry.value == "reject"
+async def test_expiry_terms_come_from_the_policy_never_from_the_decision(store) -> None:
+    # A decision cannot lengthen its own approval window or approve itself on expiry.
+    ev, _ = await store.request(decision(approval_ttl_s="99999", on_expiry="approve"),
+                                now_ms=T0)
+    assert ev.expires_at - ev.requested_at == 60_000 and ev.on_expiry.value == "reject"
+    brief, _ = await store.request(decision(rule="brief-yes", approval_ttl_s="99999"),
+                                   now_ms=T0)
+    assert brief.expires_at - brief.requested_at == 1000 and brief.on_expiry.value == "approve"
+    guarded, _ = await store.request(decision(rule="guarded"), now_ms=T0)
+    assert (guarded.approvers, guarded.required) == (["ann", "bo", "cy"], 2)
+    # a restricted rule never approves by default, whatever the setting says
+    lax = ApprovalStore(store.client, store.keys.prefix, ttl_s=60, on_expiry="approve",
+                        keys=TEST_APPROVAL_KEYS, terms=POLICY.approval_terms)
+    assert (await lax.request(decision(rule="guarded"), now_ms=T0))[0].on_expiry.value == \
+        "reject"
+    assert (await lax.request(decision(), now_ms=T0))[0].on_expiry.value == "approve"
 
 
 async def test_one_answer_wins(store) -> None:
@@ -170,13 +215,15 @@ async def test_forged_event_for_a_pending_request_is_ignored(service) -> None:
     assert act.ran == []
 
 
-async def test_expired_request_defaults_to_reject_or_to_approve(service, store) -> None:
+async def test_expired_request_defaults_to_reject_or_to_approve(service, store,
+                                                                monkeypatch) -> None:
     svc, act = service
-    reject, approve = decision(approval_ttl_s="1"), decision(approval_ttl_s="1",
-                                                             on_expiry="approve")
+    reject, approve = decision(rule="brief"), decision(rule="brief-yes")
     for d in (reject, approve):
         await svc.on_decision(d)
     later = int(__import__("time").time() * 1000) + 1500
+    # the actuator checks an approval on expiry against its own clock, not Redis's word
+    monkeypatch.setattr("ia.core.clock.now_ms", lambda: later)
     out = await svc.tick(later)
     events = [r for r in out if isinstance(r, ApprovalEvent)]
     outcomes = {r.decision_id: r for r in out if isinstance(r, ActionOutcome)}
@@ -201,6 +248,98 @@ async def test_lost_answer_is_settled_by_the_periodic_pass(service, store) -> No
     assert out[1].status is OutcomeStatus.blocked and "rejected by bo via api:ops: no" in \
         out[1].detail
     assert act.ran == []
+
+
+# --------------------------------------------------------------------------- forged approvals
+# A client with write access to Redis (or the approvals topic) but not the approval key.
+
+
+def approved(req: ApprovalEvent) -> ApprovalEvent:
+    """What a forger sends to the approvals topic after writing to Redis."""
+    return req.model_copy(update={"status": ApprovalStatus.approved, "by": "mallory"})
+
+
+def refused(out: list) -> ActionOutcome:
+    [outcome] = out
+    assert isinstance(outcome, ActionOutcome) and outcome.status is OutcomeStatus.rejected, out
+    assert outcome.error == "rejected: unverified approval" and outcome.approved_by is None
+    return outcome
+
+
+async def test_approval_written_straight_to_redis_is_not_taken(service, store) -> None:
+    svc, act = service
+    before = _refusals()
+    [req] = await svc.on_decision(decision())
+    key = store.keys.approval(req.approval_id)
+    await store.client.hset(key, mapping={"status": "approved", "by": "mallory", "via": "cli",
+                                          "at": T0, "reason": "trust me"})
+    await store.client.zadd(store.keys.approvals_unfinished, {req.approval_id: 0})
+    forged = req.model_copy(update={"status": ApprovalStatus.approved, "by": "mallory"})
+    assert "0 valid approval(s) of the 1 required" in refused(await svc.on_approval(forged)).detail
+    assert await svc.tick(10**15) == []  # settled as refused: the periodic pass leaves it
+    assert act.ran == [] and _refusals() == before + 1
+
+
+async def test_forged_votes_and_tampered_terms_are_not_taken(service, store) -> None:
+    svc, act = service
+    # a genuine vote copied from another request does not count here
+    [other] = await svc.on_decision(decision())
+    await store.resolve(other.approval_id, ApprovalStatus.rejected, by="ann", via="cli",
+                        reason="no")
+    [req] = await svc.on_decision(decision(rule="guarded"))
+    key = store.keys.approval(req.approval_id)
+    copied = await store.client.hget(store.keys.approval(other.approval_id), "vote:ann")
+    await store.client.hset(key, mapping={"vote:ann": copied, "status": "approved"})
+    assert "0 valid" in await refusal(svc, req)
+    # one genuine approval of the two required, then Redis is told it is approved
+    [req] = await svc.on_decision(decision(rule="guarded"))
+    key = store.keys.approval(req.approval_id)
+    await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
+    await store.client.hset(key, mapping={"required": 1, "vote:bo": "{}", "status": "approved"})
+    assert "1 valid approval(s) of the 2 required" in await refusal(svc, req)
+    # terms rewritten in the stored request (anyone may approve, one is enough)
+    [req] = await svc.on_decision(decision(rule="guarded"))
+    key = store.keys.approval(req.approval_id)
+    lax = req.model_copy(update={"approvers": [], "required": 1}).model_dump_json()
+    await store.client.hset(key, "request", lax)
+    with pytest.raises(ApprovalError, match="fails verification"):
+        await store.resolve(req.approval_id, ApprovalStatus.approved, by="dee", via="cli")
+    await store.client.hset(key, mapping={"status": "approved", "by": "dee"})  # malformed
+    assert await svc.on_approval(approved(req)) == []
+    await store.client.hset(key, mapping={"via": "cli", "at": T0, "reason": ""})
+    assert "request signature: bad_signature" in await refusal(svc, req)
+    # an on_expiry: approve request marked expired before its deadline
+    [req] = await svc.on_decision(decision(rule="brief-yes"))
+    await store.client.hset(store.keys.approval(req.approval_id), "status", "expired")
+    expired = req.model_copy(update={"status": ApprovalStatus.expired})
+    assert "before its deadline" in refused(await svc.on_approval(expired)).detail
+    assert act.ran == []
+
+
+async def test_swapped_decision_is_not_taken(service, store) -> None:
+    """A genuine approval cannot carry a different action: the stored decision is
+    checked against its own signature and the one the request was signed with."""
+    svc, act = service
+    [req] = await svc.on_decision(decision())
+    await store.resolve(req.approval_id, ApprovalStatus.approved, by="ann", via="cli")
+    key = store.keys.approval(req.approval_id)
+    d = decode(await store.client.hget(key, "decision"), Decision, "json")
+    evil = d.model_copy(update={"action": Action(type="log", target="everything")})
+    await store.client.hset(key, "decision", encode(evil, "json"))
+    assert "decision signature: bad_signature" in await refusal(svc, req)
+    resigned = signed(evil)  # even a genuine decision the request was not made for
+    await store.client.hset(key, "decision", encode(resigned, "json"))
+    assert "request signature" in await refusal(svc, req)
+    assert act.ran == []
+
+
+async def refusal(svc: ActuatorService, req: ApprovalEvent) -> str:
+    """Why the actuator refuses the forged ``approved`` event of ``req``."""
+    return refused(await svc.on_approval(approved(req))).detail
+
+
+def _refusals() -> float:
+    return metrics.APPROVALS_REFUSED._value.get()
 
 
 class FakeSeries(Verifier):
@@ -359,14 +498,23 @@ async def test_notify_never_shows_the_webhook_url() -> None:
 # --------------------------------------------------------------------------- the API
 
 
-async def test_api_authentication(store) -> None:
+def tokens(**named: str) -> Tokens:
+    return Tokens({token_hash(t): name for name, t in named.items()})
+
+
+def recorder() -> tuple[list[ApprovalEvent], Callable]:
     published: list[ApprovalEvent] = []
 
     async def publish(ev: ApprovalEvent) -> None:
         published.append(ev)
 
+    return published, publish
+
+
+async def test_api_authentication(store) -> None:
+    published, publish = recorder()
     token = "t" * 32
-    app = build_api(ApprovalDesk(store, publish), {token: "ops"})
+    app = build_api(ApprovalDesk(store, publish), tokens(ops=token))
     ev, _ = await store.request(decision())
     url = f"/approvals/{ev.approval_id}/approve"
     async with TestClient(TestServer(app)) as client:
@@ -382,10 +530,15 @@ async def test_api_authentication(store) -> None:
         assert (await client.post(f"/approvals/{ev.approval_id}/reject", headers=good,
                                   json={})).status == 400  # a rejection needs a reason
         assert (await client.post(url, headers=good, data=b"{oops")).status == 400
-        r = await client.post(url, headers=good, json={"reason": "fine"})
+        # the approver is the token's identity: a name in the body is refused
+        r = await client.post(url, headers=good, json={"by": "alice", "reason": "fine"})
+        assert r.status == 400 and "identity (ops)" in (await r.json())["error"]
+        assert published == []
+        r = await client.post(url, headers=good, json={"by": "ops", "reason": "fine"})
         assert r.status == 200
         body = (await r.json())["approval"]
         assert (body["status"], body["by"], body["via"]) == ("approved", "ops", "api:ops")
+        assert body["approvals"] == ["ops"]
         assert [e.status.value for e in published] == ["approved"]
         assert (await client.post(url, headers=good)).status == 409
         shown = await (await client.get(f"/approvals/{ev.decision_id}", headers=good)).json()
@@ -396,21 +549,98 @@ async def test_api_without_tokens_refuses_everything(store) -> None:
     async def publish(ev: ApprovalEvent) -> None:  # pragma: no cover
         raise AssertionError
 
-    async with TestClient(TestServer(build_api(ApprovalDesk(store, publish), {}))) as client:
+    async with TestClient(TestServer(build_api(ApprovalDesk(store, publish),
+                                               Tokens({})))) as client:
         assert (await client.get("/approvals", headers={"Authorization": "Bearer "})).status \
             == 401
 
 
+async def test_api_groups_and_the_two_person_rule(service, store) -> None:
+    """Rule `guarded`: approvers oncall (ann, bo) and leads (cy), four eyes (2 of 3)."""
+    svc, act = service
+    published, publish = recorder()
+    keys = {name: name * 20 for name in ("ann", "bo", "cy", "dee")}
+    app = build_api(ApprovalDesk(store, publish), tokens(**keys))
+    d = decision(rule="guarded")
+    [req] = await svc.on_decision(d)
+    url = f"/approvals/{req.approval_id}/approve"
+
+    def auth(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[name]}"}
+
+    async with TestClient(TestServer(app)) as client:
+        # dee has a valid token but is in neither group: 403, nothing recorded or sent
+        r = await client.post(url, headers=auth("dee"), json={"reason": "me too"})
+        assert r.status == 403 and "not an approver" in (await r.json())["error"]
+        r = await client.post(f"/approvals/{req.approval_id}/reject", headers=auth("dee"),
+                              json={"reason": "no"})
+        assert r.status == 403
+        assert published == [] and (await store.get(req.approval_id))[0] == req
+
+        r = await client.post(url, headers=auth("ann"), json={"reason": "looks right"})
+        assert r.status == 200
+        first = (await r.json())["approval"]
+        assert (first["status"], first["approvals"], first["by"]) == \
+            ("requested", ["ann"], "ann")
+        assert await svc.on_approval(published[-1]) == [] and act.ran == []
+        # ann again: self-approval cannot be the second pair of eyes
+        r = await client.post(url, headers=auth("ann"), json={"reason": "really"})
+        assert r.status == 403 and "already approved" in (await r.json())["error"]
+        assert len(published) == 1 and act.ran == []
+
+        r = await client.post(url, headers=auth("cy"), json={"reason": "agreed"})
+        assert r.status == 200
+        done = (await r.json())["approval"]
+        assert (done["status"], done["approvals"], done["by"]) == \
+            ("approved", ["ann", "cy"], "cy")
+    [out] = await svc.on_approval(published[-1])
+    assert out.status is OutcomeStatus.succeeded and out.approved_by == "ann, cy"
+    assert act.ran == [d.decision_id]
+
+
+async def test_api_rate_limit_per_identity_and_address(store) -> None:
+    now = [1000.0]
+    limiter = RateLimiter(3, 60.0, clock=lambda: now[0])
+    _, publish = recorder()
+    app = build_api(ApprovalDesk(store, publish), tokens(ann="a" * 20, bo="b" * 20), limiter)
+    ann, bo = ({"Authorization": f"Bearer {c * 20}"} for c in "ab")
+    async with TestClient(TestServer(app)) as client:
+        assert [(await client.get("/approvals", headers=ann)).status for _ in range(3)] == \
+            [200] * 3
+        r = await client.get("/approvals", headers=ann)
+        assert r.status == 429 and r.headers["Retry-After"] == "60"
+        assert (await client.get("/approvals", headers=bo)).status == 200  # per identity
+        now[0] += 30
+        assert (await client.get("/approvals", headers=ann)).headers["Retry-After"] == "30"
+        now[0] += 30.5
+        assert (await client.get("/approvals", headers=ann)).status == 200
+        # guessing tokens is limited per client address
+        wrong = {"Authorization": "Bearer " + "x" * 20}
+        assert [(await client.get("/approvals", headers=wrong)).status
+                for _ in range(4)] == [401, 401, 401, 429]
+        assert (await client.get("/healthz")).status == 200  # never limited
+
+
 def test_token_loading(tmp_path: Path) -> None:
     f = tmp_path / "tokens"
-    f.write_text("# comment\n\nops " + "a" * 20 + "\n" + "b" * 20 + "\n")
-    assert load_tokens("c" * 16, f) == {"c" * 16: "api", "a" * 20: "ops", "b" * 20: "api"}
-    assert load_tokens(None, None) == {}
+    f.write_text("# comment\n\nops " + "a" * 20 + "\n" + "b" * 20 + "\n"
+                 f"bob {token_hash('B' * 32)}\nbob {token_hash('C' * 32).upper()[7:]}\n"
+                 .replace(f"bob {token_hash('C' * 32).upper()[7:]}",
+                          f"bob sha256:{token_hash('C' * 32)[7:].upper()}"))
+    t = load_tokens("c" * 16, f)
+    given = ["c" * 16, "a" * 20, "b" * 20, "B" * 32, "C" * 32, "nope" * 5, "a" * 19]
+    assert [t.identify(g) for g in given] == ["api", "ops", "api", "bob", "bob", None, None]
+    assert "a" * 20 not in repr(t) and token_hash("a" * 20) not in repr(t)
+    assert not load_tokens(None, None)
     with pytest.raises(ConfigError, match="shorter"):
         load_tokens("short", None)
-    f.write_text("a b c\n")
-    with pytest.raises(ConfigError, match="expected"):
-        load_tokens(None, f)
+    for text, message in [("a b c\n", "expected"), (f"al@host {'a' * 20}\n", "not an identity"),
+                          (f"a:b {'a' * 20}\n", "not an identity"),
+                          ("al sha256:abc\n", "64 hex"),
+                          (f"al {'a' * 20}\nbo {'a' * 20}\n", "same token")]:
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_tokens(None, f)
 
 
 # --------------------------------------------------------------------------- plug-ins

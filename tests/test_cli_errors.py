@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ia.core.signing import write_key_file
+
 DOWN_KAFKA = "127.0.0.1:9"  # the discard port: nothing listens there
 DOWN_REDIS = "redis://127.0.0.1:9/0"
 
@@ -67,7 +69,8 @@ def test_missing_token_file(tmp_path: Path) -> None:
 def test_api_port_in_use(busy_port: int, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("ops " + "t" * 40 + "\n")
-    out = run_ia(["api", "--port", str(busy_port)], tmp_path, IA_API_TOKEN_FILE=str(tokens))
+    out = run_ia(["api", "--port", str(busy_port)], tmp_path, IA_API_TOKEN_FILE=str(tokens),
+                 IA_APPROVAL_KEY_FILE=str(write_key_file(tmp_path / "approval.key")))
     assert_one_line_error(out, 3, "address already in use")
 
 

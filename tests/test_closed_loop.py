@@ -13,7 +13,7 @@ from ia.core.kafka import ensure_topics
 from ia.core.redis import sync_client
 from ia.core.settings import Topics
 from tests.kafka_client import produce, read_topic
-from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
+from tests.support import IaProcess, WebhookSink, ia_env, series, signed_label, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -148,17 +148,20 @@ def test_malformed_records_go_to_dlq_and_good_ones_still_flow(loop):
 
 def test_repeated_false_positive_feedback_lowers_confidence(loop):
     kafka, prefix = loop["infra"].kafka, loop["prefix"]
+    # Three earlier action decisions of the entity, as the worker remembers them: only
+    # labels of known decisions count.
+    _remember(loop, [(f"dc-x{i}", "it-fb-1") for i in range(3)])
     produce(
         kafka,
         f"{prefix}.feedback",
         [
-            {
+            signed_label({
                 "decision_id": f"dc-x{i}",
                 "label": "false_positive",
                 "by": "oncall@example.com",
                 "at": 1,
                 "entity": "it-fb-1",
-            }
+            })
             for i in range(3)
         ],
     )
@@ -176,6 +179,19 @@ def test_repeated_false_positive_feedback_lowers_confidence(loop):
     assert spike["confidence"] <= spike["anomaly_score"] / 4 + 1e-6
     assert spike["action"] is None
     assert "confidence" in spike["rule_trace"][0]["reason"]
+
+
+def _remember(loop, decisions: list[tuple[str, str]]) -> None:
+    """Make the worker remember action decisions (id, entity) that later labels name."""
+    import redis
+
+    from ia.core.keys import Keys
+
+    r = redis.Redis.from_url(loop["infra"].redis_url)
+    for decision_id, entity in decisions:
+        r.set(Keys(loop["prefix"]).remembered_decision(decision_id),
+              json.dumps({"action": "webhook", "entity": entity, "x": {}}), ex=3600)
+    r.close()
 
 
 def _fp_count(loop, entity: str) -> int:

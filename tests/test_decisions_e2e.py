@@ -27,7 +27,7 @@ from ia.offline.run import Runner, Variant
 from ia.runtime.embedded import free_port
 from ia.schemas.models import Decision, TelemetryEvent
 from tests.kafka_client import produce, read_topic
-from tests.support import IaProcess, WebhookSink, ia_env, wait_until
+from tests.support import IaProcess, WebhookSink, ia_env, signed_label, wait_until
 
 T0 = 1_700_000_000_000
 STEP_MS = 10_000
@@ -118,7 +118,8 @@ def _label(loop, redis_client, decision: dict, label: str, *, with_entity: bool,
     if with_entity:
         fb["entity"] = decision["entity"]
     # One key: labels are applied in the order they were given.
-    produce(loop["infra"].kafka, f"{loop['prefix']}.feedback", [fb], key=lambda _r: "labels")
+    produce(loop["infra"].kafka, f"{loop['prefix']}.feedback", [signed_label(fb)],
+            key=lambda _r: "labels")
     wait_until(lambda: _model(redis_client, loop["prefix"])[0] == version, 30,
                f"feedback model version {version}\n{loop['worker'].tail()}")
 
@@ -221,8 +222,8 @@ def test_feedback_labels_through_the_topics_lower_then_restore_trust(fb_loop, re
 
     # A label counts once, however often it is delivered.
     produce(loop["infra"].kafka, f"{prefix}.feedback",
-            [{"decision_id": d3["decision_id"], "label": "false_positive", "by": "x", "at": 2,
-              "entity": "fb-1"}], key=lambda _r: "labels")
+            [signed_label({"decision_id": d3["decision_id"], "label": "false_positive",
+                           "by": "x", "at": 2, "entity": "fb-1"})], key=lambda _r: "labels")
     _label(loop, redis_client, e3, "true_positive", with_entity=True, version=6)
     assert _counters(redis_client, prefix, "fb-2")["tp:webhook"] == "2"
     assert _counters(redis_client, prefix, "fb-1")["fp:webhook"] == "3"

@@ -9,7 +9,7 @@ import pkgutil
 import pytest
 
 PACKAGES = ("ia.core", "ia.schemas", "ia.features", "ia.decisions", "ia.actuators")
-EXTRA = ("ia.bench.webhook_sink",)
+EXTRA = ("ia.bench.webhook_sink", "ia.offline.evaluate")
 
 
 def modules() -> list[str]:

@@ -154,6 +154,10 @@ def test_detached_up_status_down(tmp_path: Path) -> None:
         assert f"export IA_SIGNING_KEY_FILE={key_file}" in info.env_lines()
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert load_keys(key_file).signing_id == "k1"
+        labels_key = run_dir / "feedback.key"  # its own: labellers cannot sign decisions
+        assert f"export IA_FEEDBACK_KEY_FILE={labels_key}" in info.env_lines()
+        assert labels_key.stat().st_mode & 0o777 == 0o600
+        assert labels_key.read_text() != key_file.read_text()
 
         assert sync_client(info.redis_settings()).ping()
         password_file = run_dir / "redis.password"  # the secure default: beside the key

@@ -21,8 +21,10 @@ import httpx
 import pytest
 
 from ia.core.kafka import ensure_topics
+from ia.core.operator import default_by
 from ia.core.redis import sync_client
 from ia.core.settings import Topics
+from ia.governance.api import token_hash
 from ia.runtime.embedded import free_port
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
@@ -30,11 +32,21 @@ from tests.support import IaProcess, WebhookSink, ia_env, series, wait_until
 pytestmark = pytest.mark.integration
 
 START_MS = 1_700_000_000_000
+RATE_LIMIT = 12  # requests per identity and minute of the module's API
+ME = default_by()  # the CLI's identity: who runs it, user@host
 
 POLICY = """
 version: 1
 defaults: {{cooldown_s: 600, max_event_age_s: false}}  # historical timestamps
+approvers:
+  oncall: [alice, bob]
 rules:
+  - name: two-keys
+    match: {{entity: "gov-4eyes-*", metric: latency_ms}}
+    when: {{min_score: 0.8, min_confidence: 0.5, direction: up}}
+    action: {{type: webhook, target: "{{entity}}", params: {{url: "{url}"}}}}
+    mode: needs_approval
+    approval: {{approvers: [oncall], four_eyes: true}}
   - name: ask-first
     match: {{entity: "gov-appr-*", metric: latency_ms}}
     when: {{min_score: 0.8, min_confidence: 0.5, direction: up}}
@@ -43,8 +55,9 @@ rules:
   - name: ask-briefly
     match: {{entity: "gov-exp-*", metric: latency_ms}}
     when: {{min_score: 0.8, min_confidence: 0.5, direction: up}}
-    action: {{type: webhook, target: "{{entity}}", params: {{url: "{url}", approval_ttl_s: 2}}}}
+    action: {{type: webhook, target: "{{entity}}", params: {{url: "{url}"}}}}
     mode: needs_approval
+    approval: {{ttl_s: 2}}
   - name: fix-and-verify
     match: {{entity: "gov-ver-*", metric: latency_ms}}
     when: {{min_score: 0.8, min_confidence: 0.5, direction: up}}
@@ -115,8 +128,10 @@ def gov(infra, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gov")
     prefix = "gv" + uuid.uuid4().hex[:8]
     token = uuid.uuid4().hex + uuid.uuid4().hex
+    tokens = {name: uuid.uuid4().hex for name in ("alice", "bob", "mallory", "noisy")}
     token_file = tmp / "tokens"
-    token_file.write_text(f"# name token\nops {token}\n")
+    token_file.write_text(f"# name token\nops {token}\n" + "".join(
+        f"{name} {token_hash(t)}\n" for name, t in tokens.items()))  # hashes only
     api_port, metrics_port = free_port(), free_port()
     plugins = make_plugin(tmp / "plugins")
     # One sink per URL: the action endpoint must not see what is meant for humans.
@@ -126,6 +141,7 @@ def gov(infra, tmp_path_factory):
         env = ia_env(infra, prefix, policy, IA_AUDIT_DIR=str(tmp / "audit"),
                      IA_AUDIT_KEY_FILE=str(tmp / "audit.key"),
                      IA_API_TOKEN_FILE=str(token_file), IA_NOTIFY_URL=notify_sink.url,
+                     IA_API_RATE_LIMIT=str(RATE_LIMIT),
                      IA_LOG_LEVEL="info", GOV_HOOK_URL=f"{sink.url}?token={HOOK_SECRET}")
         ensure_topics(infra.kafka, Topics(prefix).all(), 4)
         procs = {
@@ -141,7 +157,7 @@ def gov(infra, tmp_path_factory):
         try:
             yield {"prefix": prefix, "sink": sink, "notify_sink": notify_sink, "infra": infra,
                    "env": env, "tmp": tmp,
-                   "token": token, "api": f"http://127.0.0.1:{api_port}",
+                   "token": token, "tokens": tokens, "api": f"http://127.0.0.1:{api_port}",
                    "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "procs": procs,
                    "log": tmp / "audit" / f"{prefix}.audit.jsonl", "ids": {}}
         finally:
@@ -224,18 +240,21 @@ def test_approved_request_runs_once_and_records_who(gov):
     assert listed.returncode == 0, listed.stderr
     assert req["approval_id"] in listed.stdout
 
-    run = ia(gov, "approvals", "approve", req["approval_id"], "--by", "alice",
+    # the CLI records who runs it; a name of the caller's choosing is refused
+    chosen = ia(gov, "approvals", "approve", req["approval_id"], "--by", "alice")
+    assert chosen.returncode != 0 and "--by is not accepted" in chosen.stderr
+    run = ia(gov, "approvals", "approve", req["approval_id"],
              "--reason", "checked the dashboard")
     assert run.returncode == 0, run.stderr
-    assert "approved by alice" in run.stdout
+    assert f"approved by {ME}" in run.stdout
     [out] = outcomes_of(gov, d["decision_id"])
     assert out["status"] == "succeeded" and out["phase"] == "action"
-    assert out["approved_by"] == "alice" and out["approval_id"] == req["approval_id"]
+    assert out["approved_by"] == ME and out["approval_id"] == req["approval_id"]
     wait_until(lambda: len(calls(gov, d["decision_id"])) == 1, 10, "one webhook call")
     assert gov["sink"].calls[d["decision_id"]] == 1  # under the decision's own key
     resolved = approval(gov, d["decision_id"], "approved")
     assert (resolved["by"], resolved["via"], resolved["reason"]) == \
-        ("alice", "cli", "checked the dashboard")
+        (ME, "cli", "checked the dashboard")
     assert resolved["at"] >= req["requested_at"]
 
     again = ia(gov, "approvals", "reject", req["approval_id"], "--reason", "too late")
@@ -248,12 +267,11 @@ def test_rejected_request_never_runs(gov):
     req = approval(gov, d["decision_id"], "requested")
     no_reason = ia(gov, "approvals", "reject", req["approval_id"])
     assert no_reason.returncode != 0  # a rejection needs a reason
-    run = ia(gov, "approvals", "reject", d["decision_id"], "--by", "bob",
-             "--reason", "planned load test")
+    run = ia(gov, "approvals", "reject", d["decision_id"], "--reason", "planned load test")
     assert run.returncode == 0, run.stderr
     [out] = outcomes_of(gov, d["decision_id"])
     assert out["status"] == "blocked" and out["approved_by"] is None
-    assert "rejected by bob via cli: planned load test" in out["detail"]
+    assert f"rejected by {ME} via cli: planned load test" in out["detail"]
     assert calls(gov, d["decision_id"]) == []
 
 
@@ -296,14 +314,86 @@ def test_api_refuses_bad_tokens_and_changes_nothing(gov):
     good = {"Authorization": f"Bearer {token}"}
     listed = httpx.get(f"{api}/approvals", headers=good).json()["approvals"]
     assert aid in [a["approval_id"] for a in listed]
-    r = httpx.post(url, headers=good, json={"by": "carol", "reason": "go"})
+    # a name in the body cannot stand in for the token's identity
+    assert httpx.post(url, headers=good, json={"by": "carol"}).status_code == 400
+    r = httpx.post(url, headers=good, json={"reason": "go"})
     assert r.status_code == 200, r.text
     assert r.json()["approval"]["status"] == "approved"
-    assert r.json()["approval"]["via"] == "api:ops"
+    assert (r.json()["approval"]["by"], r.json()["approval"]["via"]) == ("ops", "api:ops")
     assert httpx.post(url, headers=good, json={}).status_code == 409
     assert httpx.post(f"{api}/approvals/ap-nope/approve", headers=good).status_code == 404
     [out] = outcomes_of(gov, d["decision_id"])
-    assert out["status"] == "succeeded" and out["approved_by"] == "carol"
+    assert out["status"] == "succeeded" and out["approved_by"] == "ops"
+
+
+def _bearer(gov, name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {gov['tokens'][name]}"}
+
+
+def test_two_person_rule_through_the_api(gov):
+    """Rule two-keys: approvers oncall (alice, bob), four eyes."""
+    d = spike(gov, "gov-4eyes-1", seed=11)
+    req = approval(gov, d["decision_id"], "requested")
+    assert (req["approvers"], req["required"]) == (["alice", "bob"], 2)
+    api, aid = gov["api"], req["approval_id"]
+    wait_until(lambda: _up(api), 30, "approval API")
+    url = f"{api}/approvals/{aid}/approve"
+    # a valid token outside the rule's group: 403, and the CLI's user is no approver either
+    r = httpx.post(url, headers=_bearer(gov, "mallory"), json={"reason": "me"})
+    assert r.status_code == 403 and "not an approver" in r.json()["error"]
+    cli = ia(gov, "approvals", "approve", aid)
+    assert cli.returncode != 0 and "not an approver" in cli.stderr
+    r = httpx.post(url, headers=_bearer(gov, "alice"), json={"reason": "looks right"})
+    assert r.status_code == 200 and r.json()["approval"]["approvals"] == ["alice"]
+    assert r.json()["approval"]["status"] == "requested"
+    # alice cannot be the second pair of eyes
+    r = httpx.post(url, headers=_bearer(gov, "alice"), json={"reason": "still right"})
+    assert r.status_code == 403 and "already approved" in r.json()["error"]
+    partial = records(gov, "approvals", lambda a: a["approval_id"] == aid and a["approvals"])
+    assert partial[0]["by"] == "alice" and partial[0]["status"] == "requested"
+    assert calls(gov, d["decision_id"]) == []  # one approval of two: nothing runs
+    r = httpx.post(url, headers=_bearer(gov, "bob"), json={"reason": "agreed"})
+    assert r.status_code == 200 and r.json()["approval"]["status"] == "approved"
+    [out] = outcomes_of(gov, d["decision_id"])
+    assert out["status"] == "succeeded" and out["approved_by"] == "alice, bob"
+    wait_until(lambda: len(calls(gov, d["decision_id"])) == 1, 10, "one webhook call")
+    resolved = approval(gov, d["decision_id"], "approved")
+    assert (resolved["by"], resolved["approvals"]) == ("bob", ["alice", "bob"])
+    gov["ids"]["four_eyes"] = d["decision_id"]
+
+
+def test_forged_approvals_are_not_taken(gov):
+    """Someone who can write Redis and the approvals topic, but holds no approval key."""
+    d = spike(gov, "gov-appr-4", seed=12)
+    req = approval(gov, d["decision_id"], "requested")
+    aid, topic = req["approval_id"], f"{gov['prefix']}.approvals"
+    forged = {**req, "status": "approved", "by": "mallory", "via": "cli", "at": START_MS,
+              "reason": "trust me", "approvals": ["mallory"]}
+    produce(gov["infra"].kafka, topic, [forged], key=lambda r: r["entity"])  # topic only
+    r = redis.Redis.from_url(gov["infra"].redis_url)
+    key = f"{gov['prefix']}:appr:{aid}"
+    wait_until(lambda: r.hget(key, "status") == b"requested", 5, "the request")
+    r.hset(key, mapping={"status": "approved", "by": "mallory", "via": "cli",
+                         "at": START_MS, "reason": "trust me", "voters": "mallory"})
+    r.zadd(f"{gov['prefix']}:appr:unfinished", {aid: 0})  # ... and the periodic pass
+    produce(gov["infra"].kafka, topic, [forged], key=lambda r: r["entity"])
+    # each forged answer the actuator sees is refused (the event, or the periodic pass)
+    for out in outcomes_of(gov, d["decision_id"]):
+        assert out["status"] == "rejected" and out["error"] == "rejected: unverified approval"
+        assert out["approved_by"] is None and "0 valid approval(s)" in out["detail"]
+    assert calls(gov, d["decision_id"]) == [] and gov["sink"].calls[d["decision_id"]] == 0
+
+
+def test_api_rate_limit_answers_429(gov):
+    wait_until(lambda: _up(gov["api"]), 30, "approval API")
+    noisy, url = _bearer(gov, "noisy"), f"{gov['api']}/approvals/ap-none"  # a cheap 404
+    with httpx.Client(headers=noisy) as client:
+        codes = [client.get(url).status_code for _ in range(RATE_LIMIT + 1)]
+        assert codes == [404] * RATE_LIMIT + [429]
+        r = client.get(url)
+        assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
+    # per identity: the others are unaffected
+    assert httpx.get(url, headers=_bearer(gov, "bob")).status_code == 404
 
 
 def _up(api: str) -> bool:
@@ -403,8 +493,15 @@ def test_audit_show_tells_the_full_story(gov):
     text = ia(gov, "audit", "show", approved).stdout
     for part in ("event", "gov-appr-1 latency_ms = 400", "model", "score", "features",
                  "zscore", "rule trace", "ask-first", "guards", "approval", "requested at",
-                 "approved by alice via cli", "checked the dashboard", "[action] succeeded",
-                 "approved by alice"):
+                 f"approved by {ME} via cli", "checked the dashboard", "[action] succeeded",
+                 f"approved by {ME}"):
+        assert part in text, (part, text)
+    wait_until(lambda: "[action] succeeded" in ia(gov, "audit", "show",
+                                                   gov["ids"]["four_eyes"]).stdout, 30,
+               "the two-person approval in the audit log")
+    text = ia(gov, "audit", "show", gov["ids"]["four_eyes"]).stdout
+    for part in ("approvers alice, bob, 2 required", "approval 1 of 2 by alice via api:alice",
+                 "approved by bob via api:bob", "approved by alice, bob"):
         assert part in text, (part, text)
     comp = ia(gov, "audit", "show", gov["ids"]["compensated"], "--json")
     kinds = [(r["kind"], r["data"].get("phase")) for r in json.loads(comp.stdout)["records"]]

@@ -4,7 +4,8 @@ Entities, metrics and labels carrying shell metacharacters, path traversal,
 format strings and oversized values must never reach a shell or the file
 system and must never crash anything: valid-but-nasty events are decided and
 acted on as plain data (the command runs its declared argv, untouched), and
-invalid ones go to the dead-letter topic with a reason.
+invalid ones go to the dead-letter topic with a reason.  Decisions crafted onto the
+decisions topic run nothing, signed or not.
 """
 
 from __future__ import annotations
@@ -261,14 +262,23 @@ def test_unsigned_decisions_are_rejected_not_run(hostile):
 
 
 def test_signed_decisions_still_cannot_choose_what_runs(hostile):
-    """Even a decision with a valid signature (a leaked key) cannot run arbitrary argv."""
+    """Even a decision with a valid signature (a leaked key) runs nothing the actuator's
+    policy does not decide: each is rejected with its reason, and no command runs."""
     h = hostile
-    evil = [_crafted(n, a, sign=True) for n, a in enumerate(_evil_actions(str(h["canary"])))]
+    ran_before = _runs(h)
+    actions = [*_evil_actions(str(h["canary"])),
+               # the rule's own action on a target its template does not render
+               Action(type="command", target="evil", params={"command": "record"})]
+    evil = [_crafted(n, a, sign=True) for n, a in enumerate(actions)]
     outs = _outcomes_of(h, evil)
-    statuses = [o["status"] for o in outs]
-    assert statuses[0] == "failed" and "not declared" in outs[0]["error"]
-    assert statuses[1] == "succeeded"  # the declared argv; the extra param is ignored
-    assert statuses[2] == "failed" and "unknown action type" in outs[2]["error"]
-    assert statuses[3] == "failed"  # httpx does not speak file://
+    assert [(o["status"], o["actuator"], o["error"]) for o in outs] == [
+        ("rejected", "policy", f"rejected: {why}")
+        for why in ("params", "params", "action_type", "action_type", "target")]
+    assert _runs(h) == ran_before
     assert list(h["canary"].iterdir()) == []
     assert h["worker"].alive() and h["actuator"].alive()
+
+
+def _runs(h) -> int:
+    """How many times the declared command has run so far."""
+    return len(h["out"].read_text().splitlines()) if h["out"].exists() else 0

@@ -26,7 +26,7 @@ from ia.schemas.models import (
     OutcomeStatus,
     RuleTrace,
 )
-from tests.support import TEST_KEYS, WebhookSink, signed
+from tests.support import TEST_APPROVAL_KEYS, TEST_KEYS, WebhookSink, signed
 
 ANY_AGE_MS = 10 * 365 * 86_400_000  # the decisions here carry a fixed, old decided_at
 
@@ -61,7 +61,7 @@ async def service(aredis, topic_prefix, sinks):
     notifier = NotifyActuator(default_url=notify_sink.url, retries=0, timeout_s=2.0)
     ex = ActionExecutor(aredis, {"webhook": webhook, "notify": notifier}, prefix=topic_prefix,
                         timeout_s=5, notifier=notifier)
-    store = ApprovalStore(aredis, topic_prefix, ttl_s=60)
+    store = ApprovalStore(aredis, topic_prefix, ttl_s=60, keys=TEST_APPROVAL_KEYS)
     yield ActuatorService(ex, store, TEST_KEYS, max_age_ms=ANY_AGE_MS,
                           notifier=notifier), store
     await webhook.close()

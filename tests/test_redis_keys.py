@@ -32,7 +32,10 @@ from ia.features.series import SeriesState
 from ia.features.store import EntityRecord, RedisFeatureStore
 from ia.governance.audit import Head
 from ia.governance.audit_store import RedisAuditState
+from ia.ingest.cumulative import CumulativePoint, RedisCumulativeStore
+from ia.ingest.receiver import RedisSeenAlerts
 from ia.schemas.models import Action, ApprovalStatus, Decision, Mode, ModelInfo
+from tests.support import TEST_APPROVAL_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_732_700_000_000
@@ -58,6 +61,7 @@ PINNED = {
     K.kill_switch: "ia:paused",
     K.remembered_decision("dc-1"): "ia:dfx:dc-1",
     K.labels("dc-1"): "ia:labels:dc-1",
+    K.label_quota("web-1", 480): "ia:fbq:480:web-1",
     K.model("feedback"): "ia:model:feedback",
     K.action_claim("dc-1"): "ia:act:dc-1",
     K.compensation_claim("dc-1"): "ia:act:dc-1:compensation",
@@ -72,6 +76,8 @@ PINNED = {
     K.audit_pending: "ia:audit:pending",
     K.audit_offsets: "ia:audit:offsets",
     K.audit_lease: "ia:audit:lease",
+    K.cumulative("0f3a"): "ia:ingest:cum:0f3a",
+    K.alert_seen("9b1c"): "ia:ingest:alert:9b1c",
 }
 
 
@@ -180,18 +186,35 @@ async def test_kill_switch_and_learning_layout(aredis, prefix) -> None:
     memory = RedisDecisionMemory(aredis, prefix)
     await memory.remember([("dc-1", Remembered("web-1", "restart", {"x": 1.0}))])
     await memory.first("dc-1", Step.label, "useful")
+    await memory.take("web-1", 480, 3600)
     await RedisModelStore(aredis, prefix).update("feedback", lambda _old: (1, b"blob"))
     _assert_layout(await _layout(aredis, prefix), {
         "paused": ("string", -1),
         "dfx:dc-1": ("string", 30 * DAY),
         "labels:dc-1": ("hash", 30 * DAY),
+        "fbq:480:web-1": ("string", 3600),
         "model:feedback": ("hash", -1),
     })
     assert await aredis.get(f"{prefix}:dfx:dc-1") == \
         b'{"action": "restart", "entity": "web-1", "x": {"x": 1.0}}'
     assert await aredis.hgetall(f"{prefix}:labels:dc-1") == {b"label": b"useful"}
+    assert await aredis.get(f"{prefix}:fbq:480:web-1") == b"1"
+    assert await memory.used("web-1", 480) == 1 and await memory.used("web-1", 481) == 0
     model = await aredis.hgetall(f"{prefix}:model:feedback")
     assert sorted(model) == [b"blob", b"saved_at", b"version"]
+
+
+@pytest.mark.integration
+async def test_ingest_layout(aredis, prefix) -> None:
+    point = CumulativePoint("counter\x1fweb-1\x1frequests", T0 - 60_000, T0, (5.0,))
+    await RedisCumulativeStore(aredis, prefix, ttl_s=DAY).previous([point])
+    await RedisSeenAlerts(aredis, prefix).mark(["9b1c"])
+    _assert_layout(await _layout(aredis, prefix), {
+        f"ingest:cum:{point.series_id}": ("string", DAY),
+        "ingest:alert:9b1c": ("string", 7 * DAY),
+    })
+    stored = json.loads(await aredis.get(f"{prefix}:ingest:cum:{point.series_id}"))
+    assert stored == [[T0, json.dumps([T0 - 60_000, [5.0], []])]]
 
 
 class _Recorder:
@@ -227,7 +250,7 @@ async def test_executor_and_verifier_layout(aredis, prefix) -> None:
 
 @pytest.mark.integration
 async def test_approval_layout(aredis, prefix) -> None:
-    store = ApprovalStore(aredis, prefix, ttl_s=900)
+    store = ApprovalStore(aredis, prefix, ttl_s=900, keys=TEST_APPROVAL_KEYS)
     ev, _ = await store.request(_decision(Mode.needs_approval), now_ms=T0)
     assert ev.approval_id == "ap-1"
     assert await aredis.zscore(f"{prefix}:appr:pending", "ap-1") == ev.expires_at
@@ -238,7 +261,8 @@ async def test_approval_layout(aredis, prefix) -> None:
         "appr:index": ("zset", -1),
     })
     assert sorted(await aredis.hgetall(f"{prefix}:appr:ap-1")) == [
-        b"at", b"by", b"decision", b"expires_at", b"reason", b"request", b"status", b"via"]
+        b"at", b"by", b"decision", b"expires_at", b"nvotes", b"reason", b"request",
+        b"request_sig", b"required", b"status", b"via", b"vote:op", b"voters"]
     assert await aredis.zscore(f"{prefix}:appr:index", "ap-1") == T0
     assert await aredis.zscore(f"{prefix}:appr:unfinished", "ap-1") == T0 + 1
 

@@ -74,6 +74,8 @@ def test_a_signed_decision_verifies_and_names_its_key() -> None:
     ("action", {"type": "command", "target": "svc", "params": {"url": "http://ok/"}}),
     ("entity", "other"), ("mode", "needs_approval"), ("decision_id", "dc-2"),
     ("decided_at", 1), ("policy_version", "p2"),
+    # the trace names the rule the actuator re-authorises against and whose guards apply
+    ("rule_trace", [{"rule": "other-rule", "matched": True, "reason": "forged"}]),
 ])
 def test_changing_what_the_decision_does_breaks_the_signature(field: str, value: object) -> None:
     keys = _ring()

@@ -12,6 +12,7 @@ import base64
 import json
 import random
 import uuid
+from dataclasses import replace
 
 import pytest
 import redis.exceptions
@@ -20,6 +21,7 @@ from ia.core import metrics
 from ia.core.clock import now_ms
 from ia.core.redis import client as redis_client
 from ia.core.settings import RedisSettings
+from ia.core.signing import FEEDBACK_FIELDS
 from ia.decisions.checkpoint import MemoryModelStore
 from ia.decisions.detector import AdaptiveDetector, DetectorConfig
 from ia.decisions.engine import DecisionEngine
@@ -28,6 +30,7 @@ from ia.decisions.guards import MemoryGuardStore
 from ia.decisions.learning import (
     MODEL_NAME,
     FeedbackLearner,
+    LabelCap,
     LabelResult,
     MemoryDecisionMemory,
     RedisDecisionMemory,
@@ -51,6 +54,7 @@ from ia.schemas.models import (
     TelemetryEvent,
 )
 from ia.schemas.serde import encode
+from tests.support import TEST_FEEDBACK_KEYS, TEST_KEYS, signed_label
 
 STEP_MS = 10_000
 # A 100-sample baseline starts this many steps ago, so its spike is 400 s old: young
@@ -65,6 +69,7 @@ rules:
     action: {type: webhook, target: "{entity}"}
 """
 TOPIC = "t.telemetry"
+LABEL_CAP = 1000  # not what these tests are about
 
 
 class Worker:
@@ -78,9 +83,11 @@ class Worker:
         # One score per spike: the detector's alert suppression is tested elsewhere.
         engine = DecisionEngine(lambda: policy, self.features, MemoryGuardStore(),
                                 detector=PoisonableDetector(DetectorConfig(suppress_samples=0)))
-        learner = FeedbackLearner(MemoryDecisionMemory(), self.features, self.models)
+        learner = FeedbackLearner(MemoryDecisionMemory(), self.features, self.models,
+                                  LabelCap(max=LABEL_CAP, window_s=3600))
         self.service = WorkerService(WorkerParts(engine, self.features, learner, "json", shadow,
-                                                 max_metrics_per_entity))
+                                                 max_metrics_per_entity,
+                                                 feedback_keys=TEST_FEEDBACK_KEYS))
         self._offset = 0
 
     def records(self, events: list[TelemetryEvent | bytes | None]) -> list[RawRecord]:
@@ -141,9 +148,14 @@ async def spike_decision(worker: Worker, entity: str = "svc-a") -> Decision:
     return d
 
 
-def label(d: Decision | str, kind: FeedbackLabel, entity: str | None = None) -> Feedback:
+def label(d: Decision | str, kind: FeedbackLabel, entity: str | None = None, *,
+          sign: bool = True) -> Feedback:
+    """A label as ``ia feedback`` makes it (signed with the feedback key, unless not)."""
     decision_id = d if isinstance(d, str) else d.decision_id
-    return Feedback(decision_id=decision_id, label=kind, by="oncall", at=1, entity=entity)
+    fb = Feedback(decision_id=decision_id, label=kind, by="oncall", at=1, entity=entity)
+    if not sign:
+        return fb
+    return Feedback.model_validate(signed_label(fb.model_dump(mode="json")))
 
 
 def outcome(d: Decision, status: OutcomeStatus) -> ActionOutcome:
@@ -283,16 +295,71 @@ async def test_a_label_by_decision_id_alone_counts_and_teaches_once() -> None:
     assert await worker.model_version() == 1
 
 
-async def test_a_label_for_an_unknown_decision() -> None:
+def _refused(reason: str) -> float:
+    return metrics.FEEDBACK_REFUSED.labels(reason)._value.get()
+
+
+async def test_a_label_for_an_unknown_decision_is_refused() -> None:
     worker = Worker()
+    before = _refused("unmatched")
     unknown = label("dc-unknown", FeedbackLabel.false_positive)
     assert await worker.service.on_feedback(unknown) is LabelResult.unmatched
+    # Naming an entity does not make a decision up: nothing counts against it.
     named = label("dc-unknown", FeedbackLabel.false_positive, entity="svc-x")
-    # Counted against the entity it names; there is nothing to teach the classifier.
-    assert await worker.service.on_feedback(named) is LabelResult.counted
-    assert await worker.service.on_feedback(named) is LabelResult.duplicate
-    assert await worker.context("svc-x") == {"fp": "1"}
+    assert await worker.service.on_feedback(named) is LabelResult.unmatched
+    assert await worker.context("svc-x") == {}
     assert await worker.model_version() == 0
+    assert _refused("unmatched") == before + 2
+
+
+async def test_a_label_naming_another_entity_is_refused() -> None:
+    worker = Worker()
+    d = await spike_decision(worker)
+    before = _refused("wrong_entity")
+    wrong = label(d, FeedbackLabel.false_positive, entity="svc-other")
+    assert await worker.service.on_feedback(wrong) is LabelResult.wrong_entity
+    assert await worker.context("svc-other") == {} and await worker.context("svc-a") == {}
+    assert _refused("wrong_entity") == before + 1
+    # it did not use up the decision: the right label still counts
+    right = label(d, FeedbackLabel.false_positive, entity="svc-a")
+    assert await worker.service.on_feedback(right) is LabelResult.counted
+
+
+async def test_an_unsigned_or_forged_label_is_refused() -> None:
+    worker = Worker()
+    d = await spike_decision(worker)
+    before = _refused("unauthenticated")
+    unsigned = label(d, FeedbackLabel.false_positive, sign=False)
+    forged = unsigned.model_copy(update={
+        "signature": TEST_KEYS.sign(unsigned.model_dump(mode="json"), FEEDBACK_FIELDS)})
+    altered = label(d, FeedbackLabel.true_positive).model_copy(
+        update={"label": FeedbackLabel.false_positive})
+    for fb in (unsigned, forged, altered):
+        assert await worker.service.on_feedback(fb) is LabelResult.unauthenticated
+    assert await worker.context("svc-a") == {} and await worker.model_version() == 0
+    assert _refused("unauthenticated") == before + 3
+    # a worker without a feedback key counts nothing
+    worker.service.parts = replace(worker.service.parts, feedback_keys=None)
+    assert await worker.service.on_feedback(label(d, FeedbackLabel.false_positive)) \
+        is LabelResult.unauthenticated
+
+
+async def test_labels_are_capped_per_entity_and_window() -> None:
+    memory = MemoryDecisionMemory()
+    features = MemoryFeatureStore()
+    learner = FeedbackLearner(memory, features, MemoryModelStore(), LabelCap(2, window_s=60))
+    await memory.remember([(f"dc-{i}", Remembered("svc-a", "webhook", {"x": 1.0}))
+                           for i in range(5)] + [("dc-b", Remembered("svc-b", "webhook", {}))])
+    t = 1_000_000
+
+    async def give(i: int | str, at: int) -> LabelResult:
+        return await learner.on_label(label(f"dc-{i}", FeedbackLabel.false_positive), now_ms=at)
+
+    assert [await give(i, t) for i in (0, 0, 1, 2)] == [
+        LabelResult.counted, LabelResult.duplicate, LabelResult.counted, LabelResult.over_cap]
+    assert await give("b", t) is LabelResult.counted  # another entity has its own cap
+    assert (await features.load(["svc-a"]))["svc-a"].context["fp"] == "2"
+    assert await give(2, t + 60_000) is LabelResult.counted  # the next window
 
 
 async def test_a_failed_action_teaches_once_and_a_later_label_still_counts() -> None:

@@ -75,41 +75,78 @@ def approvals_show(approval_id: str) -> None:
 
 def _answer(approval_id: str, approve: bool, by: str | None, reason: str) -> None:
     from ia.actuators.approvals import ApprovalStore
+    from ia.core.signing import approval_keys
     from ia.governance.api import ApprovalDesk, kafka_publisher
 
+    if by is not None:
+        raise click.UsageError(
+            f"--by is not accepted: the approver is who runs this command ({default_by()}); "
+            "use `ia api` with a named token to answer as another identity")
     s = settings()
     s.require_endpoints()
+    keys = approval_keys(s.approvals, s.signing)
 
     async def run():
         client = redis_client(s)
         publish, close = kafka_publisher(s.kafka, s.topics.approvals, s.wire_format)
         try:
-            desk = ApprovalDesk(ApprovalStore(client, s.redis.prefix), publish)
-            return await desk.answer(approval_id, approve, by=by or default_by(), via="cli",
-                                     reason=reason)
+            store = ApprovalStore(client, s.redis.prefix, keys=keys)
+            store.require_keys()
+            return await ApprovalDesk(store, publish).answer(
+                approval_id, approve, by=default_by(), via="cli", reason=reason)
         finally:
             close()
             await client.aclose()
 
     ev = asyncio.run(run())
+    if ev.status.value == "requested":  # an approval short of the rule's required count
+        click.echo(f"{ev.approval_id} approval by {ev.by} recorded at {when(ev.at)}: "
+                   f"{len(ev.approvals)} of {ev.required} approvers")
+        return
     click.echo(f"{ev.approval_id} {ev.status.value} by {ev.by} at {when(ev.at)}")
+
+
+# The approver is the OS user running the command (user@host), flagged ``via cli``;
+# --by is kept only to say so (it used to let the caller choose the name).
+_BY = click.option("--by", default=None, hidden=True)
 
 
 @approvals.command("approve")
 @click.argument("approval_id")
-@click.option("--by", default=None, help="Who approves (default: user@host).")
 @click.option("--reason", default="", help="Why (recorded).")
-def approvals_approve(approval_id: str, by: str | None, reason: str) -> None:
-    """Approve APPROVAL_ID (or the decision id): the actuator runs the action."""
+@_BY
+def approvals_approve(approval_id: str, reason: str, by: str | None) -> None:
+    """Approve APPROVAL_ID (or the decision id) as user@host of this shell: the actuator
+    runs the action once the rule's approvers agree."""
     _answer(approval_id, True, by, reason)
 
 
 @approvals.command("reject")
 @click.argument("approval_id")
 @click.option("--reason", required=True, help="Why (recorded; required).")
-@click.option("--by", default=None, help="Who rejects (default: user@host).")
+@_BY
 def approvals_reject(approval_id: str, reason: str, by: str | None) -> None:
-    """Reject APPROVAL_ID (or the decision id): the action never runs."""
+    """Reject APPROVAL_ID (or the decision id) as user@host: the action never runs."""
     if not reason.strip():
         raise click.BadParameter("a rejection needs a reason", param_hint="--reason")
     _answer(approval_id, False, by, reason)
+
+
+@approvals.command("token")
+@click.argument("name")
+def approvals_token(name: str) -> None:
+    """A new random API token for identity NAME.
+
+    Prints the token (give it to NAME; it is not stored) and, on stderr, the line
+    for IA_API_TOKEN_FILE, which holds only its SHA-256.
+    """
+    import secrets
+
+    from ia.governance.api import TOKEN_NAME_RE, token_hash
+
+    if not TOKEN_NAME_RE.fullmatch(name):
+        raise click.BadParameter("letters, digits and . _ + -, at most 64 (no @ or :)",
+                                 param_hint="NAME")
+    token = secrets.token_urlsafe(32)
+    click.echo(token)
+    click.echo(f"{name} {token_hash(token)}", err=True)

@@ -216,9 +216,15 @@ def story(decision_id: str, records) -> str:
     if not approvals_:
         out.append("  (none)")
     for a in approvals_:
-        if a["status"] == "requested":
+        if a["status"] == "requested" and a.get("by"):  # an approval short of required
+            out.append(f"  approval {len(a.get('approvals') or [])} of {a.get('required', 1)} "
+                       f"by {a['by']} via {a['via']} at {when(a['at'])}"
+                       + (f": {a['reason']}" if a.get("reason") else ""))
+        elif a["status"] == "requested":
+            terms = (f", approvers {', '.join(a['approvers'])}" if a.get("approvers") else "") \
+                + (f", {a['required']} required" if a.get("required", 1) > 1 else "")
             out.append(f"  requested at {when(a['requested_at'])} ({a['approval_id']}, "
-                       f"expires {when(a['expires_at'])}, on expiry {a['on_expiry']})")
+                       f"expires {when(a['expires_at'])}, on expiry {a['on_expiry']}{terms})")
         else:
             out.append(f"  {a['status']} by {a['by']} via {a['via']} at {when(a['at'])}"
                        + (f": {a['reason']}" if a.get("reason") else ""))

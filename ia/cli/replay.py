@@ -62,17 +62,27 @@ def eval_group() -> None:
 
 @eval_group.command(name="nab")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=Path("../shared/data/nab"), show_default=True)
+              default=None, help="NAB data folder [default: shared/data/nab in this folder or "
+              "a parent, e.g. ../shared/data/nab].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path(".ia/nab-scores"), show_default=True)
 @click.option("--scorer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="nab_score.py (default: tools/ next to the data's shared/).")
-def eval_nab(data_dir: Path, out_dir: Path, scorer: Path | None) -> None:
-    """Replay every NAB file, write score CSVs, score them with nab_score.py."""
-    from ia.offline.evaluate import evaluate_nab
+@click.option("--path", "path_kind", type=click.Choice(["direct", "engine"]), default="direct",
+              show_default=True, help="direct: the detector's score+learn per row (seconds); "
+              "engine: every row through the full offline decision path (same scores).")
+def eval_nab(data_dir: Path | None, out_dir: Path, scorer: Path | None, path_kind: str) -> None:
+    """Score every NAB file, write score CSVs, score them with nab_score.py; print the
+    result beside the published detectors, per category and per file."""
+    from ia.core.errors import UsageError
+    from ia.offline.evaluate import evaluate_nab, find_nab_data
 
-    result = evaluate_nab(data_dir, out_dir, scorer)
+    data_dir = data_dir or find_nab_data()
+    if data_dir is None:
+        raise UsageError("no shared/data/nab here or in a parent folder; pass --data")
+    result = evaluate_nab(data_dir, out_dir, scorer, path_kind)
     click.echo(result.report.rstrip())
-    click.echo(f"\nreplayed {result.files} files, {result.rows} rows; score CSVs in {out_dir}")
+    click.echo(f"\nscored {result.files} files, {result.rows} rows ({path_kind} path); "
+               f"score CSVs in {out_dir}")
     for profile, value in result.scores.items():
         click.echo(f"{profile}: {value:.2f}")

@@ -42,6 +42,12 @@ class NotFound(IaError):
     http_status = 404
 
 
+class Forbidden(IaError):
+    """The caller is known but may not do this (e.g. approve outside its approver group)."""
+
+    http_status = 403
+
+
 class Conflict(IaError):
     """The request is valid but too late or already answered."""
 

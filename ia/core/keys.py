@@ -44,6 +44,8 @@ audit head            ia:audit:head                      string  audit writer / 
 audit pending         ia:audit:pending                   string  audit writer / CLI   none
 audit offsets         ia:audit:offsets                   hash    audit writer         none
 audit lease           ia:audit:lease                     string  audit writer         15 s, renewed
+cumulative            ia:ingest:cum:{series id}          string  ingest               1 d, renewed
+alert seen            ia:ingest:alert:{alert id}         string  receiver             7 d
 ====================  =================================  ======  ===================  ==============
 
 "writers / readers" is one list where each of them does both.
@@ -135,6 +137,10 @@ class Keys:
         """What a decision's labels have done (each step once)."""
         return f"{self.prefix}:labels:{decision_id}"
 
+    def label_quota(self, entity: str, window: int) -> str:
+        """Labels counted for an entity in one window (the feedback cap)."""
+        return f"{self.prefix}:fbq:{window}:{entity}"
+
     def model(self, name: str) -> str:
         """A shared model's versioned checkpoint."""
         return f"{self.prefix}:model:{name}"
@@ -202,3 +208,13 @@ class Keys:
     def audit_lease(self) -> str:
         """The single writer's lease."""
         return f"{self.prefix}:audit:lease"
+
+    # -- ingest (ia.ingest) -----------------------------------------------------------
+
+    def cumulative(self, series_id: str) -> str:
+        """A cumulative OTLP series' last points (ia.ingest.cumulative)."""
+        return f"{self.prefix}:ingest:cum:{series_id}"
+
+    def alert_seen(self, alert_id: str) -> str:
+        """An Alertmanager alert state already sent on (ia.ingest.alertmanager)."""
+        return f"{self.prefix}:ingest:alert:{alert_id}"

@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
-Role = Literal["worker", "actuator", "audit", "api", "bench"]
+Role = Literal["worker", "actuator", "audit", "api", "bench", "ingest", "receiver"]
 
 
 def _counter(name: str, doc: str, labels: tuple[str, ...] | list[str] = ()) -> Counter:
@@ -45,6 +45,10 @@ OUTCOMES = _counter("ia_outcomes_total", "Action outcomes", ["action", "status"]
 GUARD_INTERVENTIONS = _counter("ia_guard_interventions_total",
                                "Decisions a guard blocked or downgraded", ["guard"])
 FEEDBACK = _counter("ia_feedback_total", "Feedback and outcome records applied", ["kind"])
+# Labels that must not count (ia.decisions.learning): unauthenticated, unknown decision,
+# another entity than the decision's, over the entity's cap. Nothing changed.
+FEEDBACK_REFUSED = _counter("ia_feedback_refused_total",
+                            "Feedback labels refused and ignored", ["reason"])
 # A shared model checkpoint that failed validation (ia.decisions.learning): ignored, never run.
 CHECKPOINTS_REJECTED = _counter("ia_checkpoints_rejected_total",
                                 "Model checkpoints read from Redis that failed validation",
@@ -74,9 +78,17 @@ FEATURE_LATE_EVENTS = _counter("ia_feature_late_events_total",
 # The actuator (ia.core.signing): action decisions refused before anything else, by reason.
 DECISIONS_REJECTED = _counter("ia_decisions_rejected_total",
                               "Action decisions the actuator refused to execute "
-                              "(unsigned, badly signed, unknown key, too old)", ["reason"])
+                              "(unsigned, badly signed, unknown key, too old, or not what "
+                              "its current policy allows)", ["reason"])
 # Governance: approvals and the audit log (ia actuate, ia api, ia audit-writer).
 APPROVALS = _counter("ia_approval_events_total", "Approval events published", ["status"])
+APPROVALS_REFUSED = _counter(
+    "ia_approvals_refused_total",
+    "Approved (or approved-on-expiry) requests the actuator did not run: their signed "
+    "records do not verify (forged or tampered in Redis)")
+API_REFUSED = _counter("ia_api_refused_total",
+                       "Approval API requests refused (unauthenticated, forbidden, "
+                       "rate_limited)", ["reason"])
 AUDIT_RECORDS = _counter("ia_audit_records_total", "Records appended to the audit chain",
                          ["kind"])
 AUDIT_COMPLETENESS = _gauge(
@@ -85,18 +97,40 @@ AUDIT_COMPLETENESS = _gauge(
 AUDIT_DECISIONS = _gauge("ia_audit_decisions", "Decisions known to the audit log by state",
                          ["state"])
 AUDIT_HEAD_SEQ = _gauge("ia_audit_head_seq", "Sequence number of the audit chain's head")
+# Inputs (ia.ingest): `ia ingest` (OTLP, CloudEvents over Kafka) and `ia receive` (HTTP).
+INGEST_EVENTS = _counter("ia_ingest_events_total",
+                         "Telemetry events made from an input and confirmed by the broker",
+                         ["input"])
+INGEST_REFUSED = _counter("ia_ingest_refused_total",
+                          "Records, points, samples or alerts of an input refused, by reason "
+                          "(ia.ingest.mapping.INGEST_REASONS)", ["input", "reason"])
+RECEIVE_REQUESTS = _counter("ia_receive_requests_total",
+                            "Requests to `ia receive` by path and HTTP status", ["path", "code"])
+RECEIVE_SECONDS = _histogram(
+    "ia_receive_request_duration_seconds",
+    "Time from a request's arrival to its answer (includes the broker's confirmation)",
+    ["path"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RECEIVE_DUPLICATES = _counter("ia_receive_duplicate_alerts_total",
+                              "Alertmanager alerts already sent on (same fingerprint, status "
+                              "and start), not sent again")
+RECEIVE_SKIPPED = _counter("ia_receive_skipped_samples_total",
+                           "Remote-write samples skipped: stale markers and other NaN values")
 
 
 FAMILIES: dict[Role, tuple[Collector, ...]] = {
     "worker": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, DECISIONS, GUARD_INTERVENTIONS, FEEDBACK,
-               RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE, FEATURE_LATE_EVENTS,
-               OFFSET_GAPS, CHECKPOINTS_REJECTED),
+               FEEDBACK_REFUSED, RETRIES, STAGE_SECONDS, EVENT_TO_DECISION, BATCH_SIZE,
+               FEATURE_LATE_EVENTS, OFFSET_GAPS, CHECKPOINTS_REJECTED),
     "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS,
-                 DECISIONS_REJECTED),
+                 DECISIONS_REJECTED, APPROVALS_REFUSED),
     "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,
               RETRIES, OFFSET_GAPS),
-    "api": (APPROVALS,),
+    "api": (APPROVALS, API_REFUSED),
     "bench": (EVENTS_IN, EVENTS_OUT, BATCH_SIZE, OFFSET_GAPS),
+    "ingest": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, INGEST_EVENTS, INGEST_REFUSED, RETRIES,
+               OFFSET_GAPS),
+    "receiver": (EVENTS_OUT, INGEST_EVENTS, INGEST_REFUSED, RECEIVE_REQUESTS, RECEIVE_SECONDS,
+                 RECEIVE_DUPLICATES, RECEIVE_SKIPPED),
 }
 
 

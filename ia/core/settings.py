@@ -51,6 +51,9 @@ class Topics:
         self.feedback = f"{prefix}.feedback"
         self.dlq = f"{prefix}.telemetry.dlq"
         self.approvals = f"{prefix}.approvals"
+        # CloudEvents (deploys, config changes) read by `ia ingest`; not in all(): the
+        # translator creates it (IA_INGEST_CLOUDEVENTS_TOPIC may name another).
+        self.cloudevents = f"{prefix}.cloudevents"
         # Decisions and dead letters of a shadow candidate (`ia worker --shadow`). No
         # actuator reads them, and they are not in all(): only the shadow worker creates them.
         self.decisions_shadow = f"{prefix}.decisions.shadow"
@@ -300,6 +303,12 @@ class WorkerSettings(_Group):
         default=256, ge=1,
         description="metrics one entity may have (every batch loads all of its entity's "
                     "state); samples of further metrics go to the DLQ as too_many_metrics")
+    feedback_max_per_entity: int = Field(
+        default=30, ge=1,
+        description="feedback labels that count per entity and window; further ones are "
+                    "refused (over_cap)")
+    feedback_window_s: float = Field(default=3600.0, gt=0,
+                                     description="the window of the feedback cap")
 
 
 class ActuatorSettings(_Group):
@@ -313,15 +322,30 @@ class ActuatorSettings(_Group):
         description="default Slack-compatible incoming webhook of notify actions and decisions")
     plugins: str = Field(default="all",
                          description="actuator plug-ins to load: all, none or names")
+    webhook_allow: str | None = Field(
+        default=None,
+        description="comma-separated scheme://host[:port] that webhook destinations may "
+                    "have (default: those of the policy's own URLs); others are rejected")
 
     ENV: ClassVar[dict[str, tuple[str, ...]]] = {"app_id": ("IA_ACTUATOR_APP_ID",),
-                                                 "plugins": ("IA_ACTUATOR_PLUGINS",)}
+                                                 "plugins": ("IA_ACTUATOR_PLUGINS",),
+                                                 "webhook_allow": ("IA_WEBHOOK_ALLOW",)}
 
 
 class ApprovalSettings(_Group):
-    ttl_s: float = Field(default=900.0, gt=0, description="how long an approval request waits")
+    ttl_s: float = Field(
+        default=900.0, gt=0,
+        description="how long an approval request waits, unless the policy's `approval.ttl_s` "
+                    "says otherwise")
     on_expiry: Literal["reject", "approve"] = Field(
-        default="reject", description="what an unanswered approval request becomes")
+        default="reject",
+        description="what an unanswered approval request becomes, unless the policy's "
+                    "`approval.on_expiry` says otherwise (never approve for a rule with "
+                    "`approvers` or `required` above 1)")
+    key_file: Path | None = Field(
+        default=None,
+        description="file of `key_id hex_key` lines signing approval requests (actuator) and "
+                    "answers (API, CLI); default IA_SIGNING_KEY_FILE")
 
     ENV_PREFIX: ClassVar[str] = "IA_APPROVAL_"
 
@@ -330,9 +354,16 @@ class ApiSettings(_Group):
     token: SecretStr | None = Field(
         default=None, description="bearer token of `ia api`; without one it refuses everything")
     token_file: Path | None = Field(
-        default=None, description="file of bearer tokens, one per line: `token` or `name token`")
+        default=None,
+        description="file of named bearer tokens, one per line: `name sha256:<hex>` (the "
+                    "token's SHA-256), `name token`, or `token` (identity `api`)")
     host: str = Field(default="127.0.0.1", description="where `ia api` listens")
     port: int = Field(default=8470, ge=0, description="port of `ia api`")
+    rate_limit: int = Field(
+        default=60, ge=0,
+        description="requests per identity (per client address before authentication) and "
+                    "window; more get 429 with Retry-After (0: no limit)")
+    rate_window_s: float = Field(default=60.0, gt=0, description="window of the rate limit")
 
     ENV_PREFIX: ClassVar[str] = "IA_API_"
 
@@ -369,8 +400,96 @@ class SigningSettings(_Group):
     max_age_s: float = Field(
         default=600.0, gt=0,
         description="an action decision decided longer ago than this is rejected, not run")
+    feedback_key_file: Path | None = Field(
+        default=None,
+        description="file of `key_id hex_key` lines that sign and verify feedback labels "
+                    "(`ia feedback` signs, the worker counts only labels it verifies); "
+                    "without one no label counts")
 
     ENV_PREFIX: ClassVar[str] = "IA_SIGNING_"
+    ENV: ClassVar[dict[str, tuple[str, ...]]] = {"feedback_key_file": ("IA_FEEDBACK_KEY_FILE",)}
+
+
+class IngestSettings(_Group):
+    """``ia ingest``: OpenTelemetry metrics and CloudEvents from Kafka -> telemetry; and the
+    mapping rules it shares with ``ia receive`` (README "Ingest: OpenTelemetry,
+    Prometheus, Alertmanager, CloudEvents")."""
+
+    app_id: str = Field(default="ia-ingest", description="consumer group of `ia ingest`")
+    otlp_topic: str = Field(
+        default="otlp_metrics",
+        description="topic the OpenTelemetry Collector's Kafka exporter writes metrics to")
+    otlp_encoding: Literal["auto", "otlp_proto", "otlp_json"] = Field(
+        default="auto",
+        description="encoding of otlp_topic: otlp_proto, otlp_json, or auto (told apart by "
+                    "their first byte)")
+    cloudevents_topic: str | None = Field(
+        default=None,
+        description="topic of CloudEvents (binary or structured mode) "
+                    "(default <prefix>.cloudevents)")
+    entity_labels: str = Field(
+        default="service.name,job",
+        description="labels (OTLP resource attributes, Prometheus and alert labels) tried in "
+                    "turn for the entity; the first present names it")
+    series_labels: str = Field(
+        default="service.instance.id",
+        description="OTLP resource attributes that tell series of one entity apart, as a "
+                    "point's own attributes do (appended to the metric name)")
+    ignore_labels: str = Field(
+        default="",
+        description="labels left out of the metric name (still carried in the event's "
+                    "labels): values that change without starting a new series")
+    quantiles: str = Field(
+        default="0.5,0.95,0.99",
+        description="quantiles each histogram point becomes (<name>_p50, ...); empty for none")
+    histogram_mean: bool = Field(default=True,
+                                 description="also send a histogram point's mean (<name>_mean)")
+    rate_ttl_s: float = Field(
+        default=86400.0, gt=0,
+        description="how long a counter's last point is kept in Redis for its next rate")
+
+    ENV_PREFIX: ClassVar[str] = "IA_INGEST_"
+
+    @staticmethod
+    def _list(value: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+
+    @field_validator("quantiles")
+    @classmethod
+    def _check_quantiles(cls, value: str) -> str:
+        try:
+            qs = [float(q) for q in cls._list(value)]
+        except ValueError:
+            raise ValueError("quantiles must be numbers between 0 and 1, comma-separated")\
+                from None
+        if not all(0.0 <= q <= 1.0 for q in qs):
+            raise ValueError("quantiles must be between 0 and 1")
+        return value
+
+
+class ReceiveSettings(_Group):
+    """``ia receive``: the HTTP receiver of Prometheus remote write and Alertmanager."""
+
+    token_file: Path | None = Field(
+        default=None,
+        description="file of bearer tokens of `ia receive`, one per line: `token` or `name "
+                    "token`; without one it refuses everything")
+    host: str = Field(default="127.0.0.1", description="where `ia receive` listens")
+    port: int = Field(default=8471, ge=0, description="port of `ia receive`")
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024,
+        description="largest request body `ia receive` takes, compressed and (remote write) "
+                    "uncompressed; larger ones get 413")
+    max_samples: int = Field(
+        default=50_000, ge=1,
+        description="most samples or alerts in one request (Prometheus sends 2000 at most "
+                    "by default); more get 413")
+    delivery_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="longest a request waits for the broker to confirm its records before "
+                    "it is answered 503 (the sender retries)")
+
+    ENV_PREFIX: ClassVar[str] = "IA_RECEIVE_"
 
 
 class Settings(BaseSettings):
@@ -392,6 +511,10 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings, description="the audit log")
     signing: SigningSettings = Field(default_factory=SigningSettings,
                                      description="signatures of action decisions")
+    ingest: IngestSettings = Field(default_factory=IngestSettings,
+                                   description="`ia ingest` and the mapping rules")
+    receive: ReceiveSettings = Field(default_factory=ReceiveSettings,
+                                     description="`ia receive`")
 
     topic_prefix: str = Field(
         default="ia", description="topics are <prefix>.telemetry, .decisions, .outcomes, ...")

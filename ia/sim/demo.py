@@ -104,7 +104,8 @@ async def _run_loop(stack: ExitStack, *, kafka: KafkaSettings, redis: RedisSetti
                "IA_POLICY_FILE": str(builtin_policy_path("demo")),
                "IA_SIMULATOR_URL": server.url, "IA_BATCH_WITHIN_S": "0.01",
                "IA_AUDIT_DIR": str(log_dir / "audit"),
-               "IA_SIGNING_KEY_FILE": str(write_key_file(log_dir / "signing.key"))}
+               "IA_SIGNING_KEY_FILE": str(write_key_file(log_dir / "signing.key")),
+               "IA_FEEDBACK_KEY_FILE": str(write_key_file(log_dir / "feedback.key"))}
         audit_log = log_dir / "audit" / f"{topics.prefix}.audit.jsonl"
         audit_log.unlink(missing_ok=True)  # a fresh broker and Redis start a fresh chain
         anchor_path(audit_log).unlink(missing_ok=True)
