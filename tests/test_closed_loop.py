@@ -183,11 +183,9 @@ def test_repeated_false_positive_feedback_lowers_confidence(loop):
 
 def _remember(loop, decisions: list[tuple[str, str]]) -> None:
     """Make the worker remember action decisions (id, entity) that later labels name."""
-    import redis
-
     from ia.core.keys import Keys
 
-    r = redis.Redis.from_url(loop["infra"].redis_url)
+    r = sync_client(loop["infra"].redis)
     for decision_id, entity in decisions:
         r.set(Keys(loop["prefix"]).remembered_decision(decision_id),
               json.dumps({"action": "webhook", "entity": entity, "x": {}}), ex=3600)

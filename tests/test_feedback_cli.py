@@ -53,7 +53,7 @@ def test_a_label_for_a_known_decision_is_published(env: Topics, infra, topic_pre
 
 def test_no_label_without_a_feedback_key(env: Topics, infra, topic_prefix,
                                          monkeypatch) -> None:
-    asyncio.run(_remember(infra.redis_url, topic_prefix, "dc-known", "svc-1"))
+    asyncio.run(_remember(infra.redis, topic_prefix, "dc-known", "svc-1"))
     monkeypatch.delenv("IA_FEEDBACK_KEY_FILE")
     out = CliRunner().invoke(main, ["feedback", "dc-known", "--label", "false_positive"])
     assert out.exit_code == 2

@@ -370,7 +370,7 @@ def test_forged_approvals_are_not_taken(gov):
     forged = {**req, "status": "approved", "by": "mallory", "via": "cli", "at": START_MS,
               "reason": "trust me", "approvals": ["mallory"]}
     produce(gov["infra"].kafka, topic, [forged], key=lambda r: r["entity"])  # topic only
-    r = redis.Redis.from_url(gov["infra"].redis_url)
+    r = sync_client(gov["infra"].redis)  # someone who holds the Redis password
     key = f"{gov['prefix']}:appr:{aid}"
     wait_until(lambda: r.hget(key, "status") == b"requested", 5, "the request")
     r.hset(key, mapping={"status": "approved", "by": "mallory", "via": "cli",
