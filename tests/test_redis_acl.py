@@ -24,7 +24,7 @@ from ia.runtime import embedded
 pytestmark = pytest.mark.integration
 
 USERS_FILE = Path(__file__).resolve().parent.parent / "docs" / "redis-users.conf"
-ROLES = ("worker", "actuator", "audit", "api", "operator")
+ROLES = ("worker", "actuator", "audit", "api", "operator", "ingest", "receiver")
 
 
 def _users() -> dict[str, list[str]]:
@@ -72,12 +72,14 @@ K = Keys("ia")
 # What each role must be able to write, and keys it must not touch.
 ALLOWED = {
     "worker": [K.model("feedback"), K.entity("svc"), K.claim("cooldown:target:svc"),
-               K.remembered_decision("dc-1"), K.slots("all")],
+               K.remembered_decision("dc-1"), K.slots("all"), K.label_quota("svc", 1)],
     "actuator": [K.action_claim("dc-1"), K.target_lock("svc"), K.verification("dc-1"),
                  K.approval("ap-1"), K.breaker_failures("webhook:svc")],
     "audit": [K.audit_head, K.audit_pending, K.audit_lease],
     "api": [K.approval("ap-2"), K.approvals_pending],
     "operator": [K.kill_switch, K.approval("ap-3")],
+    "ingest": [K.cumulative("0" * 32)],
+    "receiver": [K.alert_seen("0" * 32)],
 }
 DENIED = {
     "worker": [K.approval("ap-1"), K.kill_switch, K.action_claim("dc-1"), K.audit_head,
@@ -87,6 +89,8 @@ DENIED = {
     "audit": [K.model("feedback"), K.kill_switch, K.approval("ap-1"), K.entity("svc")],
     "api": [K.model("feedback"), K.kill_switch, K.action_claim("dc-1"), K.audit_head],
     "operator": [K.model("feedback"), K.action_claim("dc-1"), K.entity("svc")],
+    "ingest": [K.entity("svc"), K.kill_switch, K.alert_seen("0" * 32)],
+    "receiver": [K.entity("svc"), K.kill_switch, K.cumulative("0" * 32)],
 }
 
 
@@ -153,7 +157,8 @@ def test_every_key_family_belongs_to_some_user() -> None:
                 K.compensation_claim("dc-1"), K.target_lock("x"), K.verification("dc-1"),
                 K.verifications_due, K.approval("ap-1"), K.approvals_pending,
                 K.approvals_unfinished, K.approvals_index, K.audit_head, K.audit_pending,
-                K.audit_offsets, K.audit_lease]
+                K.audit_offsets, K.audit_lease, K.label_quota("e", 1), K.cumulative("s"),
+                K.alert_seen("a")]
     families += [getattr(K, name) for name in dir(Keys) if isinstance(
         getattr(Keys, name), property) and name != "everything"]
     orphans = [key for key in families if not any(fnmatch.fnmatchcase(key, p)
@@ -161,6 +166,6 @@ def test_every_key_family_belongs_to_some_user() -> None:
     assert orphans == []
     methods = {name for name in vars(Keys) if not name.startswith("_")} - {"prefix",
                                                                           "everything"}
-    assert len(methods) == 27, "a new key family: add it to the ACL users and to this test"
+    assert len(methods) == 30, "a new key family: add it to the ACL users and to this test"
     assert set(_users()) == {"default", *(f"ia-{role}" for role in ROLES)}
     assert _users()["default"] == ["off"]
