@@ -1,9 +1,13 @@
 """Shared fixtures.
 
 ``infra`` gives every integration test a Kafka bootstrap string and a Redis
-URL. If ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL`` are both set, those
-(external) endpoints are used and nothing is started; otherwise one embedded
-tansu + valkey stack is started for the whole session and stopped at the end.
+URL with the file of its password. If ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL``
+are both set, those (external) endpoints are used and nothing is started (with
+``IA_REDIS_PASSWORD_FILE`` if that is set); otherwise one embedded tansu + valkey
+stack is started for the whole session and stopped at the end, with the secure
+default of ``ia up``: Redis requires a password.  So every client a test makes goes
+through :mod:`ia.core.redis` with ``infra.redis`` (the settings, password included),
+and every process it starts gets ``infra.env`` (or ``tests.support.ia_env``).
 Tests share that infrastructure, so name topics with ``topic_prefix`` and
 Redis keys with a unique prefix as well.
 """
@@ -20,6 +24,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from ia.core.redis import client, sync_client
+from ia.core.settings import RedisSettings
 from ia.runtime.embedded import EmbeddedStack
 
 
@@ -28,6 +34,20 @@ class Infra:
     kafka: str
     redis_url: str
     external: bool = False
+    # The file of the password Redis requires (None: an open external Redis).
+    redis_password_file: str | None = None
+
+    @property
+    def redis(self) -> RedisSettings:
+        """Settings of a client of this Redis, password included."""
+        return RedisSettings(url=self.redis_url, password_file=self.redis_password_file)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The endpoints as ``eval "$(ia up)"`` exports them, for processes a test starts."""
+        return {"KAFKA_BOOTSTRAP_SERVERS": self.kafka, "REDIS_URL": self.redis_url,
+                **({"IA_REDIS_PASSWORD_FILE": self.redis_password_file}
+                   if self.redis_password_file else {})}
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +55,14 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     redis_url = os.environ.get("REDIS_URL")
     if kafka and redis_url:
-        yield Infra(kafka=kafka, redis_url=redis_url, external=True)
+        yield Infra(kafka=kafka, redis_url=redis_url, external=True,
+                    redis_password_file=os.environ.get("IA_REDIS_PASSWORD_FILE") or None)
         return
     stack = EmbeddedStack(tmp_path_factory.mktemp("ia-infra"))
     stack.start()
     try:
-        yield Infra(kafka=stack.kafka_bootstrap_servers, redis_url=stack.redis_url)
+        yield Infra(kafka=stack.kafka_bootstrap_servers, redis_url=stack.redis_url,
+                    redis_password_file=stack.redis_password_file)
     finally:
         stack.stop()
 
@@ -53,20 +75,20 @@ def topic_prefix() -> str:
 
 @pytest.fixture
 def redis_client(infra: Infra) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(infra.redis_url, decode_responses=False)
+    r = sync_client(infra.redis)
     try:
-        yield client
+        yield r
     finally:
-        client.close()
+        r.close()
 
 
 @pytest.fixture
 async def aredis(infra: Infra) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(infra.redis_url, decode_responses=False)
+    r = client(infra.redis)
     try:
-        yield client
+        yield r
     finally:
-        await client.aclose()
+        await r.aclose()
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -516,6 +517,7 @@ class Endpoints:
 
     kafka: str
     redis_url: str
+    redis_password_file: str | None = None
 
 
 ROLES = {"worker": "worker", "actuator": "actuate", "audit": "audit-writer"}
@@ -703,7 +705,9 @@ def _persistence_only(argv: list[str]) -> list[str]:
 
 class RestartableRedis:
     """A valkey on one port with a shipped stack's persistence options, which a test
-    can kill, stop, pause and start again on the same data directory."""
+    can kill, stop, pause and start again on the same data directory.  Like every
+    shipped Redis it requires a password, in ``password_file`` (pass it on as
+    ``IA_REDIS_PASSWORD_FILE``)."""
 
     def __init__(self, data_dir: Path, config: str) -> None:
         self.dir, self.config = data_dir, config
@@ -711,16 +715,21 @@ class RestartableRedis:
         self.options = shipped_redis_options(config, self.dir)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = secrets.token_urlsafe(32)
+        self.password_file = str(self.dir / "redis.password")
+        Path(self.password_file).write_text(self.password + "\n")
+        (self.dir / "redis.conf").write_text(f"requirepass {self.password}\n")
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 20.0) -> RestartableRedis:
-        argv = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                *self.options, "--daemonize", "no", "--dir", str(self.dir),
-                "--logfile", "redis.log"]
+        argv = [redis_binary(), str(self.dir / "redis.conf"), "--port", str(self.port),
+                "--bind", "127.0.0.1", *self.options, "--daemonize", "no",
+                "--dir", str(self.dir), "--logfile", "redis.log"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password,
+                             socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

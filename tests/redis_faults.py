@@ -13,6 +13,7 @@ ran (its reply lost): :class:`Loss`, :func:`lossy_client`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -91,11 +92,14 @@ class _LossyConnection(Connection):
         raise RedisConnectionError("injected: the command never reached Redis")
 
 
-def lossy_client(url: str, loss: Loss, *, retries: int) -> aioredis.Redis:
+def lossy_client(url: str, loss: Loss, *, retries: int,
+                 password_file: str | None = None) -> aioredis.Redis:
     """An asyncio client of ``url`` that loses one command as ``loss`` says, and
     retries a failed command ``retries`` times at once (``ia``'s clients retry once:
     :mod:`ia.core.redis`), so a lost reply can make the command run twice."""
+    password = Path(password_file).read_text().strip() if password_file else None
     return aioredis.Redis.from_url(
-        url, connection_class=_LossyConnection, loss=loss, socket_timeout=5,
+        url, password=password, connection_class=_LossyConnection, loss=loss,
+        socket_timeout=5,
         retry=AsyncRetry(NoBackoff(), retries),
         retry_on_error=[RedisTimeoutError, RedisConnectionError])

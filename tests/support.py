@@ -96,9 +96,11 @@ def signed_label(fb: dict) -> dict:
 
 
 def ia_env(infra, prefix: str, policy: Path, **extra: str) -> dict[str, str]:
+    password_file = getattr(infra, "redis_password_file", None)
     return {
         "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
         "REDIS_URL": infra.redis_url,
+        **({"IA_REDIS_PASSWORD_FILE": password_file} if password_file else {}),
         "IA_TOPIC_PREFIX": prefix,
         "IA_REDIS_PREFIX": prefix,
         "IA_POLICY_FILE": str(policy),

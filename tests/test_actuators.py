@@ -312,7 +312,8 @@ async def test_a_step_that_ran_unseen_neither_loses_nor_repeats_the_action(
     # claim stuck at running (reported interrupted, never run), "taken over" by itself
     # (skipped_duplicate, never run), or only "already handled" for an action that ran.
     loss = Loss(RAN_UNSEEN[step], ran=True)
-    client = lossy_client(infra.redis_url, loss, retries=retries)
+    client = lossy_client(infra.redis_url, loss, retries=retries,
+                          password_file=infra.redis_password_file)
     try:
         ex = ActionExecutor(client, {"webhook": webhook}, prefix=topic_prefix, timeout_s=2)
         d = decision(url=sink.url)
@@ -335,7 +336,8 @@ async def test_a_lost_lock_release_does_not_hold_up_the_target(infra, topic_pref
     # Before: the lock stayed until it expired (action timeout + 5 s), and the next
     # action on the target timed out waiting for it.
     loss = Loss(lambda packed: b":lock:" in packed and b"PX" not in packed, ran=False)
-    client = lossy_client(infra.redis_url, loss, retries=0)
+    client = lossy_client(infra.redis_url, loss, retries=0,
+                          password_file=infra.redis_password_file)
     try:
         ex = ActionExecutor(client, {"webhook": webhook}, prefix=topic_prefix, timeout_s=1)
         first, second = decision(url=sink.url), decision(url=sink.url)  # one target

@@ -528,13 +528,14 @@ async def test_writer_restarts_on_a_redis_that_lost_everything(aredis, tmp_path:
 async def test_writer_waits_out_a_redis_outage(tmp_path: Path) -> None:
     """Finding 11.9: a Redis that goes away (and comes back empty, as one without
     persistence does) neither stops the writer nor loses or doubles a record."""
-    import redis.asyncio as aioredis
     from redis.exceptions import ConnectionError as RedisConnectionError
 
+    from ia.core.redis import client as redis_client
+    from ia.core.settings import RedisSettings
     from ia.runtime.embedded import start_redis
 
-    svc = start_redis(tmp_path / "redis", durable=False)
-    client = aioredis.from_url(svc.address)
+    svc = start_redis(tmp_path / "redis", durable=False)  # the password is kept across its restart
+    client = redis_client(RedisSettings(url=svc.address, password_file=svc.password_file))
     path = tmp_path / "audit.jsonl"
     w = AuditWriter(client, path, KEY, prefix="p")
     try:
@@ -616,7 +617,7 @@ def test_cli_reanchors_a_legacy_log_whose_redis_head_was_lost(infra, tmp_path: P
     path.parent.mkdir()
     _write_legacy_log(path)
     (tmp_path / "key").write_bytes(KEY.secret)
-    env = {"REDIS_URL": infra.redis_url, "IA_TOPIC_PREFIX": prefix, "IA_REDIS_PREFIX": prefix,
+    env = {**infra.env, "IA_TOPIC_PREFIX": prefix, "IA_REDIS_PREFIX": prefix,
            "IA_AUDIT_DIR": str(path.parent), "IA_AUDIT_KEY_FILE": str(tmp_path / "key")}
 
     def ia(*args: str):

@@ -50,9 +50,9 @@ def _verify(env: dict[str, str]) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
 
 
-def _env(tmp: Path, prefix: str, kafka: str, redis_url: str) -> dict[str, str]:
-    return {"KAFKA_BOOTSTRAP_SERVERS": kafka, "REDIS_URL": redis_url,
-            "IA_TOPIC_PREFIX": prefix, "IA_REDIS_PREFIX": prefix,
+def _env(tmp: Path, prefix: str, endpoints: dict[str, str]) -> dict[str, str]:
+    """``endpoints``: the broker and Redis (with its password file) as ``ia up`` exports."""
+    return {**endpoints, "IA_TOPIC_PREFIX": prefix, "IA_REDIS_PREFIX": prefix,
             "IA_AUDIT_DIR": str(tmp / "audit"), "IA_AUDIT_KEY_FILE": str(tmp / "audit.key"),
             "IA_LOG_LEVEL": "info"}
 
@@ -76,7 +76,7 @@ def test_the_audit_chain_survives_ia_down_and_ia_up(tmp_path: Path) -> None:
         # skip them as seen before) and the Redis of the first, head and all.
         info = embedded.up(run_dir)
         try:
-            env = _env(tmp_path, prefix, info.kafka_bootstrap_servers, info.redis_url)
+            env = _env(tmp_path, prefix, info.env())
             if round_:
                 run = _verify(env)
                 assert run.returncode == 0, run.stdout + run.stderr
@@ -99,7 +99,9 @@ def test_the_audit_writer_waits_out_a_redis_restart(infra, tmp_path: Path,
                                                    topic_prefix: str) -> None:
     redis_dir = tmp_path / "redis"
     svc = embedded.start_redis(redis_dir, durable=False)  # one that loses everything
-    env = _env(tmp_path, topic_prefix, infra.kafka, svc.address)
+    env = _env(tmp_path, topic_prefix, {  # the password is kept across the restart
+        "KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "REDIS_URL": svc.address,
+        "IA_REDIS_PASSWORD_FILE": str(svc.password_file)})
     log = tmp_path / "audit" / f"{topic_prefix}.audit.jsonl"
     ensure_topics(infra.kafka, Topics(topic_prefix).all(), 2)
     writer = IaProcess(["audit-writer"], env, tmp_path / "writer.log").start()

@@ -71,8 +71,9 @@ def test_percentile_is_nearest_rank():
 
 @pytest.mark.integration
 def test_passthrough_agent_passes_every_record_through(infra, tmp_path):
-    bench = Bench(BenchOptions(batch_size=100), Infra(infra.kafka, infra.redis_url), tmp_path,
-                  log=lambda _m: None)
+    bench = Bench(BenchOptions(batch_size=100), Infra(infra.kafka, infra.redis_url,
+                                   redis_password_file=infra.redis_password_file),
+                  tmp_path, log=lambda _m: None)
     with bench.sink:
         out, run = bench.throughput("pt", "passthrough", 1, entities=50, events=600)
     # 2000 warm-up records, then the timed 600: all of them, byte for byte, once.

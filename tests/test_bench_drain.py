@@ -62,8 +62,9 @@ def test_a_drain_timeout_tells_a_slow_pipeline_from_a_short_count():
 
 
 def test_diagnose_says_short_count_when_the_pipeline_is_done(infra, tmp_path):
-    bench = Bench(BenchOptions(partitions=2), Infra(infra.kafka, infra.redis_url), tmp_path,
-                  log=lambda _m: None)
+    bench = Bench(BenchOptions(partitions=2), Infra(infra.kafka, infra.redis_url,
+                                   redis_password_file=infra.redis_password_file),
+                  tmp_path, log=lambda _m: None)
     run = Run(bench, "diag")
     backlog = list(telemetry(40, 10, run="bench"))
     p = producer(infra.kafka, linger_ms=5)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ia.core.kafka import ensure_topics
+from ia.core.redis import sync_client
 from ia.core.settings import Topics
 from tests.kafka_client import produce, read_topic
 from tests.support import IaProcess, WebhookSink, ia_env, series, signed_label, wait_until
@@ -182,11 +183,9 @@ def test_repeated_false_positive_feedback_lowers_confidence(loop):
 
 def _remember(loop, decisions: list[tuple[str, str]]) -> None:
     """Make the worker remember action decisions (id, entity) that later labels name."""
-    import redis
-
     from ia.core.keys import Keys
 
-    r = redis.Redis.from_url(loop["infra"].redis_url)
+    r = sync_client(loop["infra"].redis)
     for decision_id, entity in decisions:
         r.set(Keys(loop["prefix"]).remembered_decision(decision_id),
               json.dumps({"action": "webhook", "entity": entity, "x": {}}), ex=3600)
@@ -194,9 +193,8 @@ def _remember(loop, decisions: list[tuple[str, str]]) -> None:
 
 
 def _fp_count(loop, entity: str) -> int:
-    import redis
 
-    r = redis.Redis.from_url(loop["infra"].redis_url)
+    r = sync_client(loop["infra"].redis)
     raw = r.hget(f"{loop['prefix']}:f:v1:{entity}", "c:fp")
     r.close()
     return int(raw or 0)

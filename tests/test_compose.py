@@ -265,7 +265,27 @@ def test_redis_is_persistent(compose: dict, services: dict) -> None:
     data = [m for m in mounts_of(redis) if m["target"] == "/data"]
     assert data and data[0]["type"] == "volume"
     assert data[0]["source"] in (compose.get("volumes") or {})
-    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert "redis-cli ping | grep -q PONG" in redis["healthcheck"]["test"][-1]
+
+
+def test_redis_requires_the_password_of_a_docker_secret(compose: dict, services: dict) -> None:
+    """S3: no client reaches Redis without the password, which comes from a Docker secret
+    and is in neither the compose file, a command line nor an environment variable."""
+    secret = "ia_redis_password"
+    path = f"/run/secrets/{secret}"
+    assert compose["secrets"][secret]["file"] == f"./secrets/{secret}"
+    redis = services["redis"]
+    assert secret in redis["secrets"]
+    wrapper = " ".join(str(part) for part in redis["entrypoint"])
+    assert "requirepass" in wrapper and f"cat {path}" in wrapper
+    assert "docker-entrypoint.sh" in wrapper and command_of(redis)[0] == "redis-server"
+    assert f"cat {path}" in redis["healthcheck"]["test"][-1]  # the health check logs in
+    clients = {"worker", "actuator", "audit-writer", "api"}
+    for name in clients:
+        svc = services[name]
+        assert env_of(svc)["IA_REDIS_PASSWORD_FILE"] == path, name
+        assert secret in svc["secrets"], name
+        assert "PASSWORD=" not in json.dumps(env_of(svc)) and "requirepass" not in str(svc)
 
 
 @pytest.mark.parametrize("name", sorted(APP_SERVICES))

@@ -18,6 +18,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 
 from ia.core.kafka import ensure_topics
+from ia.core.redis import sync_client
 from ia.core.signing import load_keys
 from ia.runtime import embedded
 from ia.runtime.embedded import (
@@ -85,7 +86,7 @@ def test_stack_roundtrip_and_clean_stop(tmp_path: Path) -> None:
 
         _roundtrip_kafka(bootstrap, "roundtrip")
 
-        r = redis.Redis.from_url(url)
+        r = sync_client(stack.redis_settings())
         assert r.set(b"key", b"value")
         assert r.get(b"key") == b"value"
         assert r.config_get("save") == {"save": ""}
@@ -110,6 +111,7 @@ def test_temporary_run_dir_removed_and_env_lines() -> None:
         assert lines == [
             f"export KAFKA_BOOTSTRAP_SERVERS={stack.kafka_bootstrap_servers}",
             f"export REDIS_URL={stack.redis_url}",
+            f"export IA_REDIS_PASSWORD_FILE={run_dir / 'redis.password'}",
         ]
         # shell-safe: the shell gives back exactly our values
         out = subprocess.run(
@@ -160,7 +162,10 @@ def test_detached_up_status_down(tmp_path: Path) -> None:
         assert labels_key.stat().st_mode & 0o777 == 0o600
         assert labels_key.read_text() != key_file.read_text()
 
-        assert redis.Redis.from_url(info.redis_url).ping()
+        assert sync_client(info.redis_settings()).ping()
+        password_file = run_dir / "redis.password"  # the secure default: beside the key
+        assert f"export IA_REDIS_PASSWORD_FILE={password_file}" in info.env_lines()
+        assert password_file.stat().st_mode & 0o777 == 0o600
     finally:
         stopped = down(run_dir)
 
@@ -179,7 +184,7 @@ def test_redis_keeps_its_data_across_down_and_up_but_not_the_old_broker_offsets(
     run_dir = tmp_path / "ia"
     info = up(run_dir)
     try:
-        r = redis.Redis.from_url(info.redis_url)
+        r = sync_client(info.redis_settings())
         r.set("p:act:dc-1", "running:owner-1:1")
         r.hset("p:audit:offsets", "p.decisions/0", 41)
         r.close()
@@ -188,7 +193,7 @@ def test_redis_keeps_its_data_across_down_and_up_but_not_the_old_broker_offsets(
     assert (run_dir / "appendonlydir").is_dir()
     info = up(run_dir)  # a fresh broker, the same Redis data
     try:
-        r = redis.Redis.from_url(info.redis_url)
+        r = sync_client(info.redis_settings())
         assert r.get("p:act:dc-1") == b"running:owner-1:1"
         assert r.exists("p:audit:offsets") == 0
         r.close()

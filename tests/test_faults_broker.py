@@ -35,7 +35,8 @@ PAUSES = [pytest.param(5.0, marks=pytest.mark.faults_quick, id="quick"),
 @pytest.mark.parametrize("pause_s", PAUSES)
 def test_broker_paused_mid_stream(tmp_path, topic_prefix, pause_s):
     with EmbeddedStack(tmp_path / "stack") as stack, trial("broker_pause") as t:
-        infra = Endpoints(stack.kafka_bootstrap_servers, stack.redis_url)
+        infra = Endpoints(stack.kafka_bootstrap_servers, stack.redis_url,
+                          stack.redis_password_file)
         with running_loop(infra, tmp_path, topic_prefix, t) as loop:
             for role in ("worker", "actuator", "audit"):
                 loop.start(role)

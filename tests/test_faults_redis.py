@@ -67,7 +67,8 @@ def come_back(store: RestartableRedis, fault: str) -> None:
 def test_redis_away_under_the_actuator(infra, tmp_path, topic_prefix, config, fault, away_s):
     store = RestartableRedis(tmp_path / "redis", config).start()
     with trial(f"redis_{fault}_{config}") as t, \
-            running_loop(infra, tmp_path, topic_prefix, t, REDIS_URL=store.url) as loop:
+            running_loop(infra, tmp_path, topic_prefix, t, REDIS_URL=store.url,
+                         IA_REDIS_PASSWORD_FILE=store.password_file) as loop:
         try:
             loop.start("worker")
             loop.start("actuator")

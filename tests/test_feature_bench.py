@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis
 from click.testing import CliRunner
 
 from ia.bench.features import BenchOptions, format_report, run_bench
 from ia.cli import main
+from ia.core.redis import sync_client
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ REQUIRED = ("enrich_us_per_event_batch_1", "enrich_us_per_event_batch_100",
 
 def test_bench_reports_every_figure_and_cleans_up(infra) -> None:
     opts = BenchOptions(entities=60, rounds={1: 3, 100: 2, 500: 1, 1000: 1}, memory_samples=10)
-    result = run_bench(infra.redis_url, opts)
+    result = run_bench(infra.redis, opts)
     for key in REQUIRED:
         assert result[key] > 0, key
     assert set(result["batches"]) == {"1", "100", "500", "1000"}
@@ -28,7 +28,7 @@ def test_bench_reports_every_figure_and_cleans_up(infra) -> None:
     assert result["series_state_bytes"] == 693
     report = format_report(result)
     assert "raw HGETALL" in report and "per (entity, metric)" in report
-    r = redis.Redis.from_url(infra.redis_url)
+    r = sync_client(infra.redis)
     try:
         assert not list(r.scan_iter(match=f"{result['redis_prefix']}:*", count=1000))
     finally:
@@ -40,7 +40,7 @@ def test_bench_features_command_writes_json(infra, tmp_path, monkeypatch) -> Non
         entities=40, rounds={1: 2, 100: 1, 1000: 1}, memory_samples=5)))
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "features", "--quick", "--json", str(out)],
-                             env={"REDIS_URL": infra.redis_url})
+                             env=infra.env)
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert all(key in data for key in REQUIRED)

@@ -7,11 +7,11 @@ import json
 from dataclasses import replace
 
 import pytest
-import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from ia.bench.features import enrich_batch, enrich_events
 from ia.cli import main
+from ia.core.redis import client as redis_client
 from ia.features.definitions import DEFAULT_DEFINITIONS, Aggregation, FeatureDef, Kind
 from ia.features.registry import DEFAULT_REGISTRY, DefinitionError, FeatureRegistry, segment_tag
 from ia.features.store import EntityRecord, MemoryFeatureStore, RedisFeatureStore
@@ -164,7 +164,7 @@ def test_features_list_cli() -> None:
 @pytest.mark.integration
 def test_features_show_cli(infra, topic_prefix) -> None:
     async def populate() -> None:
-        client = aioredis.from_url(infra.redis_url, decode_responses=False)
+        client = redis_client(infra.redis)
         store = RedisFeatureStore(client, topic_prefix)
         events = samples(40, metric="latency_ms") + samples(40, start=T0 + 1, metric="errors")
         events.sort(key=lambda e: e.ts)
@@ -173,7 +173,7 @@ def test_features_show_cli(infra, topic_prefix) -> None:
         await client.aclose()
 
     asyncio.run(populate())
-    env = {"REDIS_URL": infra.redis_url, "IA_REDIS_PREFIX": topic_prefix}
+    env = {**infra.env, "IA_REDIS_PREFIX": topic_prefix}
     out = CliRunner().invoke(main, ["features", "show", "svc"], env=env)
     assert out.exit_code == 0, out.output
     assert "latency_ms: watermark" in out.output and "errors: watermark" in out.output

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from ia.bench.features import enrich_batch
 from ia.core.kafka import ensure_topics
+from ia.core.redis import sync_client
 from ia.core.settings import Topics
 from ia.features.store import MemoryFeatureStore, RedisFeatureStore
 from ia.runtime.embedded import free_port
@@ -80,7 +80,7 @@ def feature_fields(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:
 
 def assert_state_equals_replay(infra, prefix: str, records: list[dict]) -> None:
     expected = asyncio.run(replay(records))
-    r = redis.Redis.from_url(infra.redis_url)
+    r = sync_client(infra.redis)
     store = RedisFeatureStore(None, prefix)
     try:
         for entity in sorted({rec["entity"] for rec in records}):

@@ -7,19 +7,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from ia.cli import main
 from ia.core.kafka import ensure_topics, read_all
-from ia.core.settings import Topics
+from ia.core.redis import client as redis_client
+from ia.core.settings import RedisSettings, Topics
 from ia.core.signing import FEEDBACK_FIELDS
 from ia.decisions.learning import RedisDecisionMemory, Remembered
 from tests.support import TEST_FEEDBACK_KEY_FILE, TEST_FEEDBACK_KEYS, TEST_KEYS
 
 
-async def _remember(url: str, prefix: str, decision_id: str, entity: str) -> None:
-    client = aioredis.from_url(url)
+async def _remember(redis: RedisSettings, prefix: str, decision_id: str, entity: str) -> None:
+    client = redis_client(redis)
     try:
         await RedisDecisionMemory(client, prefix).remember(
             [(decision_id, Remembered(entity, "restart", {"score": 0.9}))])
@@ -29,8 +29,8 @@ async def _remember(url: str, prefix: str, decision_id: str, entity: str) -> Non
 
 @pytest.fixture
 def env(infra, topic_prefix, monkeypatch) -> Topics:
-    for name, value in {"KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "REDIS_URL": infra.redis_url,
-                        "IA_TOPIC_PREFIX": topic_prefix, "IA_REDIS_PREFIX": topic_prefix,
+    for name, value in {**infra.env, "IA_TOPIC_PREFIX": topic_prefix,
+                        "IA_REDIS_PREFIX": topic_prefix,
                         "IA_FEEDBACK_KEY_FILE": str(TEST_FEEDBACK_KEY_FILE)}.items():
         monkeypatch.setenv(name, value)
     topics = Topics(topic_prefix)
@@ -39,7 +39,7 @@ def env(infra, topic_prefix, monkeypatch) -> Topics:
 
 
 def test_a_label_for_a_known_decision_is_published(env: Topics, infra, topic_prefix) -> None:
-    asyncio.run(_remember(infra.redis_url, topic_prefix, "dc-known", "svc-1"))
+    asyncio.run(_remember(infra.redis, topic_prefix, "dc-known", "svc-1"))
     out = CliRunner().invoke(main, ["feedback", "dc-known", "--label", "false_positive",
                                     "--by", "ops@example", "--comment", "deploy, not a leak"])
     assert out.exit_code == 0, out.output
@@ -53,7 +53,7 @@ def test_a_label_for_a_known_decision_is_published(env: Topics, infra, topic_pre
 
 def test_no_label_without_a_feedback_key(env: Topics, infra, topic_prefix,
                                          monkeypatch) -> None:
-    asyncio.run(_remember(infra.redis_url, topic_prefix, "dc-known", "svc-1"))
+    asyncio.run(_remember(infra.redis, topic_prefix, "dc-known", "svc-1"))
     monkeypatch.delenv("IA_FEEDBACK_KEY_FILE")
     out = CliRunner().invoke(main, ["feedback", "dc-known", "--label", "false_positive"])
     assert out.exit_code == 2

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from ia.core.kafka import ensure_topics
 from ia.core.operator import default_by
+from ia.core.redis import sync_client
 from ia.core.settings import Topics
 from ia.governance.api import token_hash
 from ia.runtime.embedded import free_port
@@ -370,7 +370,7 @@ def test_forged_approvals_are_not_taken(gov):
     forged = {**req, "status": "approved", "by": "mallory", "via": "cli", "at": START_MS,
               "reason": "trust me", "approvals": ["mallory"]}
     produce(gov["infra"].kafka, topic, [forged], key=lambda r: r["entity"])  # topic only
-    r = redis.Redis.from_url(gov["infra"].redis_url)
+    r = sync_client(gov["infra"].redis)  # someone who holds the Redis password
     key = f"{gov['prefix']}:appr:{aid}"
     wait_until(lambda: r.hget(key, "status") == b"requested", 5, "the request")
     r.hset(key, mapping={"status": "approved", "by": "mallory", "via": "cli",
@@ -569,7 +569,7 @@ def test_audit_verify_fails_when_log_and_redis_head_are_rewritten_consistently(g
     original = path.read_bytes()
     anchor = path.with_name(path.name + ".head")
     kept_anchor = anchor.read_bytes()
-    r = redis.Redis.from_url(gov["infra"].redis_url)
+    r = sync_client(gov["infra"].redis)  # someone who controls Redis, password and all
     head_key = f"{gov['prefix']}:audit:head"
     kept_head = r.get(head_key)
     forged, prev = [], hashchain.GENESIS

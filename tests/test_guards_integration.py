@@ -86,7 +86,7 @@ def loop(infra, tmp_path_factory):
     worker = IaProcess(["worker"], env, tmp / "worker.log").start()
     actuator = IaProcess(["actuate"], env, tmp / "actuator.log").start()
     try:
-        yield {"prefix": prefix, "kafka": infra.kafka, "redis_url": infra.redis_url, "env": env,
+        yield {"prefix": prefix, "kafka": infra.kafka, "redis": infra.redis, "env": env,
                "worker": worker, "actuator": actuator, "flag": flag, "policy": policy,
                "text": text, "tmp": tmp}
     finally:

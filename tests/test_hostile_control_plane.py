@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ia.core.clock import now_ms
 from ia.core.kafka import ensure_topics
 from ia.core.keys import Keys
+from ia.core.redis import sync_client
 from ia.core.settings import Topics
 from ia.core.signing import FEEDBACK_FIELDS
 from ia.decisions.learning import MODEL_NAME
@@ -81,7 +82,7 @@ def plane(infra, tmp_path_factory):
         try:
             for cmd, port in ports.items():  # up, and serving its metrics
                 wait_until(lambda port=port: _serving(port), 60, f"{cmd} metrics")
-            yield {"kafka": infra.kafka, "redis_url": infra.redis_url, "prefix": prefix,
+            yield {"kafka": infra.kafka, "redis": infra.redis, "prefix": prefix,
                    "topics": topics, "sink": sink, "evil": evil, "ran": ran,
                    "procs": procs, "ports": ports}
         finally:
@@ -183,7 +184,7 @@ def test_forged_decisions_run_nothing(plane) -> None:
 
 
 def _counters(plane, entity: str) -> dict[str, str]:
-    client = redis.Redis.from_url(plane["redis_url"], decode_responses=True)
+    client = sync_client(plane["redis"], decode_responses=True)
     try:
         ctx = client.hgetall(Keys(plane["prefix"]).entity(entity))
         version = client.hget(Keys(plane["prefix"]).model(MODEL_NAME), "version")
@@ -226,3 +227,35 @@ def test_forged_feedback_changes_nothing(plane) -> None:
     wait_until(lambda: refused() == want, 30, "the label over the cap refused")
     assert _counters(plane, "hp-f")["c:fp"] == str(LABEL_CAP)
     assert _commands_run(plane) == 0 and plane["evil"].count == 0
+
+
+def test_redis_writes_without_the_password_change_nothing(plane, infra) -> None:
+    """S3: someone who reaches Redis but lacks its password can neither plant a model,
+    approve the careful action, pause automation nor touch an entity's confidence."""
+    if not infra.redis_password_file:
+        pytest.skip("an external Redis without IA_REDIS_PASSWORD_FILE")
+    (careful,) = _genuine(plane, [("hp-r", "careful")])
+    keys = Keys(plane["prefix"])
+    start = _counters(plane, "hp-r")
+    aid = "ap-" + careful["decision_id"].removeprefix("dc-")
+    intruder = redis.Redis.from_url(infra.redis_url)
+    try:
+        for write in (lambda: intruder.hset(keys.model(MODEL_NAME), "blob", "{}"),
+                      lambda: intruder.hset(keys.approval(aid), "status", "approved"),
+                      lambda: intruder.zadd(keys.approvals_unfinished, {aid: 0}),
+                      lambda: intruder.set(keys.kill_switch, "1"),
+                      lambda: intruder.hincrby(keys.entity("hp-r"), "c:fp", 100)):
+            with pytest.raises((redis.exceptions.AuthenticationError,
+                                redis.exceptions.ResponseError), match=r"NOAUTH|authenticated"):
+                write()
+    finally:
+        intruder.close()
+    owner = sync_client(plane["redis"])
+    try:
+        assert owner.exists(keys.kill_switch) == 0
+        status = owner.hget(keys.approval(aid), "status")
+        assert status in (None, b"requested")  # the request, if it is open yet, still waits
+    finally:
+        owner.close()
+    assert _counters(plane, "hp-r") == start
+    assert _commands_run(plane) == 0

@@ -1,5 +1,6 @@
-"""The embedded Redis started with a password: refused without it, served with it, and
-the password in neither a URL, the environment nor a command line."""
+"""The embedded Redis requires a password (the default of ``ia up``, the demo and the test
+stack): refused without it, nothing written without it, served with it, and the password
+in neither a URL, the environment nor a command line."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceInfo]:
-    svc = embedded.start_redis(tmp_path_factory.mktemp("redis-pw"), password=True)
+    svc = embedded.start_redis(tmp_path_factory.mktemp("redis-pw"))  # the default
     try:
         yield svc
     finally:
@@ -92,5 +93,79 @@ def test_the_password_file_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert read_password(tmp_path / "pw") == "s3cret"
 
 
-def test_without_the_option_redis_has_no_password(infra) -> None:
-    assert redis.Redis.from_url(infra.redis_url).ping()
+def test_a_client_without_the_password_writes_nothing(locked_redis: ServiceInfo) -> None:
+    """S3: whoever reaches the port but lacks the password can neither plant a model, an
+    approval nor a pause, nor read what is there."""
+    owner = sync_client(_settings(locked_redis))
+    owner.set(b"ia:appr:ap-1", b"requested")
+    bare = redis.Redis.from_url(locked_redis.address)
+    try:
+        for command in (lambda: bare.hset(b"ia:model:feedback", b"blob", b"{}"),
+                        lambda: bare.set(b"ia:paused", b"1"),
+                        lambda: bare.set(b"ia:appr:ap-1", b"approved"),
+                        lambda: bare.get(b"ia:appr:ap-1"),
+                        lambda: bare.eval("return redis.call('FLUSHALL')", 0)):
+            with pytest.raises((AuthenticationError, ResponseError), match=r"NOAUTH|authenticated"):
+                command()
+        assert owner.exists(b"ia:model:feedback", b"ia:paused") == 0
+        assert owner.get(b"ia:appr:ap-1") == b"requested"
+    finally:
+        bare.close()
+        owner.delete(b"ia:appr:ap-1")
+        owner.close()
+
+
+def test_the_password_is_kept_across_a_restart(tmp_path: Path) -> None:
+    """A restarted Redis takes the same password, so running processes reconnect."""
+    svc = embedded.start_redis(tmp_path)
+    first = read_password(Path(str(svc.password_file)))
+    svc.stop()
+    svc = embedded.start_redis(tmp_path, port=svc.port)
+    try:
+        assert read_password(Path(str(svc.password_file))) == first
+        assert sync_client(_settings(svc)).ping()
+    finally:
+        svc.stop()
+
+
+def test_a_password_file_others_can_read_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / embedded.REDIS_PASSWORD_FILE).write_text("x" * 40 + "\n")
+    (tmp_path / embedded.REDIS_PASSWORD_FILE).chmod(0o644)
+    assert embedded._redis_password(tmp_path / embedded.REDIS_PASSWORD_FILE) != "x" * 40
+    assert stat.S_IMODE((tmp_path / embedded.REDIS_PASSWORD_FILE).stat().st_mode) == 0o600
+
+
+def test_an_open_redis_is_an_explicit_choice(tmp_path: Path) -> None:
+    svc = embedded.start_redis(tmp_path, password=False)
+    try:
+        assert svc.password_file is None
+        assert redis.Redis.from_url(svc.address).ping()
+    finally:
+        svc.stop()
+
+
+def test_the_test_infra_requires_the_password_too(infra) -> None:
+    """Every integration test runs against a Redis with a password (the secure default)."""
+    if infra.external and not infra.redis_password_file:
+        pytest.skip("external Redis without IA_REDIS_PASSWORD_FILE")
+    with pytest.raises((AuthenticationError, ResponseError), match=r"NOAUTH|authenticated"):
+        redis.Redis.from_url(infra.redis_url).ping()
+    assert sync_client(infra.redis).ping()
+    assert infra.env["IA_REDIS_PASSWORD_FILE"] == infra.redis_password_file
+
+
+def test_ia_up_replaces_an_open_stack_when_a_password_is_asked_for(tmp_path: Path) -> None:
+    """An open Redis left by ``ia up --no-redis-password`` (or an older ``ia``) is not
+    silently reused by ``ia up``, whose default is a password."""
+    run_dir = tmp_path / "run"
+    try:
+        open_stack = embedded.up(run_dir, redis_password=False)
+        assert open_stack.redis.password_file is None
+        locked = embedded.up(run_dir)
+        assert not locked.reused and locked.redis.pid != open_stack.redis.pid
+        assert locked.env()["IA_REDIS_PASSWORD_FILE"] == str(run_dir / "redis.password")
+        with pytest.raises((AuthenticationError, ResponseError)):
+            redis.Redis.from_url(locked.redis_url).ping()
+        assert embedded.up(run_dir).reused  # the same ask again: reused
+    finally:
+        embedded.down(run_dir)

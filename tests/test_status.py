@@ -9,10 +9,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from ia.cli import main
+from ia.core.redis import client as redis_client
 from ia.decisions.guards import KillSwitch
 from ia.streams.app import redis_address
 
@@ -28,7 +28,7 @@ def test_status_shows_the_pause_state_from_any_directory(infra, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     prefix = f"st{uuid.uuid4().hex[:6]}"
-    env = {"REDIS_URL": infra.redis_url, "IA_REDIS_PREFIX": prefix,
+    env = {**infra.env, "IA_REDIS_PREFIX": prefix,
            "IA_RUN_DIR": str(tmp_path / "nowhere")}
     monkeypatch.chdir(tmp_path)
 
@@ -40,7 +40,7 @@ def test_status_shows_the_pause_state_from_any_directory(infra, tmp_path: Path,
     assert status()["paused"] == {"paused": False}
 
     async def pause() -> None:
-        client = aioredis.Redis.from_url(infra.redis_url)
+        client = redis_client(infra.redis)
         await KillSwitch(client, prefix).pause("ann", "incident 42")
         await client.aclose()
 
@@ -54,11 +54,11 @@ def test_status_shows_the_pause_state_from_any_directory(infra, tmp_path: Path,
 @pytest.mark.integration
 def test_approving_while_paused_says_the_action_would_be_blocked(infra) -> None:
     prefix = f"ap{uuid.uuid4().hex[:6]}"
-    env = {"REDIS_URL": infra.redis_url, "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
+    env = {**infra.env,
            "IA_REDIS_PREFIX": prefix, "IA_TOPIC_PREFIX": prefix}
 
     async def pause() -> None:
-        client = aioredis.Redis.from_url(infra.redis_url)
+        client = redis_client(infra.redis)
         await KillSwitch(client, prefix).pause("ann", "incident 42")
         await client.aclose()
 

@@ -15,11 +15,12 @@ import uuid
 from dataclasses import replace
 
 import pytest
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from ia.core import metrics
 from ia.core.clock import now_ms
+from ia.core.redis import client as redis_client
+from ia.core.settings import RedisSettings
 from ia.core.signing import FEEDBACK_FIELDS
 from ia.decisions.checkpoint import MemoryModelStore
 from ia.decisions.detector import AdaptiveDetector, DetectorConfig
@@ -463,16 +464,17 @@ async def test_published_batches_are_counted_per_decision_and_guard() -> None:
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
-def redis_url(request: pytest.FixtureRequest) -> str | None:
+def redis_settings(request: pytest.FixtureRequest) -> RedisSettings | None:
     """None for the memory implementation, else the embedded Redis (one per session)."""
-    return request.getfixturevalue("infra").redis_url if request.param == "redis" else None
+    return request.getfixturevalue("infra").redis if request.param == "redis" else None
 
 
-async def test_decision_memory_recalls_and_records_each_step_once(redis_url: str | None) -> None:
-    if redis_url is None:
+async def test_decision_memory_recalls_and_records_each_step_once(
+        redis_settings: RedisSettings | None) -> None:
+    if redis_settings is None:
         await _recalls_and_records_each_step_once(MemoryDecisionMemory())
         return
-    client = aioredis.from_url(redis_url, decode_responses=False)
+    client = redis_client(redis_settings)
     try:
         await _recalls_and_records_each_step_once(
             RedisDecisionMemory(client, f"t{uuid.uuid4().hex[:8]}"))

@@ -91,6 +91,21 @@ class Infra:
     redis_url: str
     broker_pid: int | None = None
     redis_pid: int | None = None
+    # The file of the password Redis requires (None: an open Redis).
+    redis_password_file: str | None = None
+
+    @property
+    def redis(self) -> Any:
+        """:class:`~ia.core.settings.RedisSettings` of this Redis, password included."""
+        from ia.core.settings import RedisSettings
+
+        return RedisSettings(url=self.redis_url, password_file=self.redis_password_file)
+
+    def env(self) -> dict[str, str]:
+        """The endpoints as the processes of a run read them."""
+        return {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "REDIS_URL": self.redis_url,
+                **({"IA_REDIS_PASSWORD_FILE": self.redis_password_file}
+                   if self.redis_password_file else {})}
 
 
 @dataclass
@@ -120,8 +135,7 @@ class Run:
 
     def env(self, metrics_port: int) -> dict[str, str]:
         return {
-            "KAFKA_BOOTSTRAP_SERVERS": self.bench.infra.bootstrap,
-            "REDIS_URL": self.bench.infra.redis_url,
+            **self.bench.infra.env(),
             "IA_TOPIC_PREFIX": self.prefix, "IA_REDIS_PREFIX": self.prefix,
             "IA_APP_ID": self.app_id,
             "IA_ACTUATOR_APP_ID": f"{self.prefix}-actuator",
@@ -340,7 +354,7 @@ class Bench:
         from ia.core.redis import sync_client
 
         o = self.opts
-        client = sync_client(self.infra.redis_url)
+        client = sync_client(self.infra.redis)
         points = {}
         try:
             for entities in o.scale:
@@ -571,11 +585,13 @@ def run_bench(opts: BenchOptions, log: Any = print, run_dir: Path | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
     bootstrap, redis_url = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("REDIS_URL")
     if bootstrap and redis_url:
-        return Bench(opts, Infra(bootstrap, redis_url), run_dir, log).run()
+        infra = Infra(bootstrap, redis_url,
+                      redis_password_file=os.environ.get("IA_REDIS_PASSWORD_FILE") or None)
+        return Bench(opts, infra, run_dir, log).run()
     # The shipped persistence (every write fsynced: part of what is measured), on an
     # empty Redis: a kept directory's data from an earlier run would skew the figures.
     shutil.rmtree(run_dir / "stack" / "appendonlydir", ignore_errors=True)
     with EmbeddedStack(run_dir / "stack") as stack:
         infra = Infra(stack.kafka_bootstrap_servers, stack.redis_url, stack.broker_pid,
-                      stack.redis_pid)
+                      stack.redis_pid, stack.redis_password_file)
         return Bench(opts, infra, run_dir, log).run()

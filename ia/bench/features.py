@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ia.core.keys import Keys
+from ia.core.settings import RedisSettings
 from ia.features.aggregations import Out
 from ia.features.enrich import Enricher
 from ia.features.registry import DEFAULT_REGISTRY, FeatureRegistry
@@ -321,25 +322,27 @@ def environment() -> dict[str, Any]:
 
 
 @contextmanager
-def redis_url_for_bench(url: str | None):
-    """The given Redis, or an embedded one for the duration of the run."""
-    if url:
-        yield url
+def redis_url_for_bench(redis: RedisSettings | str | None):
+    """The given Redis (settings or a bare URL), or an embedded one (with a password)
+    for the duration of the run."""
+    if isinstance(redis, str) or (redis is not None and redis.url):
+        yield redis
         return
     from ia.runtime.embedded import start_redis
 
     with tempfile.TemporaryDirectory(prefix="ia-bench-features-") as run_dir:
         info = start_redis(run_dir)
         try:
-            yield info.address
+            yield RedisSettings(url=info.address, password_file=info.password_file)
         finally:
             info.stop()
 
 
-def run_bench(url: str | None, opts: BenchOptions) -> dict[str, Any]:
+def run_bench(redis: RedisSettings | str | None, opts: BenchOptions) -> dict[str, Any]:
+    """Run the benchmark against ``redis`` (an embedded Redis if None or without a URL)."""
     from ia.core.redis import client as redis_client
 
-    async def main(address: str) -> dict[str, Any]:
+    async def main(address: RedisSettings | str) -> dict[str, Any]:
         client = redis_client(address)
         try:
             info = await client.info("server")
@@ -350,7 +353,7 @@ def run_bench(url: str | None, opts: BenchOptions) -> dict[str, Any]:
         finally:
             await client.aclose()
 
-    with redis_url_for_bench(url) as address:
+    with redis_url_for_bench(redis) as address:
         return asyncio.run(main(address))
 
 

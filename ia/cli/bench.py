@@ -97,7 +97,7 @@ def bench_features(json_file: Path | None, quick: bool, entities: int | None,
         opts.entities = entities
     if metrics:
         opts.metrics = metrics
-    result = run_bench(settings().redis.url, opts)
+    result = run_bench(settings().redis, opts)
     click.echo(format_report(result))
     if json_file:
         json_file.write_text(json.dumps(result, indent=2) + "\n")

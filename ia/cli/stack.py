@@ -13,9 +13,10 @@ from ia.cli.common import settings
 @click.command()
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="State and logs of the embedded services (default: $IA_RUN_DIR or .ia).")
-@click.option("--redis-password", is_flag=True,
-              help="Start Redis requiring a new random password, kept in <run-dir>/"
-                   "redis.password (0600) and exported as IA_REDIS_PASSWORD_FILE.")
+@click.option("--redis-password/--no-redis-password", default=True, show_default=True,
+              help="Redis requires a random password, kept in <run-dir>/redis.password "
+                   "(0600) and exported as IA_REDIS_PASSWORD_FILE; --no-redis-password "
+                   "starts an open Redis that anything local can write.")
 def up(run_dir: Path | None, redis_password: bool) -> None:
     """Start the embedded Kafka-protocol broker and Redis; print their addresses."""
     from ia.core.kafka import ensure_topics

@@ -8,10 +8,10 @@ times, and check idle connections before use; what still fails is one of
 is retried, its input kept.
 
 A bare ``redis://`` URL instead of the settings means the default timeouts and no
-password: the embedded stack, tests and benchmarks.  A password is read from
-``password_file`` (``IA_REDIS_PASSWORD_FILE``) each time a client is made, so it is
-in neither the URL, the environment nor ``ia config``, and a rotated file is picked up
-by the next client.
+password (an open Redis).  A password is read from ``password_file``
+(``IA_REDIS_PASSWORD_FILE``) each time a client is made, so it is in neither the URL,
+the environment nor ``ia config``, and a rotated file is picked up by the next client;
+with ``username`` (``IA_REDIS_USERNAME``) the client authenticates as that ACL user.
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ def _options(conf: RedisSettings) -> dict[str, Any]:
                                "retry_on_timeout": True}
     if conf.password_file is not None:
         options["password"] = read_password(conf.password_file)
+    if conf.username is not None:
+        if conf.password_file is None:
+            raise ConfigError("IA_REDIS_USERNAME needs IA_REDIS_PASSWORD_FILE (the user's "
+                              "password)")
+        options["username"] = conf.username
     return options
 
 

@@ -263,7 +263,11 @@ class RedisSettings(_Group):
     password_file: Path | None = Field(
         default=None,
         description="file holding the Redis password (AUTH), so the password is in neither "
-                    "the URL nor the environment; `ia up --redis-password` writes one")
+                    "the URL nor the environment; `ia up` writes one")
+    username: str | None = Field(
+        default=None,
+        description="Redis ACL user to authenticate as (with the password of password_file); "
+                    "default: Redis's default user")
     prefix: str = Field(default="ia", description="prefix of every Redis key")
     socket_timeout_s: float = Field(
         default=5.0, gt=0,

@@ -21,6 +21,9 @@ Two ways to use it:
   :func:`down` stops them after checking (``/proc/PID/cmdline`` and the
   process start time) that each pid still belongs to the process we started.
 
+Redis requires a password by default (:func:`start_redis`); the stack's
+:meth:`StackInfo.env` exports its file as ``IA_REDIS_PASSWORD_FILE``.
+
 Everything listens on ``127.0.0.1`` only. The broker keeps data in memory, so
 stopping the stack discards every topic; Redis keeps its data in an append-only
 file in the run directory (fsynced before every reply: :data:`REDIS_PERSISTENCE`),
@@ -45,6 +48,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -70,8 +74,8 @@ FEEDBACK_KEY_FILE = "feedback.key"
 LOCK_FILE = ".stack.lock"
 BROKER_LOG = "broker.log"
 REDIS_LOG = "redis.log"
-# With a password (opt-in): the client's password file and the server's config file
-# that sets it, both 0600, so the password never shows in a command line or a URL.
+# With a password (the default): the client's password file and the server's config
+# file that sets it, both 0600, so the password never shows in a command line or a URL.
 REDIS_PASSWORD_FILE = "redis.password"
 REDIS_CONFIG = "redis.conf"
 STATE_VERSION = 1
@@ -655,7 +659,7 @@ def start_redis(
     port: int | None = None,
     detached: bool = False,
     timeout: float = DEFAULT_REDIS_TIMEOUT,
-    password: bool = False,
+    password: bool = True,
     durable: bool = True,
 ) -> ServiceInfo:
     """Start valkey-server on ``127.0.0.1``; log to ``run_dir/redis.log``.
@@ -663,17 +667,18 @@ def start_redis(
     ``durable``: keep the data in ``run_dir/appendonlydir`` (:data:`REDIS_PERSISTENCE`),
     loaded again by the next start in ``run_dir``; otherwise nothing is kept.
 
-    With ``password``, a new random password is required of every client (anything
-    local could otherwise read and write the state the worker acts on); it is in
-    ``run_dir/redis.password`` (0600), the ``password_file`` of the returned info.
+    With ``password`` (the default), every client must authenticate: anything local
+    could otherwise read and write the state the worker acts on (approvals, the kill
+    switch, the shared model).  The password is random, kept in ``run_dir/redis.password``
+    (0600, the ``password_file`` of the returned info) and kept across restarts, so
+    processes still running reconnect.  ``password=False`` starts an open Redis.
     Returns once the server answers PING.
     """
     build_argv, password_file = partial(_redis_argv, durable=durable), None
     if password:
         run_path = Path(run_dir).resolve()
         run_path.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_urlsafe(32)
-        _write_private(run_path / REDIS_PASSWORD_FILE, secret + "\n")
+        secret = _redis_password(run_path / REDIS_PASSWORD_FILE)
         _write_private(run_path / REDIS_CONFIG, f"requirepass {secret}\n")
         build_argv = partial(_redis_argv, config=run_path / REDIS_CONFIG, durable=durable)
         password_file = str(run_path / REDIS_PASSWORD_FILE)
@@ -712,6 +717,21 @@ def forget_broker_offsets(redis_svc: ServiceInfo) -> int:
         return len(keys)
     finally:
         client.close()
+
+
+def _redis_password(path: Path) -> str:
+    """The password in ``path`` if it is a private file of ours, else a new one written
+    there (a file others could have read or written is not trusted)."""
+    with contextlib.suppress(OSError):
+        st = path.lstat()
+        if (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+                and stat.S_IMODE(st.st_mode) & 0o077 == 0):
+            kept = path.read_text().strip()
+            if len(kept) >= 32:
+                return kept
+    secret = secrets.token_urlsafe(32)
+    _write_private(path, secret + "\n")
+    return secret
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -768,6 +788,13 @@ class StackInfo:
             env["IA_RUN_DIR"] = str(Path(self.run_dir).resolve())
         return env
 
+    def redis_settings(self) -> Any:
+        """:class:`~ia.core.settings.RedisSettings` of this stack's Redis, password
+        included: what a process in ``eval "$(ia up)"`` would read."""
+        from ia.core.settings import RedisSettings
+
+        return RedisSettings(url=self.redis_url, password_file=self.redis.password_file)
+
     def env_lines(self) -> list[str]:
         """``export NAME=value`` lines, shell-quoted, for ``eval "$(ia up)"``."""
         return [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
@@ -809,7 +836,7 @@ class EmbeddedStack:
         detached: bool = False,
         startup_timeout: float = DEFAULT_BROKER_TIMEOUT,
         stop_grace: float = DEFAULT_STOP_GRACE,
-        redis_password: bool = False,
+        redis_password: bool = True,
         durable: bool = True,
     ) -> None:
         self._own_dir = run_dir is None
@@ -889,6 +916,17 @@ class EmbeddedStack:
     def redis_pid(self) -> int:
         return self.info.redis.pid
 
+    @property
+    def redis_password_file(self) -> str | None:
+        """The file of the password Redis requires (None: Redis is open)."""
+        return self.info.redis.password_file
+
+    def redis_settings(self) -> Any:
+        return self.info.redis_settings()
+
+    def env(self) -> dict[str, str]:
+        return self.info.env()
+
     def env_lines(self) -> list[str]:
         return self.info.env_lines()
 
@@ -949,14 +987,16 @@ def up(
     run_dir: str | os.PathLike[str] | None = None,
     *,
     timeout: float = DEFAULT_BROKER_TIMEOUT,
-    redis_password: bool = False,
+    redis_password: bool = True,
 ) -> StackInfo:
     """Start a detached stack recorded in ``run_dir/stack.json``.
 
     If the recorded stack is alive and healthy it is returned with
-    ``reused=True`` instead of starting a second one; a partly dead stack is
+    ``reused=True`` instead of starting a second one; a partly dead stack, or one
+    whose Redis is open when a password is asked for (or the other way round), is
     stopped and replaced. ``run_dir=None`` means ``Settings().run_dir``.
-    ``redis_password`` starts a new Redis with a password (see :func:`start_redis`).
+    ``redis_password`` (the default) starts Redis with a password (see
+    :func:`start_redis`).
     """
     path = _resolve_run_dir(run_dir)
     with _locked(path):
@@ -970,7 +1010,9 @@ def up(
 def _healthy_or_new(path: Path, timeout: float, redis_password: bool) -> StackInfo:
     existing = _read_state(path)
     if existing is not None:
-        if all(s.is_ours() and s.healthy() for s in existing.services.values()):
+        locked = existing.redis.password_file is not None
+        if locked == redis_password and all(
+                s.is_ours() and s.healthy() for s in existing.services.values()):
             existing.reused = True
             return existing
         log.info("replacing stale embedded stack in %s", path)

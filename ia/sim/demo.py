@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ia.core.kafka import ensure_topics, read_all
-from ia.core.settings import KafkaSettings, Settings, Topics
+from ia.core.settings import KafkaSettings, RedisSettings, Settings, Topics
 from ia.core.signing import write_key_file
 from ia.decisions.policy_source import builtin_policy_path
 from ia.governance.audit import anchor_path
@@ -56,11 +56,12 @@ def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
             proc.wait()
 
 
-def _endpoints(settings: Settings, stack: ExitStack) -> tuple[KafkaSettings, str, str]:
+def _endpoints(settings: Settings,
+               stack: ExitStack) -> tuple[KafkaSettings, RedisSettings, str]:
     """Broker, Redis and topic prefix: external if configured, else embedded."""
     if settings.kafka.bootstrap_servers and settings.redis.url:
         # Shared infrastructure: keep this run's topics and keys apart.
-        return (settings.kafka, settings.redis.url,
+        return (settings.kafka, settings.redis,
                 f"{settings.topic_prefix}-demo-{int(time.time())}")
     run_dir = settings.run_dir / "demo"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,7 @@ def _endpoints(settings: Settings, stack: ExitStack) -> tuple[KafkaSettings, str
     console.print("[bold]starting[/] embedded broker (tansu) and Redis (valkey) ...")
     emb.start()
     stack.callback(emb.stop)
-    return (KafkaSettings(bootstrap_servers=emb.kafka_bootstrap_servers), emb.redis_url,
+    return (KafkaSettings(bootstrap_servers=emb.kafka_bootstrap_servers), emb.redis_settings(),
             settings.topic_prefix)
 
 
@@ -78,13 +79,13 @@ def run_demo(settings: Settings, *, seed: int = 7, speed: float = 60.0,
              duration_s: float = 6000.0) -> dict:
     started = time.monotonic()
     with ExitStack() as stack:
-        kafka, redis_url, prefix = _endpoints(settings, stack)
+        kafka, redis, prefix = _endpoints(settings, stack)
         topics = Topics(prefix)
         ensure_topics(kafka, topics.all(), settings.topic_partitions)
         log_dir = settings.run_dir / "demo"
         log_dir.mkdir(parents=True, exist_ok=True)
         sim_summary = asyncio.run(_run_loop(
-            stack, kafka=kafka, redis_url=redis_url, topics=topics, log_dir=log_dir,
+            stack, kafka=kafka, redis=redis, topics=topics, log_dir=log_dir,
             seed=seed, speed=speed, duration_s=duration_s))
         summary = summarise(sim_summary, read_all(kafka, topics.decisions),
                             read_all(kafka, topics.outcomes))
@@ -93,10 +94,14 @@ def run_demo(settings: Settings, *, seed: int = 7, speed: float = 60.0,
     return summary
 
 
-async def _run_loop(stack: ExitStack, *, kafka: KafkaSettings, redis_url: str, topics: Topics,
-                    log_dir: Path, seed: int, speed: float, duration_s: float) -> dict:
+async def _run_loop(stack: ExitStack, *, kafka: KafkaSettings, redis: RedisSettings,
+                    topics: Topics, log_dir: Path, seed: int, speed: float,
+                    duration_s: float) -> dict:
     async with simulator.SimulatorServer() as server:
-        env = {"KAFKA_BOOTSTRAP_SERVERS": kafka.servers(), "REDIS_URL": redis_url,
+        env = {"KAFKA_BOOTSTRAP_SERVERS": kafka.servers(), "REDIS_URL": str(redis.url),
+               # The embedded Redis requires a password: the processes read its file.
+               **({"IA_REDIS_PASSWORD_FILE": str(redis.password_file)}
+                  if redis.password_file else {}),
                "IA_TOPIC_PREFIX": topics.prefix, "IA_REDIS_PREFIX": topics.prefix,
                "IA_POLICY_FILE": str(builtin_policy_path("demo")),
                "IA_SIMULATOR_URL": server.url, "IA_BATCH_WITHIN_S": "0.01",
