@@ -54,7 +54,13 @@ from ia.decisions.guards.builtin import (
     breaker_key,
     budget_scopes,
 )
-from ia.decisions.guards.decision import GuardVerdict, apply_guards, observe_fleet
+from ia.decisions.guards.decision import (
+    GuardVerdict,
+    apply_guards,
+    observe_anomaly,
+    observe_fleet,
+    observe_health,
+)
 from ia.decisions.guards.execution import ExecutionGuard, record_outcome
 from ia.decisions.guards.kill_switch import KillSwitch, KillSwitchState, MemoryKillSwitch
 from ia.decisions.guards.memory import MemoryGuardStore
@@ -64,7 +70,11 @@ from ia.decisions.guards.stores import (
     BreakerVerdict,
     ClaimStore,
     FleetStore,
+    FloorVerdict,
+    FreezeStore,
     GuardStore,
+    HealthSpan,
+    HealthStore,
     ResultStore,
     SlotStore,
     WindowStore,
@@ -72,9 +82,10 @@ from ia.decisions.guards.stores import (
 
 __all__ = [
     "DECISION_GUARDS", "EXECUTION_GUARDS", "Block", "BreakerStore", "BreakerVerdict",
-    "ClaimStore", "Downgrade", "ExecutionGuard", "FleetStore", "Guard", "GuardCall",
-    "GuardStore", "GuardVerdict", "KillSwitch", "KillSwitchState", "MemoryGuardStore",
-    "MemoryKillSwitch", "Pass", "RedisGuardStore", "ResultStore", "SlotStore", "WindowStore",
-    "admit", "apply_guards", "blast_group", "breaker_key", "budget_scopes", "observe_fleet",
-    "record_outcome",
+    "ClaimStore", "Downgrade", "ExecutionGuard", "FleetStore", "FloorVerdict", "FreezeStore",
+    "Guard", "GuardCall", "GuardStore", "GuardVerdict", "HealthSpan", "HealthStore",
+    "KillSwitch", "KillSwitchState", "MemoryGuardStore", "MemoryKillSwitch", "Pass",
+    "RedisGuardStore", "ResultStore", "SlotStore", "WindowStore", "admit", "apply_guards",
+    "blast_group", "breaker_key", "budget_scopes", "observe_anomaly", "observe_fleet",
+    "observe_health", "record_outcome",
 ]
