@@ -258,6 +258,13 @@ class FreezeWindow(BaseModel):
         return out
 
 
+def instant_ms(value: object, tz: str = "UTC") -> int:
+    """``value`` (as a window's ``start`` takes it; naive in ``tz``) in epoch ms."""
+    t = _instant(value)
+    assert isinstance(t, dt.datetime)
+    return _ms(t.replace(tzinfo=ZoneInfo(tz)) if t.tzinfo is None else t)
+
+
 def _ms(t: dt.datetime) -> int:
     return int(t.timestamp() * 1000)
 

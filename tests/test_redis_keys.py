@@ -58,6 +58,7 @@ PINNED = {
     K.budget("type:restart", "ok"): "ia:g:eb:type:restart:ok",
     K.budget("global", "fail"): "ia:g:eb:global:fail",
     K.freeze_windows: "ia:g:freeze",
+    K.freeze_log: "ia:g:freeze-log",
     K.scope_of("dc-1"): "ia:g:scope:dc-1",
     K.health_seen("service=web"): "ia:g:hl-seen:service=web",
     K.health_anomalies("service=web"): "ia:g:hl-sick:service=web",

@@ -22,7 +22,6 @@ from ia.decisions.guards.stores import (
     CLAIM_GC_MS,
     FLEET_TTL_S,
     FREEZE_REFRESH_S,
-    FREEZE_RETENTION_MS,
     GROUP_TTL_S,
     RESULT_RETENTION_MS,
     WINDOW_SLACK_MS,
@@ -176,18 +175,7 @@ class RedisGuardStore:
         key = self.keys.freeze_windows
         added = bool(await self.client.hsetnx(key, window.name, window.model_dump_json()))
         self._freeze_read = -float("inf")
-        await self._forget_expired(key)
         return added
-
-    async def _forget_expired(self, key: str) -> None:
-        cutoff = int(time.time() * 1000) - FREEZE_RETENTION_MS
-        for name, value in (await self.client.hgetall(key)).items():
-            try:
-                expired = FreezeWindow.model_validate_json(value).expires_ms < cutoff
-            except ValidationError:
-                continue
-            if expired:
-                await self.client.hdel(key, name)
 
     async def remove_freeze_window(self, name: str) -> FreezeWindow | None:
         key = self.keys.freeze_windows

@@ -23,6 +23,7 @@ from ia.cli import (
     run,
     shadow,
     stack,
+    windows,
 )
 from ia.cli.common import IaGroup
 
@@ -42,7 +43,7 @@ COMMANDS: list[click.Command] = [
     run.worker, run.actuate, run.audit_writer, run.api, run.simulate, run.demo,
     killswitch.pause, killswitch.resume, policy.policy, approvals.approvals, audit.audit,
     replay.replay, replay.eval_group, backtest.backtest, backtest.record, shadow.shadow,
-    feedback.feedback, features.features, bench.bench,
+    feedback.feedback, features.features, bench.bench, windows.windows,
 ]
 for command in COMMANDS:
     main.add_command(command)

@@ -28,6 +28,7 @@ breaker failures      ia:g:cb-fail:{type}:{target}       zset    actuator / work
 budget                ia:g:eb:{scope}:{ok|fail}          zset    actuator / worker    7 d
 freeze windows        ia:g:freeze                        hash    CLI / worker,        none
                                                                  actuator
+freeze log            ia:g:freeze-log                    list    CLI                  none, 1000 kept
 scope                 ia:g:scope:{decision id}           string  worker / actuator    7 d
 health seen           ia:g:hl-seen:{group}               zset    worker               7 d
 health anomalies      ia:g:hl-sick:{group}               zset    worker               7 d
@@ -127,6 +128,11 @@ class Keys:
     def freeze_windows(self) -> str:
         """Freeze and maintenance windows added at run time (``ia windows``)."""
         return self._guard("freeze")
+
+    @property
+    def freeze_log(self) -> str:
+        """Who added or removed which window, when and why (newest first)."""
+        return self._guard("freeze-log")
 
     def scope_of(self, decision_id: str) -> str:
         """A decision's labels and the windows that held it, for the execution check."""
