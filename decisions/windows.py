@@ -218,6 +218,12 @@ class FreezeWindow(BaseModel):
             raise ValueError("recurrence finer than HOURLY is not a maintenance window")
         self._rule = rule
 
+    def __eq__(self, other: object) -> bool:
+        # The parsed recurrence is a cache, not part of the window.
+        return isinstance(other, FreezeWindow) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
     # -- when ---------------------------------------------------------------------------
 
     @property
