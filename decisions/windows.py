@@ -214,7 +214,7 @@ class FreezeWindow(BaseModel):
             raise ValueError(f"cannot read rrule {self.rrule!r}: {exc}") from None
         if not isinstance(rule, rrule):
             raise ValueError("give one RRULE (not a set of rules or dates)")
-        if rule._freq > _HOURLY:  # noqa: SLF001 - dateutil exposes no accessor
+        if rule._freq > _HOURLY:
             raise ValueError("recurrence finer than HOURLY is not a maintenance window")
         self._rule = rule
 

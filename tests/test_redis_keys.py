@@ -28,8 +28,8 @@ from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.guards.kill_switch import KillSwitch
 from ia.decisions.guards.redis_store import RedisGuardStore
 from ia.decisions.guards.stores import HealthSpan
-from ia.decisions.windows import FreezeWindow
 from ia.decisions.learning import RedisDecisionMemory, Remembered, Step
+from ia.decisions.windows import FreezeWindow
 from ia.features.series import SeriesState
 from ia.features.store import EntityRecord, RedisFeatureStore
 from ia.governance.audit import Head

@@ -282,7 +282,7 @@ async def test_the_actuators_execution_guard_honours_windows_in_redis(aredis) ->
     assert await guard.admit(d) is None
     await guard.store.add_freeze_window(window(name="late", start=IN, end=IN + H,
                                                match={"labels": {"env": "prod"}}))
-    guard.store._freeze_read = -float("inf")  # noqa: SLF001 - skip the 0.5 s refresh
+    guard.store._freeze_read = -float("inf")
     refusal = await guard.admit(d)
     assert refusal is not None and refusal.startswith("freeze window: window 'late' (block)")
 
@@ -320,6 +320,7 @@ async def test_incidents_on_most_of_a_group_at_once_stop_at_the_floor() -> None:
     # web-0..3 acted on: then 4 of 10 out, 6 healthy is the floor; web-4 would breach it.
     assert modes == [Mode.auto] * 4 + [Mode.blocked] * 4
     mode, trace = await decide(p, store, "web-5", {"service": "web"}, t + 9, n=1, score=0.95)
+    assert mode is Mode.blocked
     # Eight anomalous: only web-8 and web-9 are healthy.
     assert trace[-1].reason == ("acting on web-5 would leave 2 of 10 in group service=web "
                                 "healthy (20% < min_healthy_pct 60)")
@@ -337,23 +338,24 @@ async def test_stale_members_count_as_unhealthy_and_a_blocked_decision_gives_bac
     assert mode is Mode.blocked
     # A later guard blocking gives the hold back (admit releases reserved guards).
     rg = p.guards_for("restart")
+    low = rg.capacity_floor.model_copy(update={"min_healthy_pct": 20})
     call = GuardCall(decision_id="dx", action=Action(type="restart", target="web-1"),
-                     rule="restart", mode=Mode.auto, settings=replace(
-                         rg, capacity_floor=rg.capacity_floor.model_copy(update={"min_healthy_pct": 20})),
+                     rule="restart", mode=Mode.auto,
+                     settings=replace(rg, capacity_floor=low),
                      ts=IN + 200_000, now=IN + 200_000, store=store, labels={"service": "web"},
                      entity="web-1")
     from ia.decisions.guards.builtin import CapacityFloorGuard, KillSwitchGuard
 
     class Refuse(KillSwitchGuard):
-        async def check(self, call):  # noqa: ANN001 - a stand-in later guard
+        async def check(self, call):
             from ia.decisions.guards import Block
             return Block("refused later")
 
     got = await admit([CapacityFloorGuard(), Refuse()], call)
     assert got.blocked is not None
-    assert store._out["service=web"] == {}  # noqa: SLF001 - nothing held
+    assert store._out["service=web"] == {}
     assert (await admit([CapacityFloorGuard()], call)).blocked is None  # and it holds now
-    assert list(store._out["service=web"]) == [("web-1", "dx")]  # noqa: SLF001
+    assert list(store._out["service=web"]) == [("web-1", "dx")]
 
 
 # --- target sanity ----------------------------------------------------------------------------

@@ -28,11 +28,11 @@ breaker failures      ia:g:cb-fail:{type}:{target}       zset    actuator / work
 budget                ia:g:eb:{scope}:{ok|fail}          zset    actuator / worker    7 d
 freeze windows        ia:g:freeze                        hash    CLI / worker,        none
                                                                  actuator
-freeze log            ia:g:freeze-log                    list    CLI                  none, 1000 kept
+freeze log            ia:g:freeze-log                    list    CLI                  1000 kept
 scope                 ia:g:scope:{decision id}           string  worker / actuator    7 d
 health seen           ia:g:hl-seen:{group}               zset    worker               7 d
 health anomalies      ia:g:hl-sick:{group}               zset    worker               7 d
-health out            ia:g:hl-out:{group}                zset    worker, actuator     2*lease + 60 s
+health out            ia:g:hl-out:{group}                zset    worker, actuator     2*lease+60 s
 kill switch           ia:paused                          string  CLI / worker,        none
                                                                  actuator
 remembered            ia:dfx:{decision id}               string  worker               30 d
