@@ -12,6 +12,12 @@ guard              what it does                                clock            
 =================  ==========================================  ====================  =======
 kill_switch        ``ia pause`` stops all automation            live (cached 200 ms)  blocked
 stale_event        an event older than ``max_event_age_s``      event time vs. live   blocked
+target_sanity      a blank, wildcard, ``all`` or over-broad     -                     blocked
+                   target; params outside ``action_bounds``
+freeze_window      a freeze/maintenance window in force over   live (event time      blocked or
+                   the decision's scope (policy, ia windows)   offline)              needs_approval
+capacity_floor     the group would keep < ``min_healthy_pct``  live                  blocked
+                   healthy members (telemetry health)
 circuit_breaker    per action type + target: K failures in a   live                  blocked
                    window open it; after ``open_s`` one
                    half-open probe may run; its outcome closes
