@@ -26,7 +26,9 @@ from ia.decisions.guards import (
     KillSwitchState,
     MemoryKillSwitch,
     apply_guards,
+    observe_anomaly,
     observe_fleet,
+    observe_health,
 )
 from ia.decisions.policy import Policy, PolicyResult
 from ia.features.enrich import Enricher
@@ -121,6 +123,7 @@ class DecisionEngine:
         states: States = {}
         policy = self.policy()
         await observe_fleet(self.guard_store, policy, events)
+        await observe_health(self.guard_store, policy, events)
         decisions = []
         enricher = Enricher(records)  # contexts parsed once per batch, counts reported once
         for i, ev in enumerate(events):
@@ -179,6 +182,7 @@ class DecisionEngine:
     async def _decide(self, ev: TelemetryEvent, f: dict[str, float], rec: EntityState,
                       policy: Policy, decision_id: str, states: States) -> Decision:
         score, drift, drift_event = self._score(ev, f, rec, states)
+        await observe_anomaly(self.guard_store, policy, ev, score)
         confidence = confidence_of(score, f)
         result = policy.evaluate(entity=ev.entity, metric=ev.metric, kind=ev.kind.value,
                                  labels=ev.labels, features=f, score=score,
@@ -212,7 +216,7 @@ class DecisionEngine:
         verdict = await apply_guards(result, decision_id=decision_id, ts=ev.ts,
                                      now=self.clock(ev), labels=ev.labels,
                                      store=self.guard_store,
-                                     kill_switch=self.kill_switch)
+                                     kill_switch=self.kill_switch, entity=ev.entity)
         for g in verdict.interventions:
             self.stats.guards[g] = self.stats.guards.get(g, 0) + 1
         return verdict.mode

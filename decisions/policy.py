@@ -65,6 +65,7 @@ from pydantic import (
 )
 
 from ia.core.errors import IaError
+from ia.decisions.windows import FreezeWindow
 from ia.schemas.actions import COMPENSATE_PREFIX, PLACEHOLDERS, templated_params
 from ia.schemas.models import Action, Mode, RuleTrace
 
@@ -198,6 +199,37 @@ class ErrorBudget(_Strict):
     scope: Literal["global", "action_type", "rule"] = "global"
 
 
+class CapacityFloor(_Strict):
+    """Refuse an action that would leave fewer than ``min_healthy_pct`` of its group
+    healthy (health from telemetry: the policy's ``health`` section)."""
+
+    group_label: str | None = Field(default=None, min_length=1, max_length=128)
+    min_healthy_pct: float = Field(gt=0, le=100)
+    # How long an admitted action keeps its target out of the healthy count.
+    lease_s: float = Field(default=300.0, gt=0)
+
+
+class Health(_Strict):
+    """What "healthy" means for capacity floors, judged from telemetry.
+
+    An entity of a group is healthy when it sent a sample within ``fresh_s``
+    and none of its samples scored ``unhealthy_score`` or more within
+    ``anomaly_hold_s``; it belongs to the group while it sent anything
+    within ``member_s``.
+    """
+
+    unhealthy_score: float = Field(default=0.8, gt=0, le=1)
+    fresh_s: float = Field(default=120.0, gt=0)
+    anomaly_hold_s: float = Field(default=300.0, gt=0)
+    member_s: float = Field(default=86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _horizon(self) -> Health:
+        if self.member_s < self.fresh_s:
+            raise ValueError("member_s must be at least fresh_s")
+        return self
+
+
 class CostCap(_Strict):
     max: float = Field(gt=0)
     window_s: float = Field(default=86400.0, gt=0)
@@ -329,7 +361,9 @@ class Rule(_Strict):
     circuit_breaker: CircuitBreaker | Off | None = None
     blast_radius: BlastRadius | Off | None = None
     error_budget: ErrorBudget | Off | None = None
+    capacity_floor: CapacityFloor | Off | None = None
     max_event_age_s: EventAgeLimit | None = None
+    max_targets: int | None = Field(default=None, ge=1, le=1000)
     cost: float = Field(default=0.0, ge=0.0)
     approval: ApprovalSpec | None = None
 
@@ -342,8 +376,11 @@ class Defaults(_Strict):
     circuit_breaker: CircuitBreaker | Off | None = Field(default_factory=CircuitBreaker)
     blast_radius: BlastRadius | Off | None = None
     error_budget: ErrorBudget | Off | None = None
+    capacity_floor: CapacityFloor | Off | None = None
     max_event_age_s: EventAgeLimit = DEFAULT_MAX_EVENT_AGE_S
     approval: ApprovalSpec | None = None
+    # Parts (split on commas and whitespace) an action's target may name.
+    max_targets: int = Field(default=1, ge=1, le=1000)
 
 
 class PolicyDocument(_Strict):
@@ -352,6 +389,12 @@ class PolicyDocument(_Strict):
     cost_cap: CostCap | None = None
     # Groups of approver identities, named by rules' ``approval.approvers``.
     approvers: dict[str, list[Identity]] = Field(default_factory=dict)
+    health: Health = Field(default_factory=Health)
+    # Freeze and maintenance windows (ia.decisions.windows); more are added at run time.
+    windows: list[FreezeWindow] = Field(default_factory=list)
+    # action type -> param -> {min, max}: every rule's params of that type must be a
+    # number within them.
+    action_bounds: dict[str, dict[str, Range]] = Field(default_factory=dict)
     # Named argv lists for the ``command`` actuator.  Decisions refer to them
     # by name, so nothing on a topic can make an actuator run arbitrary argv.
     commands: dict[str, list[str]] = Field(default_factory=dict)
@@ -385,6 +428,12 @@ class RuleGuards:
     max_event_age_s: float | None = None  # None: events of any age may act
     cost: float = 0.0
     cost_cap: CostCap | None = None
+    capacity_floor: CapacityFloor | None = None
+    health: Health = field(default_factory=Health)
+    max_targets: int = 1
+    # The rule's action type's declared bounds (action_bounds), and the policy's windows.
+    param_bounds: tuple[tuple[str, Range], ...] = ()
+    windows: tuple[FreezeWindow, ...] = ()
 
 
 @dataclass
@@ -479,6 +528,7 @@ class Policy:
         self._rules = {r.name: r for r in doc.rules}
         self._templated = {r.name: _templated_keys(r) for r in doc.rules}
         self.fleet_labels = _fleet_labels(doc)
+        self.health_labels = _health_labels(doc)
         self._selections: dict[tuple[str, str, str], list[str | None]] = {}
 
     def _resolve(self, rule: Rule) -> RuleGuards:
@@ -491,7 +541,13 @@ class Policy:
             blast_radius=_pick(rule.blast_radius, d.blast_radius),  # type: ignore[arg-type]
             error_budget=_pick(rule.error_budget, d.error_budget),  # type: ignore[arg-type]
             max_event_age_s=_pick(rule.max_event_age_s, d.max_event_age_s),  # type: ignore[arg-type]
-            cost=rule.cost, cost_cap=self.doc.cost_cap if rule.cost > 0 else None)
+            cost=rule.cost, cost_cap=self.doc.cost_cap if rule.cost > 0 else None,
+            capacity_floor=_pick(rule.capacity_floor, d.capacity_floor),  # type: ignore[arg-type]
+            health=self.doc.health,
+            max_targets=rule.max_targets or d.max_targets,
+            param_bounds=tuple(sorted(self.doc.action_bounds.get(
+                rule.action.type if rule.action else "", {}).items())),
+            windows=tuple(self.doc.windows))
 
     def rule(self, name: str | None) -> Rule | None:
         """The rule called ``name`` (None: there is no such rule)."""
@@ -526,6 +582,8 @@ class Policy:
             loc = ".".join(str(p) for p in path)
             raise PolicyError(source, _line_of(root, path), f"{loc}: {err['msg']}") from exc
         _check_rule_names(doc, source, root)
+        _check_windows(doc, source, root)
+        _check_actions(doc, source, root)
         return cls(doc, source, text)
 
     @classmethod
@@ -616,6 +674,18 @@ def _fleet_labels(doc: PolicyDocument) -> frozenset[str | None]:
                 and br.fleet_size is None:
             out.add(br.group_label)
     return frozenset(out)
+
+
+def _health_labels(doc: PolicyDocument) -> frozenset[str | None]:
+    """Group labels whose members' health must be followed (capacity floors)."""
+    return frozenset(f.group_label for f in [doc.defaults.capacity_floor,
+                                             *(r.capacity_floor for r in doc.rules)]
+                     if isinstance(f, CapacityFloor))
+
+
+def health_group(label: str | None, labels: dict[str, str] | None) -> str:
+    """The capacity-floor group of an event's labels: ``label=value``, or ``all``."""
+    return "all" if label is None else f"{label}={(labels or {}).get(label, '')}"
 
 
 def _unselected(rule: Rule, entity: str, metric: str, kind: str) -> str | None:
@@ -737,10 +807,89 @@ def _check_rule_names(doc: PolicyDocument, source: str, root: yaml.Node) -> None
                                   "declare it under 'commands'")
 
 
+def _check_windows(doc: PolicyDocument, source: str, root: yaml.Node) -> None:
+    seen: set[str] = set()
+    for i, w in enumerate(doc.windows):
+        if w.name in seen:
+            raise PolicyError(source, _line_of(root, ("windows", i, "name")),
+                              f"duplicate window name {w.name!r}")
+        seen.add(w.name)
+
+
+# A target names one thing: these read as "everything matching" to many tools.
+_WILDCARDS = frozenset("*?[]")
+_EVERYTHING = frozenset({"all", "any", "everything"})
+_SEPARATORS = re.compile(r"[,\s]+")
+
+
+def target_parts(target: str) -> list[str]:
+    """The things a target names: split on commas and whitespace (tools such as
+    ansible ``--limit`` or pdsh read ``a,b`` as two hosts); ``[]`` for a blank one."""
+    return [p for p in _SEPARATORS.split(target.strip()) if p]
+
+
+def target_problem(target: str, max_targets: int) -> str | None:
+    """Why ``target`` must not be acted on (None: it names few enough plain things)."""
+    parts = target_parts(target)
+    if not parts or target.strip()[:1] == "," or target.strip()[-1:] == "," \
+            or re.search(r",\s*,", target):
+        return "it is empty or has an empty part, which reads as everything"
+    wild = sorted({c for c in target if c in _WILDCARDS})
+    if wild:
+        return f"it has wildcard characters {''.join(wild)!r}"
+    if _EVERYTHING & {p.lower() for p in parts}:
+        return "it names everything"
+    if len(parts) > max_targets:
+        return f"it names {len(parts)} things, more than max_targets {max_targets}"
+    return None
+
+
+def param_problem(name: str, value: str, bound: Range) -> str | None:
+    """Why param ``name=value`` is outside its declared ``bound`` (None: within)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return f"param {name}={value!r} is not a number (it has declared bounds)"
+    if number != number or not bound.contains(number):  # NaN is in no range
+        return f"param {name}={value} outside its declared bounds [{bound.min}, {bound.max}]"
+    return None
+
+
+def _check_actions(doc: PolicyDocument, source: str, root: yaml.Node) -> None:
+    """Targets and params that could only ever be refused are refused at load."""
+    for atype, bounds in doc.action_bounds.items():
+        for pname, b in bounds.items():
+            if b.min is not None and b.max is not None and b.min > b.max:
+                raise PolicyError(source, _line_of(root, ("action_bounds", atype, pname)),
+                                  f"action_bounds.{atype}.{pname}: min {b.min:g} > max "
+                                  f"{b.max:g}")
+    for i, rule in enumerate(doc.rules):
+        if rule.action is None:
+            continue
+        # Placeholders render to one entity or metric name, which is one part.
+        literal = _PLACEHOLDER.sub("x", rule.action.target)
+        problem = target_problem(literal, rule.max_targets or doc.defaults.max_targets)
+        if problem:
+            raise PolicyError(source, _line_of(root, ("rules", i, "action", "target")),
+                              f"rule {rule.name!r}: target {rule.action.target!r}: {problem}")
+        bounds = doc.action_bounds.get(rule.action.type, {})
+        for pname, bound in bounds.items():
+            value = rule.action.params.get(pname)
+            where = ("rules", i, "action", "params", pname)
+            if value is None:
+                raise PolicyError(source, _line_of(root, ("rules", i, "action")),
+                                  f"rule {rule.name!r}: action {rule.action.type} needs param "
+                                  f"{pname!r} (it has declared bounds)")
+            problem = param_problem(pname, value, bound)
+            if problem:
+                raise PolicyError(source, _line_of(root, where), f"rule {rule.name!r}: {problem}")
+
+
 def _document_path(loc: tuple) -> tuple:
     """An error location without pydantic's union-branch tags (``RateLimit``,
     ``function-after[...]``, ``literal[False]``): only keys of the document."""
-    tags = {m.__name__ for m in (RateLimit, CircuitBreaker, BlastRadius, ErrorBudget)}
+    tags = {m.__name__ for m in (RateLimit, CircuitBreaker, BlastRadius, ErrorBudget,
+                                 CapacityFloor)}
     return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in tags)))
 
 

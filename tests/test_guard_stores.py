@@ -16,7 +16,8 @@ import uuid
 import pytest
 
 from ia.decisions.guards import BreakerVerdict as V
-from ia.decisions.guards import MemoryGuardStore, RedisGuardStore
+from ia.decisions.guards import FloorVerdict, HealthSpan, MemoryGuardStore, RedisGuardStore
+from ia.decisions.windows import FreezeWindow
 
 T0 = 1_700_000_000_000
 BREAKER = (2, 10_000, 5_000, 3_000)  # failures, window_ms, open_ms, probe_timeout_ms
@@ -168,6 +169,78 @@ async def test_results_count_per_scope_within_the_window(store) -> None:
     assert await store.results("rule:r", T0 + 3, 10_000) == (0, 2)
     assert await store.results("rule:other", T0 + 3, 10_000) == (0, 0)
     assert await store.results("global", T0 + 20_000, 10_000) == (0, 0)
+
+
+# --- FreezeStore ----------------------------------------------------------------------------
+
+
+def _window(name: str, **kw) -> FreezeWindow:
+    return FreezeWindow.model_validate({
+        "name": name, "effect": "block", "owner": "op", "reason": "test",
+        "start": T0, "end": T0 + 3_600_000, **kw})
+
+
+async def test_freeze_windows_are_added_once_listed_by_name_and_removed(store) -> None:
+    assert await store.freeze_windows() == []
+    b, a = _window("b"), _window("a", effect="needs_approval", match={"labels": {"env": "prod"}})
+    assert await store.add_freeze_window(b) and await store.add_freeze_window(a)
+    assert not await store.add_freeze_window(_window("a", reason="other"))  # name taken
+    assert await store.freeze_windows() == [a, b]
+    assert await store.remove_freeze_window("a") == a
+    assert await store.remove_freeze_window("a") is None
+    assert await store.freeze_windows() == [b]
+
+
+async def test_a_decisions_scope_is_remembered(store) -> None:
+    assert await store.scope_of("d1") is None
+    await store.note_scope("d1", {"labels": {"env": "prod"}, "held": ["w"]})
+    assert await store.scope_of("d1") == {"labels": {"env": "prod"}, "held": ["w"]}
+
+
+# --- HealthStore ----------------------------------------------------------------------------
+
+SPAN = HealthSpan(fresh_ms=60_000, anomaly_ms=120_000, member_ms=600_000)
+
+
+async def _fleet(store, n: int, at: int) -> None:
+    await store.health_seen("g", {f"e{i}": at for i in range(n)}, 0)
+
+
+async def test_the_floor_counts_fresh_members_without_anomalies(store) -> None:
+    await _fleet(store, 10, T0)
+    admit = store.health_admit
+    # The target counts as out: 9 of 10 healthy.
+    assert await admit("g", "e0", "d1", T0, SPAN, 90, 1000, False) == FloorVerdict(True, 9, 10)
+    assert await admit("g", "e0", "d1", T0, SPAN, 95, 1000, False) == FloorVerdict(False, 9, 10)
+    await store.health_anomaly("g", "e1", T0)
+    await store.health_anomaly("g", "e2", T0 - 200_000)   # too old to count
+    assert await admit("g", "e0", "d1", T0, SPAN, 50, 1000, False) == FloorVerdict(True, 8, 10)
+    # Later: nobody sent a fresh sample but e3: only it is healthy; e1's anomaly has aged out.
+    await store.health_seen("g", {"e3": T0 + 100_000}, 0)
+    assert await admit("g", "e0", "d1", T0 + 130_000, SPAN, 10, 1000, False) == \
+        FloorVerdict(True, 1, 10)
+    # Members not seen within member_ms leave the group; the one left is stale by now.
+    assert await admit("g", "e0", "d1", T0 + 650_000, SPAN, 10, 1000, False) == \
+        FloorVerdict(False, 0, 1)
+
+
+async def test_admitted_actions_hold_their_targets_out_until_released_or_lapsed(store) -> None:
+    await _fleet(store, 4, T0)
+    admit = store.health_admit
+    assert (await admit("g", "e0", "d0", T0, SPAN, 50, 10_000, True)).admitted   # 3/4
+    assert (await admit("g", "e1", "d1", T0, SPAN, 50, 10_000, True)).admitted   # 2/4
+    assert await admit("g", "e2", "d2", T0, SPAN, 50, 10_000, True) == FloorVerdict(False, 1, 4)
+    assert (await admit("g", "e1", "d1", T0, SPAN, 50, 10_000, True)).admitted   # idempotent
+    await store.health_release("g", "e1", "d1")
+    assert (await admit("g", "e2", "d2", T0, SPAN, 50, 10_000, True)).admitted
+    # Holds lapse with their lease.
+    assert await admit("g", "e3", "d3", T0 + 10_001, SPAN, 75, 10_000, False) == \
+        FloorVerdict(True, 3, 4)
+
+
+async def test_an_unknown_group_is_not_admitted(store) -> None:
+    assert await store.health_admit("nobody", "e0", "d1", T0, SPAN, 1, 1000, True) == \
+        FloorVerdict(False, 0, 0)
 
 
 # --- the Redis layout -----------------------------------------------------------------------

@@ -31,6 +31,14 @@ POLICY = """\
 version: 1
 defaults: {{cooldown_s: 0, max_event_age_s: false}}  # historical timestamps
 cost_cap: {{max: 100, window_s: 3600}}
+windows:
+  - name: policy-freeze
+    start: {w_start}
+    end: {w_end}
+    effect: block
+    match: {{labels: {{freeze: "yes"}}}}
+    owner: pytest
+    reason: integration freeze
 commands:
   fail: ["false"]
   slow: ["sleep", "1.5"]
@@ -79,7 +87,9 @@ def loop(infra, tmp_path_factory):
     prefix = f"g{uuid.uuid4().hex[:8]}"
     flag = tmp / "healthy"
     policy = tmp / "policy.yaml"
-    text = POLICY.format(python=sys.executable, flag=flag)
+    now = int(time.time() * 1000)
+    text = POLICY.format(python=sys.executable, flag=flag, w_start=now - 3_600_000,
+                         w_end=now + 86_400_000)
     policy.write_text(text)
     env = ia_env(infra, prefix, policy, IA_ACTION_TIMEOUT_S="5")
     ensure_topics(infra.kafka, Topics(prefix).all(), 4)
@@ -358,3 +368,32 @@ def test_hot_reload_is_atomic(loop):
         policy.write_text(original)
     wait_until(lambda: decide_one(loop, "tick", "hr-4", int(time.time() * 1000) % 10**6)[
         "policy_version"] == v1, 30, "the original policy back", every_s=0.5)
+
+
+def test_freeze_windows_from_the_policy_and_added_at_run_time(loop):
+    """The policy's window blocks the decision it covers and the trace names it;
+    `ia windows add` takes effect at run time, `ia windows remove` lifts it, and both
+    changes are recorded."""
+    d = decide_one(loop, "tick", "fz-1", 0, labels={"freeze": "yes"})
+    assert d["mode"] == "blocked" and guards_of(d) == ["guard:freeze_window"]
+    assert d["rule_trace"][-1]["reason"].startswith("window 'policy-freeze' (block) in force")
+    assert "owner pytest: integration freeze; blocked" in d["rule_trace"][-1]["reason"]
+    assert decide_one(loop, "tick", "fz-2", 0, labels={"freeze": "no"})["mode"] == "auto"
+
+    added = _ia(loop, "windows", "add", "rt-hold", "--effect", "needs_approval", "--for", "1h",
+                "--label", "hold=yes", "--reason", "runtime test", "--by", "pytest")
+    assert added["added"]["added_by"] == "pytest"
+    d = decide_one(loop, "tick", "fz-3", 0, labels={"hold": "yes"})
+    assert d["mode"] == "needs_approval" and guards_of(d) == ["guard:freeze_window"]
+    assert d["rule_trace"][-1]["reason"].startswith("window 'rt-hold' (needs_approval)")
+    assert d["rule_trace"][-1]["reason"].endswith("auto downgraded to needs_approval")
+
+    _ia(loop, "windows", "remove", "rt-hold", "--reason", "done", "--by", "pytest")
+    time.sleep(0.6)  # past the workers' 0.5 s refresh
+    assert decide_one(loop, "tick", "fz-4", 0, labels={"hold": "yes"})["mode"] == "auto"
+    run = subprocess.run([sys.executable, "-m", "ia.cli", "windows", "list", "--log", "--json"],
+                         env=loop["env"], capture_output=True, text=True, timeout=60, check=True)
+    log = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(e["op"], e["window"]["name"], e["by"]) for e in log] == [
+        ("remove", "rt-hold", "pytest"), ("add", "rt-hold", "pytest")]
+    assert log[0]["reason"] == "done"

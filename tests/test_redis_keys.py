@@ -27,7 +27,9 @@ from ia.core.keys import Keys
 from ia.decisions.checkpoint import RedisModelStore
 from ia.decisions.guards.kill_switch import KillSwitch
 from ia.decisions.guards.redis_store import RedisGuardStore
+from ia.decisions.guards.stores import HealthSpan
 from ia.decisions.learning import RedisDecisionMemory, Remembered, Step
+from ia.decisions.windows import FreezeWindow
 from ia.features.series import SeriesState
 from ia.features.store import EntityRecord, RedisFeatureStore
 from ia.governance.audit import Head
@@ -58,6 +60,12 @@ PINNED = {
     K.breaker_failures("restart:web-1"): "ia:g:cb-fail:restart:web-1",
     K.budget("type:restart", "ok"): "ia:g:eb:type:restart:ok",
     K.budget("global", "fail"): "ia:g:eb:global:fail",
+    K.freeze_windows: "ia:g:freeze",
+    K.freeze_log: "ia:g:freeze-log",
+    K.scope_of("dc-1"): "ia:g:scope:dc-1",
+    K.health_seen("service=web"): "ia:g:hl-seen:service=web",
+    K.health_anomalies("service=web"): "ia:g:hl-sick:service=web",
+    K.health_out("service=web"): "ia:g:hl-out:service=web",
     K.kill_switch: "ia:paused",
     K.remembered_decision("dc-1"): "ia:dfx:dc-1",
     K.labels("dc-1"): "ia:labels:dc-1",
@@ -161,7 +169,16 @@ async def test_guard_store_layout(aredis, prefix) -> None:
     await g.fleet_add("all", ["web-1"])
     await g.record_result("restart:web-1", ["global", "type:restart"], "dc-1", False, T0)
     await g.breaker_check("restart:web-1", "dc-2", T0, 1, 60_000, 30_000, 10_000)
+    await g.note_scope("dc-1", {"labels": {"env": "prod"}, "held": []})
+    await g.health_seen("all", {"web-1": T0}, 0)
+    await g.health_anomaly("all", "web-2", T0)
+    await g.health_admit("all", "web-3", "dc-1", T0, HealthSpan(60_000, 60_000, 3_600_000),
+                         50, 30_000, True)
     _assert_layout(await _layout(aredis, prefix), {
+        "g:scope:dc-1": ("string", 7 * DAY),
+        "g:hl-seen:all": ("zset", 7 * DAY),
+        "g:hl-sick:all": ("zset", 7 * DAY),
+        "g:hl-out:all": ("zset", 120),
         "claim:cooldown:target:web-1": ("string", DAY),
         "g:win:rate:restart": ("zset", DAY + 60),
         "g:slots:all": ("zset", 120),
@@ -178,6 +195,17 @@ async def test_guard_store_layout(aredis, prefix) -> None:
     assert await aredis.hget(f"{prefix}:g:cb:restart:web-1", "state") == b"open"
     await g.slot_release("dc-1")
     assert not await aredis.exists(f"{prefix}:g:slots:all", f"{prefix}:g:slot-of:dc-1")
+
+
+@pytest.mark.integration
+async def test_freeze_window_layout(aredis, prefix) -> None:
+    g = RedisGuardStore(aredis, prefix)
+    w = FreezeWindow(name="freeze", effect="block", owner="op", reason="test",
+                     start="2030-01-01T00:00:00Z", end="2030-01-02T00:00:00Z")
+    assert await g.add_freeze_window(w)
+    _assert_layout(await _layout(aredis, prefix), {"g:freeze": ("hash", -1)})
+    stored = await aredis.hget(f"{prefix}:g:freeze", "freeze")
+    assert FreezeWindow.model_validate_json(stored) == w
 
 
 @pytest.mark.integration

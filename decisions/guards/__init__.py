@@ -12,6 +12,12 @@ guard              what it does                                clock            
 =================  ==========================================  ====================  =======
 kill_switch        ``ia pause`` stops all automation            live (cached 200 ms)  blocked
 stale_event        an event older than ``max_event_age_s``      event time vs. live   blocked
+target_sanity      a blank, wildcard, ``all`` or over-broad     -                     blocked
+                   target; params outside ``action_bounds``
+freeze_window      a freeze/maintenance window in force over   live (event time      blocked or
+                   the decision's scope (policy, ia windows)   offline)              needs_approval
+capacity_floor     the group would keep < ``min_healthy_pct``  live                  blocked
+                   healthy members (telemetry health)
 circuit_breaker    per action type + target: K failures in a   live                  blocked
                    window open it; after ``open_s`` one
                    half-open probe may run; its outcome closes
@@ -54,7 +60,13 @@ from ia.decisions.guards.builtin import (
     breaker_key,
     budget_scopes,
 )
-from ia.decisions.guards.decision import GuardVerdict, apply_guards, observe_fleet
+from ia.decisions.guards.decision import (
+    GuardVerdict,
+    apply_guards,
+    observe_anomaly,
+    observe_fleet,
+    observe_health,
+)
 from ia.decisions.guards.execution import ExecutionGuard, record_outcome
 from ia.decisions.guards.kill_switch import KillSwitch, KillSwitchState, MemoryKillSwitch
 from ia.decisions.guards.memory import MemoryGuardStore
@@ -64,7 +76,11 @@ from ia.decisions.guards.stores import (
     BreakerVerdict,
     ClaimStore,
     FleetStore,
+    FloorVerdict,
+    FreezeStore,
     GuardStore,
+    HealthSpan,
+    HealthStore,
     ResultStore,
     SlotStore,
     WindowStore,
@@ -72,9 +88,10 @@ from ia.decisions.guards.stores import (
 
 __all__ = [
     "DECISION_GUARDS", "EXECUTION_GUARDS", "Block", "BreakerStore", "BreakerVerdict",
-    "ClaimStore", "Downgrade", "ExecutionGuard", "FleetStore", "Guard", "GuardCall",
-    "GuardStore", "GuardVerdict", "KillSwitch", "KillSwitchState", "MemoryGuardStore",
-    "MemoryKillSwitch", "Pass", "RedisGuardStore", "ResultStore", "SlotStore", "WindowStore",
-    "admit", "apply_guards", "blast_group", "breaker_key", "budget_scopes", "observe_fleet",
-    "record_outcome",
+    "ClaimStore", "Downgrade", "ExecutionGuard", "FleetStore", "FloorVerdict", "FreezeStore",
+    "Guard", "GuardCall", "GuardStore", "GuardVerdict", "HealthSpan", "HealthStore",
+    "KillSwitch", "KillSwitchState", "MemoryGuardStore", "MemoryKillSwitch", "Pass",
+    "RedisGuardStore", "ResultStore", "SlotStore", "WindowStore", "admit", "apply_guards",
+    "blast_group", "breaker_key", "budget_scopes", "observe_anomaly", "observe_fleet",
+    "observe_health", "record_outcome",
 ]

@@ -24,7 +24,9 @@ from ia.decisions.guards.stores import (
     BreakerStore,
     ClaimStore,
     FleetStore,
+    FreezeStore,
     GuardStore,
+    HealthStore,
     ResultStore,
     SlotStore,
     WindowStore,
@@ -43,8 +45,10 @@ class GuardCall:
     time offline.
     ``labels`` are the triggering event's labels at decision time; at
     execution time they are ``None`` and the blast-radius group is the one
-    noted when the decision was made.  ``lease_ms`` overrides blast-radius
-    leases (the policy tester models how long actions take with it).
+    noted when the decision was made (the freeze windows and the capacity
+    floor read the labels noted then).  ``entity`` is the entity the event was
+    about.  ``lease_ms`` overrides blast-radius leases (the policy tester
+    models how long actions take with it).
     """
 
     decision_id: str
@@ -58,6 +62,7 @@ class GuardCall:
     kill_switch: KillSwitchState | None = None
     labels: Mapping[str, str] | None = None
     lease_ms: int | None = None
+    entity: str = ""
 
     @property
     def window_ts(self) -> int:
@@ -96,6 +101,14 @@ class GuardCall:
 
     @property
     def results(self) -> ResultStore:
+        return self.store
+
+    @property
+    def freeze(self) -> FreezeStore:
+        return self.store
+
+    @property
+    def health(self) -> HealthStore:
         return self.store
 
 

@@ -24,8 +24,15 @@ from dataclasses import dataclass
 
 from ia.decisions.guards.base import PASS, Block, Downgrade, GuardCall, Pass, Verdict
 from ia.decisions.guards.kill_switch import pause_reason
-from ia.decisions.guards.stores import FleetStore
-from ia.decisions.policy import BlastRadius
+from ia.decisions.guards.stores import FleetStore, HealthSpan
+from ia.decisions.policy import (
+    BlastRadius,
+    Health,
+    health_group,
+    param_problem,
+    target_problem,
+)
+from ia.decisions.windows import FreezeWindow, held_reason
 from ia.schemas.models import Action, Mode
 
 ACTING = frozenset({Mode.auto, Mode.needs_approval, Mode.notify})
@@ -112,6 +119,165 @@ class StaleEventGuard:
 
     async def release(self, call: GuardCall) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class TargetSanityGuard:
+    """An action names a bounded set of plain targets, with params in their bounds.
+
+    A target that is blank, has an empty part (``a,,b``), a wildcard (``*``,
+    ``?``, ``[``) or names everything (``all``), or more parts (split on commas
+    and whitespace) than ``max_targets``, is refused: tools read such targets
+    as "everything" (an empty host list deleting every disk).  So is a param
+    outside the bounds the policy declares for its action type.  Policy
+    loading refuses what it can see already; this catches what only the
+    rendered target shows (an entity called ``*``).
+    """
+
+    name: str = "target_sanity"
+    modes: frozenset[Mode] = MAY_RUN
+
+    async def check(self, call: GuardCall) -> Verdict:
+        a, g = call.action, call.settings
+        problem = target_problem(a.target, g.max_targets)
+        if problem:
+            return Block(f"target {a.target!r}: {problem}; not acted on")
+        for pname, bound in g.param_bounds:
+            value = a.params.get(pname)
+            problem = f"param {pname!r} is missing (it has declared bounds)" if value is None \
+                else param_problem(pname, value, bound)
+            if problem:
+                return Block(f"{problem}; not acted on")
+        return PASS
+
+    async def release(self, call: GuardCall) -> None:
+        return None
+
+
+async def scope_labels(call: GuardCall) -> dict[str, str]:
+    """The event's labels: given at decision time, noted for execution time."""
+    if call.labels is not None:
+        return dict(call.labels)
+    scope = await call.freeze.scope_of(call.decision_id) or {}
+    return dict(scope.get("labels") or {})
+
+
+@dataclass(frozen=True)
+class FreezeWindowGuard:
+    """Freeze and maintenance windows (the policy's, and ``ia windows add``'s).
+
+    A window in force at the decision's clock whose scope covers the decision
+    blocks it (``effect: block``) or downgrades ``auto`` to ``needs_approval``
+    (``effect: needs_approval``; a ``needs_approval`` decision is only noted).
+    The trace names the window.  At decision time the event's labels and the
+    windows that held the decision are noted (:meth:`FreezeStore.note_scope`):
+    at execution time, any ``block`` window in force refuses the action, and a
+    ``needs_approval`` window refuses it unless that window held the decision
+    (its approver saw it), so an action approved before a window opened does
+    not run inside it.
+    """
+
+    name: str = "freeze_window"
+    modes: frozenset[Mode] = MAY_RUN
+
+    async def check(self, call: GuardCall) -> Verdict:
+        deciding = call.labels is not None
+        labels = await scope_labels(call)
+        held: list[str] = []
+        if not deciding:
+            held = list((await call.freeze.scope_of(call.decision_id) or {}).get("held") or [])
+        hits = await self._in_force(call, labels)
+        verdict = self._verdict(call, hits, held, deciding)
+        if deciding and not isinstance(verdict, Block):
+            await call.freeze.note_scope(call.decision_id, {
+                "labels": labels, "held": [w.name for w, _ in hits]})
+        return verdict
+
+    @staticmethod
+    async def _in_force(call: GuardCall, labels: Mapping[str, str]
+                        ) -> list[tuple[FreezeWindow, tuple[int, int]]]:
+        out = []
+        for w in [*call.settings.windows, *await call.freeze.freeze_windows()]:
+            occurrence = w.in_force(call.now)
+            if occurrence and w.covers(call.entity, labels, call.action.type):
+                out.append((w, occurrence))
+        # Blocking windows first: the strongest effect decides and is named.
+        return sorted(out, key=lambda hit: hit[0].effect != "block")
+
+    @staticmethod
+    def _verdict(call: GuardCall, hits: list[tuple[FreezeWindow, tuple[int, int]]],
+                 held: list[str], deciding: bool) -> Verdict:
+        if not hits:
+            return PASS
+        w, occurrence = hits[0]
+        if w.effect == "block":
+            reason = held_reason(w, occurrence, "blocked")
+            return Block(reason, f"freeze window: {reason}")
+        if deciding:
+            if call.mode is Mode.auto:
+                return Downgrade(Mode.needs_approval, held_reason(
+                    w, occurrence, "auto downgraded to needs_approval"))
+            return Pass(reason=held_reason(w, occurrence, "needs approval, as decided"))
+        unseen = next(((w, o) for w, o in hits if w.name not in held), None)
+        if unseen is None:
+            return PASS
+        reason = held_reason(*unseen, "this action was not approved inside it")
+        return Block(reason, f"freeze window: {reason}")
+
+    async def release(self, call: GuardCall) -> None:
+        return None
+
+
+def health_span(h: Health) -> HealthSpan:
+    return HealthSpan(int(h.fresh_s * 1000), int(h.anomaly_hold_s * 1000),
+                      int(h.member_s * 1000))
+
+
+@dataclass(frozen=True)
+class CapacityFloorGuard:
+    """Refuse an action that would leave less than ``min_healthy_pct`` of its group
+    healthy.
+
+    Health comes from telemetry (:class:`~ia.decisions.policy.Health`): a
+    member is healthy if it sent a sample within ``fresh_s`` and none of its
+    samples scored ``unhealthy_score`` or more within ``anomaly_hold_s``.  The
+    action's target counts as out of service, and so do the targets of other
+    admitted ``auto`` actions for ``lease_s`` (the hold is reserved, and given
+    back if a later guard blocks).  A group with most members in trouble is
+    a systemic problem that restarting members makes worse, so the floor also
+    holds when the group is below it already.
+    """
+
+    name: str = "capacity_floor"
+    modes: frozenset[Mode] = MAY_RUN
+
+    async def check(self, call: GuardCall) -> Verdict:
+        cf = call.settings.capacity_floor
+        if cf is None:
+            return PASS
+        group = health_group(cf.group_label, await scope_labels(call))
+        reserve = call.mode is Mode.auto
+        v = await call.health.health_admit(
+            group, call.action.target, call.decision_id, call.now,
+            health_span(call.settings.health), cf.min_healthy_pct, int(cf.lease_s * 1000),
+            reserve)
+        if v.admitted:
+            return Pass(reserved=reserve)
+        if v.members == 0:
+            reason = f"no health data for group {group}: the capacity floor cannot be judged"
+        else:
+            reason = (f"acting on {call.action.target} would leave {v.healthy} of "
+                      f"{v.members} in group {group} healthy "
+                      f"({100 * v.healthy / v.members:.0f}% < min_healthy_pct "
+                      f"{cf.min_healthy_pct:g})")
+        return Block(reason, f"capacity floor: {reason}")
+
+    async def release(self, call: GuardCall) -> None:
+        cf = call.settings.capacity_floor
+        if cf is None:
+            return
+        group = health_group(cf.group_label, await scope_labels(call))
+        await call.health.health_release(group, call.action.target, call.decision_id)
 
 
 @dataclass(frozen=True)
@@ -301,7 +467,9 @@ class CostCapGuard:
         await call.windows.window_release("cost", call.decision_id, call.settings.cost)
 
 
-DECISION_GUARDS = (KillSwitchGuard(), StaleEventGuard(), CircuitBreakerGuard(),
+DECISION_GUARDS = (KillSwitchGuard(), StaleEventGuard(), TargetSanityGuard(),
+                   FreezeWindowGuard(), CapacityFloorGuard(), CircuitBreakerGuard(),
                    ErrorBudgetGuard(), BlastRadiusGuard(), CooldownGuard(), RateLimitGuard(),
                    CostCapGuard())
-EXECUTION_GUARDS = (KillSwitchGuard(), CircuitBreakerGuard(), BlastRadiusGuard())
+EXECUTION_GUARDS = (KillSwitchGuard(), FreezeWindowGuard(), CapacityFloorGuard(),
+                    CircuitBreakerGuard(), BlastRadiusGuard())

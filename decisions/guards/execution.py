@@ -68,7 +68,8 @@ class ExecutionGuard:
         return GuardCall(decision_id=decision.decision_id, action=decision.action,
                          rule=decision.chosen_rule, mode=Mode.auto,
                          settings=self._settings(decision), ts=decision.ts, now=self.clock(),
-                         store=self.store, kill_switch=self.kill_switch)
+                         store=self.store, kill_switch=self.kill_switch,
+                         entity=decision.entity)
 
     async def admit(self, decision: Decision) -> str | None:
         """``None`` if ``decision``'s action may run now, else why not (outcome ``blocked``)."""

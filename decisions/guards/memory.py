@@ -7,9 +7,18 @@ replay makes the calls the worker made.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from ia.decisions.guards.stores import WINDOW_SLACK_MS, BreakerVerdict, weighted
+from ia.decisions.guards.stores import (
+    WINDOW_SLACK_MS,
+    BreakerVerdict,
+    FloorVerdict,
+    HealthSpan,
+    weighted,
+)
+from ia.decisions.windows import FreezeWindow
 
 
 class MemoryGuardStore:
@@ -25,6 +34,11 @@ class MemoryGuardStore:
         self._breakers: dict[str, dict[str, object]] = {}
         self._failures: dict[str, dict[str, int]] = {}
         self._results: dict[str, dict[str, tuple[int, bool]]] = {}
+        self._freeze: dict[str, FreezeWindow] = {}
+        self._scopes: dict[str, str] = {}
+        self._seen: dict[str, dict[str, int]] = {}
+        self._sick: dict[str, dict[str, int]] = {}
+        self._out: dict[str, dict[tuple[str, str], int]] = {}
 
     async def claim(self, key: str, owner: str, ts: int, until_ts: int) -> str:
         held = self._claims.get(key)
@@ -132,3 +146,56 @@ class MemoryGuardStore:
     async def results(self, scope: str, now: int, window_ms: int) -> tuple[int, int]:
         recent = [ok for at, ok in self._results.get(scope, {}).values() if at > now - window_ms]
         return sum(recent), len(recent) - sum(recent)
+
+    async def freeze_windows(self) -> list[FreezeWindow]:
+        return [self._freeze[n] for n in sorted(self._freeze)]
+
+    async def add_freeze_window(self, window: FreezeWindow) -> bool:
+        if window.name in self._freeze:
+            return False
+        self._freeze[window.name] = window
+        return True
+
+    async def remove_freeze_window(self, name: str) -> FreezeWindow | None:
+        return self._freeze.pop(name, None)
+
+    async def note_scope(self, member: str, scope: Mapping[str, Any]) -> None:
+        # Kept as JSON, as Redis keeps it: what execution reads is what was written.
+        self._scopes[member] = json.dumps(scope, sort_keys=True)
+
+    async def scope_of(self, member: str) -> dict[str, Any] | None:
+        raw = self._scopes.get(member)
+        return None if raw is None else json.loads(raw)
+
+    async def health_seen(self, group: str, last_seen: Mapping[str, int],
+                          resolution_ms: int) -> None:
+        seen = self._seen.setdefault(group, {})
+        for entity, ts in last_seen.items():
+            seen[entity] = max(ts, seen.get(entity, ts))
+
+    async def health_anomaly(self, group: str, entity: str, ts: int) -> None:
+        sick = self._sick.setdefault(group, {})
+        sick[entity] = max(ts, sick.get(entity, ts))
+
+    async def health_admit(self, group: str, target: str, member: str, now: int,
+                           span: HealthSpan, min_pct: float, lease_ms: int,
+                           reserve: bool) -> FloorVerdict:
+        seen = self._seen.setdefault(group, {})
+        for e in [e for e, at in seen.items() if at < now - span.member_ms]:
+            del seen[e]
+        out = self._out.setdefault(group, {})
+        for k in [k for k, until in out.items() if until <= now]:
+            del out[k]
+        away = {target} | {t for (t, m) in out if m != member}
+        sick = self._sick.get(group, {})
+        healthy = sum(1 for e, at in seen.items()
+                      if at > now - span.fresh_ms and e not in away
+                      and sick.get(e, -2**62) <= now - span.anomaly_ms)
+        members = len(seen)
+        admitted = members > 0 and healthy * 100 >= min_pct * members - 1e-9
+        if admitted and reserve:
+            out[(target, member)] = now + lease_ms
+        return FloorVerdict(admitted, healthy, members)
+
+    async def health_release(self, group: str, target: str, member: str) -> None:
+        self._out.get(group, {}).pop((target, member), None)

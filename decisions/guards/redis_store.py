@@ -8,20 +8,31 @@ last slot or both become the half-open probe.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
+from typing import Any
+
+from pydantic import ValidationError
 
 from ia.core.keys import Keys
 from ia.decisions.guards.stores import (
     CLAIM_GC_MS,
     FLEET_TTL_S,
+    FREEZE_REFRESH_S,
     GROUP_TTL_S,
     RESULT_RETENTION_MS,
     WINDOW_SLACK_MS,
     BreakerVerdict,
+    FloorVerdict,
+    HealthSpan,
     weighted,
 )
+from ia.decisions.windows import FreezeWindow
+
+log = logging.getLogger("ia.guards")
 
 
 @functools.cache
@@ -54,8 +65,12 @@ class RedisGuardStore:
         self._breaker = client.register_script(lua("breaker"))
         self._release_probe = client.register_script(lua("release_probe"))
         self._result = client.register_script(lua("result"))
+        self._health = client.register_script(lua("health"))
         self._known_fleet: set[tuple[str, str]] = set()
         self._known_since = time.monotonic()
+        self._freeze: list[FreezeWindow] = []
+        self._freeze_read = -float("inf")
+        self._seen_written: dict[tuple[str, str], int] = {}
 
     async def claim(self, key: str, owner: str, ts: int, until_ts: int) -> str:
         holder = await self._claim(keys=[self.keys.claim(key)],
@@ -140,3 +155,83 @@ class RedisGuardStore:
             pipe.zcount(self.keys.budget(scope, "fail"), lo, "+inf")
             ok, failed = await pipe.execute()
         return int(ok), int(failed)
+
+    async def freeze_windows(self) -> list[FreezeWindow]:
+        # Read at most every FREEZE_REFRESH_S: the guard asks for every action decision.
+        if time.monotonic() - self._freeze_read < FREEZE_REFRESH_S:
+            return self._freeze
+        raw = await self.client.hgetall(self.keys.freeze_windows)
+        windows = []
+        for name, value in sorted((text_of(k), v) for k, v in raw.items()):
+            try:
+                windows.append(FreezeWindow.model_validate_json(value))
+            except ValidationError as exc:
+                # A hand-edited entry must not stop decisions; it holds nothing.
+                log.error("freeze window %r in Redis is unreadable, ignored: %s", name, exc)
+        self._freeze, self._freeze_read = windows, time.monotonic()
+        return windows
+
+    async def add_freeze_window(self, window: FreezeWindow) -> bool:
+        key = self.keys.freeze_windows
+        added = bool(await self.client.hsetnx(key, window.name, window.model_dump_json()))
+        self._freeze_read = -float("inf")
+        return added
+
+    async def remove_freeze_window(self, name: str) -> FreezeWindow | None:
+        key = self.keys.freeze_windows
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(key, name)
+            pipe.hdel(key, name)
+            raw, _ = await pipe.execute()
+        self._freeze_read = -float("inf")
+        if raw is None:
+            return None
+        try:
+            return FreezeWindow.model_validate_json(raw)
+        except ValidationError:
+            return FreezeWindow.model_construct(name=name)
+
+    async def note_scope(self, member: str, scope: Mapping[str, Any]) -> None:
+        await self.client.set(self.keys.scope_of(member), json.dumps(scope, sort_keys=True),
+                              ex=GROUP_TTL_S)
+
+    async def scope_of(self, member: str) -> dict[str, Any] | None:
+        raw = await self.client.get(self.keys.scope_of(member))
+        return None if raw is None else json.loads(raw)
+
+    async def health_seen(self, group: str, last_seen: Mapping[str, int],
+                          resolution_ms: int) -> None:
+        # Each entity's time is written when it has moved on by resolution_ms: one
+        # ZADD per group and batch at most, and usually none.
+        if len(self._seen_written) > 100_000:
+            self._seen_written.clear()
+        fresh = {e: ts for e, ts in last_seen.items()
+                 if ts - self._seen_written.get((group, e), -2**62) >= resolution_ms}
+        if not fresh:
+            return
+        key = self.keys.health_seen(group)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, fresh, gt=True)
+            pipe.expire(key, FLEET_TTL_S)
+            await pipe.execute()
+        self._seen_written.update(((group, e), ts) for e, ts in fresh.items())
+
+    async def health_anomaly(self, group: str, entity: str, ts: int) -> None:
+        key = self.keys.health_anomalies(group)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {entity: ts}, gt=True)
+            pipe.expire(key, FLEET_TTL_S)
+            await pipe.execute()
+
+    async def health_admit(self, group: str, target: str, member: str, now: int,
+                           span: HealthSpan, min_pct: float, lease_ms: int,
+                           reserve: bool) -> FloorVerdict:
+        ok, healthy, members = await self._health(
+            keys=[self.keys.health_seen(group), self.keys.health_anomalies(group),
+                  self.keys.health_out(group)],
+            args=[target, member, now, span.fresh_ms, span.anomaly_ms, span.member_ms,
+                  repr(float(min_pct)), lease_ms, "1" if reserve else "0"])
+        return FloorVerdict(bool(int(ok)), int(healthy), int(members))
+
+    async def health_release(self, group: str, target: str, member: str) -> None:
+        await self.client.zrem(self.keys.health_out(group), f"{target}|{member}")

@@ -4,7 +4,8 @@ Each guard depends only on the mechanism it uses: the cooldown on
 :class:`ClaimStore`, the rate limit and the cost cap on :class:`WindowStore`,
 the blast radius on :class:`SlotStore` and :class:`FleetStore`, the circuit
 breaker on :class:`BreakerStore`, the error budget (and outcome accounting)
-on :class:`ResultStore`.  :class:`GuardStore` is all of them, what one
+on :class:`ResultStore`, the freeze windows on :class:`FreezeStore`, the
+capacity floor on :class:`HealthStore`.  :class:`GuardStore` is all of them, what one
 backend offers: :class:`~ia.decisions.guards.memory.MemoryGuardStore` for
 replay and the policy tester, :class:`~ia.decisions.guards.redis_store.RedisGuardStore`
 for workers and actuators.  ``tests/test_guard_stores.py`` holds both to the
@@ -15,9 +16,11 @@ Times are milliseconds; ``member`` and ``owner`` are decision ids.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from ia.decisions.windows import FreezeWindow
 
 # Claims are garbage-collected by Redis a while after they stop mattering;
 # the event-time check, not the TTL, decides whether a claim blocks.
@@ -28,6 +31,26 @@ WINDOW_SLACK_MS = 3600 * 1000
 RESULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 FLEET_TTL_S = 7 * 24 * 3600
 GROUP_TTL_S = 7 * 24 * 3600
+# Runtime windows are re-read at most this often by a worker or actuator.
+FREEZE_REFRESH_S = 0.5
+# Runtime windows are forgotten this long after they expire.
+FREEZE_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class HealthSpan:
+    """What makes an entity healthy (ia.decisions.policy.Health, in ms)."""
+
+    fresh_ms: int
+    anomaly_ms: int
+    member_ms: int
+
+
+@dataclass(frozen=True)
+class FloorVerdict:
+    admitted: bool
+    healthy: int   # healthy members left if the action goes ahead
+    members: int
 
 
 @dataclass(frozen=True)
@@ -136,8 +159,63 @@ class ResultStore(Protocol):
         ...
 
 
+class FreezeStore(Protocol):
+    """Windows added at run time (``ia windows``), and what execution needs of a decision."""
+
+    async def freeze_windows(self) -> list[FreezeWindow]:
+        """The windows added at run time, by name (may lag an add by :data:`FREEZE_REFRESH_S`)."""
+        ...
+
+    async def add_freeze_window(self, window: FreezeWindow) -> bool:
+        """Add ``window``; False if one of that name exists (nothing changes)."""
+        ...
+
+    async def remove_freeze_window(self, name: str) -> FreezeWindow | None:
+        """Remove the window called ``name``; the removed window, or None."""
+        ...
+
+    async def note_scope(self, member: str, scope: Mapping[str, Any]) -> None:
+        """Remember a decision's labels and the windows that held it, for execution."""
+        ...
+
+    async def scope_of(self, member: str) -> dict[str, Any] | None:
+        """What :meth:`note_scope` remembered of ``member``."""
+        ...
+
+
+class HealthStore(Protocol):
+    """Members of capacity-floor groups and their health, from telemetry."""
+
+    async def health_seen(self, group: str, last_seen: Mapping[str, int],
+                          resolution_ms: int) -> None:
+        """Entities of ``group`` sent samples at these times (a later time wins;
+        a store may skip a write less than ``resolution_ms`` newer than the last)."""
+        ...
+
+    async def health_anomaly(self, group: str, entity: str, ts: int) -> None:
+        """An anomalous sample of ``entity`` at ``ts``."""
+        ...
+
+    async def health_admit(self, group: str, target: str, member: str, now: int,
+                           span: HealthSpan, min_pct: float, lease_ms: int,
+                           reserve: bool) -> FloorVerdict:
+        """Would ``group`` keep ``min_pct`` healthy with ``target`` out of service?
+
+        Healthy: a member (seen within ``member_ms``) seen within ``fresh_ms``,
+        without an anomaly within ``anomaly_ms``, and not the target of an
+        admitted action whose lease runs.  ``target`` counts as out.  If
+        admitted and ``reserve``, ``member`` holds ``target`` out until ``now +
+        lease_ms`` (idempotent per member).  No members: not admitted.
+        """
+        ...
+
+    async def health_release(self, group: str, target: str, member: str) -> None:
+        """Give back ``member``'s hold on ``target``."""
+        ...
+
+
 class GuardStore(ClaimStore, WindowStore, SlotStore, FleetStore, BreakerStore, ResultStore,
-                 Protocol):
+                 FreezeStore, HealthStore, Protocol):
     """Every guard mechanism: what one backend implements."""
 
 

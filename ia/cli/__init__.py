@@ -24,6 +24,7 @@ from ia.cli import (
     run,
     shadow,
     stack,
+    windows,
 )
 from ia.cli.common import IaGroup
 
@@ -44,6 +45,7 @@ COMMANDS: list[click.Command] = [
     killswitch.pause, killswitch.resume, policy.policy, approvals.approvals, audit.audit,
     replay.replay, replay.eval_group, backtest.backtest, backtest.record, shadow.shadow,
     feedback.feedback, features.features, bench.bench, ingest.ingest, ingest.receive,
+    windows.windows,
 ]
 for command in COMMANDS:
     main.add_command(command)

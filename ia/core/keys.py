@@ -26,6 +26,13 @@ breaker               ia:g:cb:{type}:{target}            hash    worker, actuato
 breaker failures      ia:g:cb-fail:{type}:{target}       zset    actuator / worker,   7 d
                                                                  actuator
 budget                ia:g:eb:{scope}:{ok|fail}          zset    actuator / worker    7 d
+freeze windows        ia:g:freeze                        hash    CLI / worker,        none
+                                                                 actuator
+freeze log            ia:g:freeze-log                    list    CLI                  1000 kept
+scope                 ia:g:scope:{decision id}           string  worker / actuator    7 d
+health seen           ia:g:hl-seen:{group}               zset    worker               7 d
+health anomalies      ia:g:hl-sick:{group}               zset    worker               7 d
+health out            ia:g:hl-out:{group}                zset    worker, actuator     2*lease+60 s
 kill switch           ia:paused                          string  CLI / worker,        none
                                                                  actuator
 remembered            ia:dfx:{decision id}               string  worker               30 d
@@ -118,6 +125,32 @@ class Keys:
     def budget(self, scope: str, result: str) -> str:
         """An error budget's recent ``ok`` or ``fail`` outcomes."""
         return self._guard("eb", scope, result)
+
+    @property
+    def freeze_windows(self) -> str:
+        """Freeze and maintenance windows added at run time (``ia windows``)."""
+        return self._guard("freeze")
+
+    @property
+    def freeze_log(self) -> str:
+        """Who added or removed which window, when and why (newest first)."""
+        return self._guard("freeze-log")
+
+    def scope_of(self, decision_id: str) -> str:
+        """A decision's labels and the windows that held it, for the execution check."""
+        return self._guard("scope", decision_id)
+
+    def health_seen(self, group: str) -> str:
+        """When each entity of a capacity-floor group last sent a sample."""
+        return self._guard("hl-seen", group)
+
+    def health_anomalies(self, group: str) -> str:
+        """When each entity of a capacity-floor group last had an anomalous sample."""
+        return self._guard("hl-sick", group)
+
+    def health_out(self, group: str) -> str:
+        """Targets that admitted actions keep out of a group's healthy count."""
+        return self._guard("hl-out", group)
 
     @property
     def kill_switch(self) -> str:

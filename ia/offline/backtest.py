@@ -17,6 +17,8 @@ guard interventions):
 
 * added / removed: an event the candidate acts on and the baseline does not,
   or the reverse; changed: both act, with a different action or mode.
+* held by windows (``held_by_windows``): per freeze or maintenance window of the
+  variant's policy, the decisions it blocked or downgraded to approval.
 * against labelled windows (only on entities the labels cover): a window is
   detected when an acting decision falls inside it; recall = detected /
   windows; precision = acting decisions inside a window / all acting
@@ -44,6 +46,7 @@ from ia.core.times import TimeFormatError, parse_time
 from ia.decisions.detector import DetectorConfig
 from ia.decisions.policy import Policy
 from ia.decisions.shadow import intended_mode
+from ia.decisions.windows import held_by
 from ia.offline.run import Variant
 from ia.schemas.models import Decision, Feedback, Mode
 
@@ -129,6 +132,7 @@ class Row:
     action: str | None  # "type target {params}" or None
     rule: str | None
     guards: tuple[str, ...] = ()
+    windows: tuple[str, ...] = ()  # freeze windows that blocked or downgraded it
 
     @property
     def acts(self) -> bool:
@@ -137,12 +141,14 @@ class Row:
     @classmethod
     def of(cls, d: Decision) -> Row:
         """``d`` as a row; a shadow decision counts with the mode its candidate chose."""
-        rule, guards = None, []
+        rule, guards, windows = None, [], []
         for t in d.rule_trace:
             if not t.matched:
                 continue
             if t.rule.startswith("guard:"):
                 guards.append(t.rule[6:])
+                if t.guard == "freeze_window" and (name := held_by(t.reason)):
+                    windows.append(name)
             elif t.rule != "shadow":
                 rule = t.rule
         action = None
@@ -151,7 +157,7 @@ class Row:
             action = f"{d.action.type} {d.action.target} {params}".rstrip()
         return cls(d.event_id, d.decision_id, d.entity, d.metric, d.ts, d.value,
                    d.anomaly_score, d.confidence, intended_mode(d).value, action, rule,
-                   tuple(guards))
+                   tuple(guards), tuple(windows))
 
     def brief(self) -> dict[str, Any]:
         return {"mode": self.mode, "action": self.action, "rule": self.rule,
@@ -217,6 +223,16 @@ def volume(rows: Iterable[Row]) -> dict[str, Any]:
     return {"actions": acting, "by_mode": dict(sorted(by_mode.items())),
             "by_action_type": dict(sorted(by_action.items())),
             "by_rule": dict(sorted(by_rule.items()))}
+
+
+def held_by_windows(rows: Iterable[Row]) -> dict[str, dict[str, int]]:
+    """Per freeze window, the decisions it held, by the mode they ended in
+    (``blocked``, or ``needs_approval`` for an ``auto`` decision it downgraded)."""
+    out: dict[str, Counter[str]] = {}
+    for r in rows:
+        for name in r.windows:
+            out.setdefault(name, Counter())[r.mode] += 1
+    return {name: dict(sorted(c.items())) for name, c in sorted(out.items())}
 
 
 def guard_interventions(rows: Iterable[Row]) -> dict[str, int]:
@@ -432,7 +448,8 @@ def _ttd_stats(values: list[float]) -> dict[str, float | None]:
 def side_summary(variant: Variant, rows: Sequence[Row], labels: Labels | None
                  ) -> dict[str, Any]:
     out: dict[str, Any] = {**variant.describe(), "volume": volume(rows),
-                           "guard_interventions": guard_interventions(rows)}
+                           "guard_interventions": guard_interventions(rows),
+                           "held_by_windows": held_by_windows(rows)}
     if labels is not None:
         out["quality"] = quality(rows, labels)
     return out

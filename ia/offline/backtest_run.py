@@ -98,6 +98,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         s = summary[side]
         line = (f"{side:9} {s['name']}: {s['volume']['actions']} actions, guard "
                 f"interventions {sum(s['guard_interventions'].values())}")
+        held = {name: sum(modes.values()) for name, modes in s["held_by_windows"].items()}
+        if held:
+            line += "; held by windows " + ", ".join(f"{n} {k}" for n, k in held.items())
         q = s.get("quality")
         if q:
             line += (f"; precision {q['precision']}, recall {q['recall']} "

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from ia.decisions.guards import MemoryKillSwitch, apply_guards, budget_scopes
+from ia.decisions.guards import (
+    MemoryKillSwitch,
+    apply_guards,
+    budget_scopes,
+    observe_anomaly,
+    observe_health,
+)
 from ia.decisions.policy import BlastRadius, Policy, miss_depth
 from ia.offline.run import Runner, Variant
 from ia.schemas.models import (
@@ -191,9 +197,12 @@ class PolicyTester:
                                           kind=ev.kind.value, labels=ev.labels, features=feats,
                                           score=score, confidence=confidence, drift=drift.value)
         decision_id = derive_decision_id(ev.event_id or "", PIPELINE_ID)
+        # Health as the worker sees it: this sample, and whether it is anomalous.
+        await observe_health(self.runner.guards, self._effective, [ev])
+        await observe_anomaly(self.runner.guards, self._effective, ev, score)
         verdict = await apply_guards(result, decision_id=decision_id, ts=ev.ts, now=ev.ts,
                                      labels=ev.labels, store=self.runner.guards,
-                                     kill_switch=self.runner.kill_switch)
+                                     kill_switch=self.runner.kill_switch, entity=ev.entity)
         self.last_ts = max(self.last_ts, ev.ts)
         decision = Decision(
             decision_id=decision_id, correlation_id=ev.event_id or "", event_id=ev.event_id or "",

@@ -101,12 +101,15 @@ _METRICS = [
     ("time to detect, median (s)", ("quality", "time_to_detect_s", "median")),
     ("time to detect, mean (s)", ("quality", "time_to_detect_s", "mean")),
     ("guard interventions", ("guards_total",)),
+    ("held by freeze windows", ("windows_total",)),
 ]
 
 
 def _dig(side: dict[str, Any], path: tuple[str, ...]) -> Any:
     if path == ("guards_total",):
         return sum(side["guard_interventions"].values())
+    if path == ("windows_total",):
+        return sum(sum(m.values()) for m in side.get("held_by_windows", {}).values())
     cur: Any = side
     for key in path:
         if not isinstance(cur, dict) or key not in cur:
@@ -379,6 +382,24 @@ def _header(inp: ReportInput) -> str:
             f"{src['entities']} entities.</p>")
 
 
+def windows_table(summary: dict[str, Any]) -> str:
+    """Decisions each freeze window held, per side: what a window costs and saves."""
+    base = summary["baseline"].get("held_by_windows", {})
+    cand = summary["candidate"].get("held_by_windows", {})
+    if not base and not cand:
+        return ""
+    rows = []
+    for name in sorted(set(base) | set(cand)):
+        for side, held in (("baseline", base), ("candidate", cand)):
+            modes = held.get(name, {})
+            rows.append(f"<tr><td>{_e(name)}</td><td>{side}</td>"
+                        f"<td>{modes.get('blocked', 0)}</td>"
+                        f"<td>{modes.get('needs_approval', 0)}</td></tr>")
+    return ("<table class='windows'><caption>Held by freeze windows</caption><tr>"
+            "<th>window</th><th>side</th><th>blocked</th><th>downgraded to approval</th>"
+            f"</tr>{''.join(rows)}</table>")
+
+
 def render(inp: ReportInput) -> str:
     overview = _figure_html(overview_figure(inp), "overview")
     figs: list[str] = []
@@ -393,6 +414,7 @@ def render(inp: ReportInput) -> str:
     body = (
         "<div id='render-errors' hidden></div>" + _header(inp)
         + "<h2>Summary</h2>" + metrics_table(inp.summary) + confusion_table(inp.summary)
+        + windows_table(inp.summary)
         + overview
         + "<h2>Decisions that differ</h2>" + changes_table(inp.changes)
         + "<h2>Series</h2>" + note + "".join(figs))
