@@ -158,7 +158,8 @@ def test_every_key_family_belongs_to_some_user() -> None:
                 K.verifications_due, K.approval("ap-1"), K.approvals_pending,
                 K.approvals_unfinished, K.approvals_index, K.audit_head, K.audit_pending,
                 K.audit_offsets, K.audit_lease, K.label_quota("e", 1), K.cumulative("s"),
-                K.alert_seen("a")]
+                K.alert_seen("a"), K.scope_of("dc-1"), K.health_seen("g"),
+                K.health_anomalies("g"), K.health_out("g")]
     families += [getattr(K, name) for name in dir(Keys) if isinstance(
         getattr(Keys, name), property) and name != "everything"]
     orphans = [key for key in families if not any(fnmatch.fnmatchcase(key, p)
@@ -166,6 +167,6 @@ def test_every_key_family_belongs_to_some_user() -> None:
     assert orphans == []
     methods = {name for name in vars(Keys) if not name.startswith("_")} - {"prefix",
                                                                           "everything"}
-    assert len(methods) == 30, "a new key family: add it to the ACL users and to this test"
+    assert len(methods) == 36, "a new key family: add it to the ACL users and to this test"
     assert set(_users()) == {"default", *(f"ia-{role}" for role in ROLES)}
     assert _users()["default"] == ["off"]

@@ -115,12 +115,12 @@ async def test_persistence_gap_names_what_can_lose_a_claim(infra, tmp_path: Path
     from ia.runtime.embedded import start_redis
 
     if not infra.external:
-        shipped = client(infra.redis_url)  # the embedded stack's: fsynced before each reply
+        shipped = client(infra.redis)  # the embedded stack's: fsynced before each reply
         try:
             assert await persistence_gap(shipped) is None
         finally:
             await shipped.aclose()
-    svc = start_redis(tmp_path, durable=False)
+    svc = start_redis(tmp_path, durable=False, password=False)
     bare = client(svc.address)
     try:
         assert await persistence_gap(bare) == "appendonly no, appendfsync everysec"

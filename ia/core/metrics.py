@@ -117,7 +117,7 @@ RECEIVE_REQUESTS = _counter("ia_receive_requests_total",
                             "Requests to `ia receive` by path and HTTP status", ["path", "code"])
 RECEIVE_SECONDS = _histogram(
     "ia_receive_request_duration_seconds",
-    "Time from a request's arrival to its answer (includes the broker's confirmation)",
+    "Seconds from a request's arrival to its answer (includes the broker's confirmation)",
     ["path"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 RECEIVE_DUPLICATES = _counter("ia_receive_duplicate_alerts_total",
                               "Alertmanager alerts already sent on (same fingerprint, status "
