@@ -598,6 +598,38 @@ async def test_api_groups_and_the_two_person_rule(service, store) -> None:
     assert act.ran == [d.decision_id]
 
 
+async def test_api_approving_while_paused_says_the_action_would_be_blocked(
+        aredis, topic_prefix, store) -> None:
+    from ia.decisions.guards import KillSwitch
+
+    published, publish = recorder()
+    switch = KillSwitch(aredis, topic_prefix, refresh_s=0)
+    app = build_api(ApprovalDesk(store, publish), tokens(ann="a" * 20), paused=switch.info)
+    ann = {"Authorization": f"Bearer {'a' * 20}"}
+    first, _ = await store.request(decision())
+    second, _ = await store.request(decision())
+    await switch.pause("ops", "incident 42")
+    async with TestClient(TestServer(app)) as client:
+        r = await client.post(f"/approvals/{first.approval_id}/approve", headers=ann, json={})
+        body = await r.json()
+        assert r.status == 409 and body["paused"]["reason"] == "incident 42"
+        assert "'blocked' outcome" in body["error"] and "while_paused" in body["error"]
+        assert published == [] and (await store.get(first.approval_id))[0].status.value == \
+            "requested"
+        # said so, and asked for anyway: recorded, with the warning in the answer
+        r = await client.post(f"/approvals/{first.approval_id}/approve", headers=ann,
+                              json={"while_paused": True})
+        body = await r.json()
+        assert r.status == 200 and body["approval"]["status"] == "approved"
+        assert "by ops at " in body["warning"] and "incident 42" in body["warning"]
+        # a rejection while paused needs no such confirmation
+        r = await client.post(f"/approvals/{second.approval_id}/reject", headers=ann,
+                              json={"reason": "not now"})
+        assert r.status == 200 and "warning" not in await r.json()
+        await switch.resume()
+    assert [ev.status.value for ev in published] == ["approved", "rejected"]
+
+
 async def test_api_rate_limit_per_identity_and_address(store) -> None:
     now = [1000.0]
     limiter = RateLimiter(3, 60.0, clock=lambda: now[0])

@@ -73,17 +73,12 @@ def approvals_show(approval_id: str) -> None:
                            "decision": found[1].model_dump(mode="json")}, indent=2))
 
 
-PAUSED_APPROVAL = ("automation is paused ({who}): the actuator will not run an approved "
-                   "action while paused; it records a 'blocked' outcome, and the action does "
-                   "not run after `ia resume` either")
-
-
 def _answer(approval_id: str, approve: bool, by: str | None, reason: str,
             while_paused: bool = False) -> None:
     from ia.actuators.approvals import ApprovalStore
     from ia.core.signing import approval_keys
     from ia.decisions.guards import KillSwitch
-    from ia.governance.api import ApprovalDesk, kafka_publisher
+    from ia.governance.api import PAUSED_APPROVAL, ApprovalDesk, kafka_publisher, paused_by
 
     if by is not None:
         raise click.UsageError(
@@ -102,8 +97,7 @@ def _answer(approval_id: str, approve: bool, by: str | None, reason: str,
 
     pause = asyncio.run(paused()) if approve else None
     if pause is not None:
-        who = f"by {pause.get('by') or '?'} at {when(pause.get('at'))}" + (
-            f": {pause['reason']}" if pause.get("reason") else "")
+        who = paused_by(pause)
         if not while_paused:
             raise click.ClickException(
                 PAUSED_APPROVAL.format(who=who) + ". Approve after `ia resume`, or pass "

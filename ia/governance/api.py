@@ -37,6 +37,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -55,6 +56,7 @@ from ia.core.tokens import (  # noqa: F401  # re-exported: the API's token file 
     parse_tokens,
     token_hash,
 )
+from ia.decisions.guards import KillSwitch
 from ia.schemas.models import ApprovalEvent, ApprovalStatus
 from ia.schemas.serde import encode
 
@@ -152,8 +154,28 @@ def _refused(status: int, reason: str, message: str, **headers: str) -> web.Resp
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
+PAUSED_APPROVAL = ("automation is paused ({who}): the actuator will not run an approved "
+                   "action while paused; it records a 'blocked' outcome, and the action does "
+                   "not run after `ia resume` either")
+
+# What the kill switch says (None: not paused); see decisions.guards.KillSwitch.info.
+PauseInfo = Callable[[], Awaitable[dict | None]]
+
+
+def paused_by(info: dict) -> str:
+    """Who paused and why, as PAUSED_APPROVAL's ``who``."""
+    at = info.get("at")
+    when = datetime.fromtimestamp(at / 1000, UTC).isoformat(timespec="seconds") \
+        if isinstance(at, int | float) else "?"
+    return f"by {info.get('by') or '?'} at {when}" + (
+        f": {info['reason']}" if info.get("reason") else "")
+
+
 def build_api(desk: ApprovalDesk, tokens: Tokens,
-              limiter: RateLimiter | None = None) -> web.Application:
+              limiter: RateLimiter | None = None,
+              paused: PauseInfo | None = None) -> web.Application:
+    """The approval service; ``paused`` reads the kill switch, so that approving while
+    paused is refused (409) unless the body says ``"while_paused": true``."""
     limiter = limiter or RateLimiter(0, 1.0)
 
     def too_many(key: str) -> web.Response | None:
@@ -215,6 +237,14 @@ def build_api(desk: ApprovalDesk, tokens: Tokens,
                           "leave out 'by'"}, status=400)
         if not approve and not reason.strip():
             return web.json_response({"error": "a rejection needs a reason"}, status=400)
+        pause = await paused() if approve and paused is not None else None
+        warning = PAUSED_APPROVAL.format(who=paused_by(pause)) if pause else None
+        if warning and body.get("while_paused") is not True:
+            # The action would be blocked for good: say so instead of reporting success.
+            return web.json_response(
+                {"error": f"{warning}. Approve after `ia resume`, or send "
+                          '"while_paused": true to approve now anyway', "paused": pause},
+                status=409)
         try:
             ev = await desk.answer(request.match_info["id"], approve, by=identity,
                                    via=f"api:{identity}", reason=reason[:4096])
@@ -224,7 +254,8 @@ def build_api(desk: ApprovalDesk, tokens: Tokens,
                 log.warning("%s may not answer %s: %s", identity, request.match_info["id"],
                             exc)
             return web.json_response({"error": str(exc)}, status=exc.http_status)
-        return web.json_response({"approval": _json(ev)})
+        return web.json_response({"approval": _json(ev),
+                                  **({"warning": warning} if warning else {})})
 
     async def approve(request: web.Request) -> web.Response:
         return await answer(request, True)
@@ -263,7 +294,8 @@ def serve(settings, host: str | None = None, port: int | None = None) -> None:
                               keys=approval_keys(settings.approvals, settings.signing))
         store.require_keys()  # no key: refuse to start rather than fail every answer
         app = build_api(ApprovalDesk(store, publish), tokens,
-                        RateLimiter(settings.api.rate_limit, settings.api.rate_window_s))
+                        RateLimiter(settings.api.rate_limit, settings.api.rate_window_s),
+                        KillSwitch(client, settings.redis.prefix).info)
 
         async def _cleanup(_app: web.Application) -> None:
             close()
