@@ -23,9 +23,10 @@ demo: $(STAMP)
 	$(BIN)/ia demo --json demo-summary.json
 
 # The fault suite's full trials (faults_long) run in `make faults`; `make test`
-# runs the same tests with fewer trials (faults_quick).
+# runs the same tests with fewer trials (faults_quick), in two processes
+# (pytest-xdist; tests/conftest.py keeps each module, and all fault trials, on one).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p tests.fault_support -m "not faults_long" --durations=20
+	$(BIN)/python -m pytest -q -n 2 -p tests.fault_support -m "not faults_long" --durations=20
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

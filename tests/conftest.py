@@ -92,23 +92,21 @@ async def aredis(infra: Infra) -> AsyncIterator[aioredis.Redis]:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under pytest-xdist (``make test`` runs two processes) the fault trials run one
-    after another on one worker: each loads the machine on purpose, and two at once
-    would measure each other.  The tests of ``test_ingest_e2e.py`` stay together and in
-    order too: they share one module fixture (a broker, three ``ia`` processes,
-    Prometheus and Alertmanager) that two workers would each start, and its last test
-    pauses that broker.  Every other test is scheduled on its own.
+    """Under pytest-xdist (``make test`` runs two processes) each test module runs whole
+    and in order on one worker: a module fixture (a broker and ``ia`` processes in
+    ``test_ingest_e2e.py``, the governance stack whose later tests read what earlier
+    ones approved) is started once and its tests see each other's effects.  The fault
+    trials of every ``test_faults*`` module run one after another on one worker: each
+    loads the machine on purpose, and two at once would measure each other.
 
-    (``--dist loadgroup`` would say this with a marker, but pytest-xdist 3.8 cannot
-    rename pytest 9's node ids, so its groups are silently ignored.)"""
+    (``--dist loadscope`` would say the first half, but pytest-xdist 3.8 cannot
+    rename pytest 9's node ids, so its scopes and groups are silently ignored.)"""
     from xdist.scheduler import LoadScopeScheduling
 
-    class FaultTrialsTogether(LoadScopeScheduling):
+    class ModulesWholeFaultTrialsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith("tests/test_faults"):
                 return "fault-trials"
-            if nodeid.startswith("tests/test_ingest_e2e.py"):
-                return "tests/test_ingest_e2e.py"
-            return nodeid
+            return nodeid.split("::", 1)[0]
 
-    return FaultTrialsTogether(config, log)
+    return ModulesWholeFaultTrialsTogether(config, log)
