@@ -79,3 +79,16 @@ def test_bad_setting_names_its_variable(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
     assert out.returncode == 2
     assert "worker.batch_size (IA_BATCH_SIZE)" in out.stderr
+
+
+def test_audit_verify_with_redis_stopped(tmp_path: Path) -> None:
+    key = write_key_file(tmp_path / "audit.key")
+    out = run_ia(["audit", "verify"], tmp_path, IA_AUDIT_KEY_FILE=str(key))
+    assert_one_line_error(out, 3, "cannot reach Redis", "REDIS_URL")
+
+
+def test_record_with_the_broker_stopped(tmp_path: Path) -> None:
+    out = run_ia(["record", "--topic", "ia.telemetry", "--output", str(tmp_path / "r.jsonl")],
+                 tmp_path)
+    assert_one_line_error(out, 3, "Kafka", "KAFKA_BOOTSTRAP_SERVERS")
+    assert len(out.stderr.splitlines()) < 10, "librdkafka's connection noise is summarised"

@@ -111,8 +111,13 @@ def test_history_is_read_afresh_on_every_pass(tmp_path: Path) -> None:
 
 def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"entity": "a"}\n')
-    with pytest.raises(HistoryError, match="not JSON Lines of telemetry events"):
+    with pytest.raises(HistoryError, match=r"bad\.jsonl:1: not JSON Lines of telemetry events: "
+                                           r"metric: Field required"):
         list(from_file(tmp_path / "bad.jsonl"))
+    good = '{"entity": "a", "metric": "m", "value": 1, "ts": 1700000000000}\n'
+    (tmp_path / "third.jsonl").write_text(good + "\n" + "not json\n")
+    with pytest.raises(HistoryError, match=r"third\.jsonl:3: .*Invalid JSON"):
+        list(from_file(tmp_path / "third.jsonl"))
     with pytest.raises(UsageError, match="need --topic"):
         load_history(Settings(), tmp_path / "bad.jsonl", from_time="-1h")
     with pytest.raises(UsageError, match="either --input"):

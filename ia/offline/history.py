@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from ia.core.errors import IaError, UsageError
 from ia.core.settings import KafkaSettings, Settings
 from ia.offline.recording import Partitions, RawRecord, is_recording, read_recording
@@ -89,14 +91,23 @@ def read_nab_csv(path: Path, entity: str, metric: str) -> Iterator[TelemetryEven
 
 def read_jsonl(path: Path) -> Iterator[TelemetryEvent]:
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 yield TelemetryEvent.model_validate_json(line)
             except ValueError as exc:
-                raise HistoryError(f"{path}: not JSON Lines of telemetry events: "
-                                   f"{str(exc).splitlines()[0]}") from None
+                raise HistoryError(f"{path}:{number}: not JSON Lines of telemetry events: "
+                                   f"{_first_problem(exc)}") from None
+
+
+def _first_problem(exc: ValueError) -> str:
+    """The first thing wrong with a line, where (``field: message``) if pydantic says."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(exc).splitlines()[0]
 
 
 def nab_files(root: Path) -> list[Path]:
