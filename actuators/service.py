@@ -153,12 +153,14 @@ class ActuatorService:
         found = await self.approvals.get(ev.approval_id)
         if found is None:
             log.warning("approval %s is unknown here (expired from Redis?)", ev.approval_id)
+            metrics.APPROVAL_EVENTS_IGNORED.labels(reason="unknown").inc()
             return []
         current, d = found
         if current.status is ApprovalStatus.requested:
             # Only the store's state counts: an event claiming otherwise is ignored.
             log.warning("ignoring %s event for approval %s that is still requested",
                         ev.status.value, ev.approval_id)
+            metrics.APPROVAL_EVENTS_IGNORED.labels(reason="still_requested").inc()
             return []
         return await self._settle(current, d)
 

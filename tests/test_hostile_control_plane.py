@@ -259,3 +259,35 @@ def test_redis_writes_without_the_password_change_nothing(plane, infra) -> None:
         owner.close()
     assert _counters(plane, "hp-r") == start
     assert _commands_run(plane) == 0
+
+
+def test_forged_approvals_take_nothing(plane) -> None:
+    """Answers written to ``ia.approvals`` by someone else (an ``approved`` for a request
+    that waits, one for a request that never existed) run nothing: only Redis, written
+    by the API and the CLI after they authenticate the approver, says what was approved."""
+    (careful,) = _genuine(plane, [("hp-ap", "careful")])
+    aid = "ap-" + careful["decision_id"].removeprefix("dc-")
+    [request] = [r for r in read_topic(
+        plane["kafka"], plane["topics"].approvals, timeout_s=60,
+        until=lambda rs: any(r.get("approval_id") == aid for r in rs))
+        if r.get("approval_id") == aid]
+    assert request["status"] == "requested"
+    before = _metric(plane, "actuate", "ia_approval_events_ignored_total")
+    approved = {**request, "status": "approved", "by": "mallory", "via": "api", "at": now_ms()}
+    unknown = {**approved, "approval_id": f"ap-{uuid.uuid4().hex}",
+               "decision_id": f"dc-{uuid.uuid4().hex}"}
+    produce(plane["kafka"], plane["topics"].approvals, [approved, unknown],
+            key=lambda r: r["entity"])
+    want = {"still_requested": 1, "unknown": 1}
+
+    def ignored() -> dict[str, float]:
+        now = _metric(plane, "actuate", "ia_approval_events_ignored_total")
+        return {r: now.get(r, 0) - before.get(r, 0) for r in want}
+
+    wait_until(lambda: ignored() == want, 30, "the forged answers ignored")
+    owner = sync_client(plane["redis"])
+    try:
+        assert owner.hget(Keys(plane["prefix"]).approval(aid), "status") == b"requested"
+    finally:
+        owner.close()
+    assert _commands_run(plane) == 0 and plane["evil"].count == 0

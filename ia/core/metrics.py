@@ -95,6 +95,11 @@ APPROVALS_REFUSED = _counter(
     "ia_approvals_refused_total",
     "Approved (or approved-on-expiry) requests the actuator did not run: their signed "
     "records do not verify (forged or tampered in Redis)")
+APPROVAL_EVENTS_IGNORED = _counter(
+    "ia_approval_events_ignored_total",
+    "Answers on the approvals topic the actuator did not act on, because Redis (the only "
+    "authority for an approval's state) says otherwise: unknown (no such request) or "
+    "still_requested (a forged or early answer)", ["reason"])
 API_REFUSED = _counter("ia_api_refused_total",
                        "Approval API requests refused (unauthenticated, forbidden, "
                        "rate_limited)", ["reason"])
@@ -132,7 +137,7 @@ FAMILIES: dict[Role, tuple[Collector, ...]] = {
                BATCH_SIZE,
                FEATURE_LATE_EVENTS, OFFSET_GAPS, CHECKPOINTS_REJECTED),
     "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS,
-                 DECISIONS_REJECTED, APPROVALS_REFUSED),
+                 DECISIONS_REJECTED, APPROVALS_REFUSED, APPROVAL_EVENTS_IGNORED),
     "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,
               RETRIES, OFFSET_GAPS),
     "api": (APPROVALS, API_REFUSED),
