@@ -223,13 +223,31 @@ class WorkerService:
             metrics.EVENT_TIME_LAG.observe(max(0.0, now_s - d.ts / 1000.0))
 
     async def on_outcome(self, outcome: ActionOutcome) -> None:
+        """Record what an action did in its entity's history (and teach from a failure),
+        only for an action decision this pipeline remembers, of the entity it names: an
+        outcome anyone could write to ``ia.outcomes`` for an id nobody decided, or naming
+        another entity, is refused, logged and counted in
+        ``ia_outcomes_refused_total{reason}``.  A shadow worker records production's
+        outcomes as they come: its decisions have ids of their own, and it never acts."""
         if outcome.status is OutcomeStatus.rejected:
             return  # nothing ran; a forged decision must not write an entity's history
+        refused = None if self.parts.shadow else await self._unmatched(outcome)
+        if refused is not None:
+            log.warning("outcome of decision %s for %s refused (%s): ignored",
+                        outcome.decision_id, outcome.entity, refused.value)
+            metrics.OUTCOMES_REFUSED.labels(refused.value).inc()
+            return
         await self.parts.features.record_action(outcome.entity, outcome.action_type,
                                                 outcome.status.value, outcome.finished_at)
         if outcome.status in FAILED:
             await self.parts.learner.on_failed_action(outcome.entity, outcome.decision_id)
         metrics.FEEDBACK.labels("outcome").inc()
+
+    async def _unmatched(self, outcome: ActionOutcome) -> LabelResult | None:
+        entity = await self.parts.learner.entity_of(outcome.decision_id)
+        if entity is None:
+            return LabelResult.unmatched
+        return None if entity == outcome.entity else LabelResult.wrong_entity
 
     async def on_feedback(self, label: Feedback) -> LabelResult:
         """Apply a label if it counts: signed with a feedback key (``ia feedback``), for a

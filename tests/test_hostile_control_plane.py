@@ -291,3 +291,31 @@ def test_forged_approvals_take_nothing(plane) -> None:
     finally:
         owner.close()
     assert _commands_run(plane) == 0 and plane["evil"].count == 0
+
+
+def test_forged_outcomes_write_no_history(plane) -> None:
+    """Outcomes on ``ia.outcomes`` for a decision nobody made, or naming another entity
+    than the decision's, give no entity an action history or a failure."""
+    (careful,) = _genuine(plane, [("hp-o", "careful")])
+    start = _counters(plane, "hp-o")
+    before = _metric(plane, "worker", "ia_outcomes_refused_total")
+    now = now_ms()
+    base = {"decision_id": careful["decision_id"], "entity": "hp-victim",
+            "action_type": "command", "target": "hp-victim", "status": "failed",
+            "actuator": "command", "started_at": now, "finished_at": now, "duration_ms": 1.0}
+    forged = [{**base, "decision_id": f"dc-{uuid.uuid4().hex}"}, base]
+    produce(plane["kafka"], plane["topics"].outcomes, forged, key=lambda r: r["entity"])
+    want = {"unmatched": 1, "wrong_entity": 1}
+
+    def refused() -> dict[str, float]:
+        now = _metric(plane, "worker", "ia_outcomes_refused_total")
+        return {r: now.get(r, 0) - before.get(r, 0) for r in want}
+
+    wait_until(lambda: refused() == want, 30, "the forged outcomes refused")
+    client = sync_client(plane["redis"], decode_responses=True)
+    try:
+        victim = client.hgetall(Keys(plane["prefix"]).entity("hp-victim"))
+    finally:
+        client.close()
+    assert not any(k.startswith("c:") or k == "last_action" for k in victim), victim
+    assert _counters(plane, "hp-o") == start

@@ -494,3 +494,37 @@ async def _recalls_and_records_each_step_once(memory) -> None:  # type: ignore[n
     # Steps of a decision that is not remembered are kept all the same.
     assert await memory.first("dc-2", Step.label, "useful")
     assert not await memory.first("dc-2", Step.label, "useful")
+
+
+async def test_an_outcome_for_no_remembered_decision_or_another_entity_is_refused() -> None:
+    """Anyone who can write ``ia.outcomes`` could otherwise give any entity an action
+    history and failures (features ``seconds_since_action``, ``actions_failed``, the
+    feedback model): only outcomes of this pipeline's own action decisions count."""
+    from ia.core import metrics
+
+    def refused(reason: str) -> float:
+        return metrics.OUTCOMES_REFUSED.labels(reason)._value.get()
+
+    worker = Worker()
+    d = await spike_decision(worker)
+    before = {r: refused(r) for r in ("unmatched", "wrong_entity")}
+    invented = outcome(d, OutcomeStatus.failed).model_copy(
+        update={"decision_id": "dc-nobody-decided-this", "entity": "svc-victim"})
+    elsewhere = outcome(d, OutcomeStatus.failed).model_copy(update={"entity": "svc-victim"})
+    await worker.service.on_outcome(invented)
+    await worker.service.on_outcome(elsewhere)
+    assert await worker.context("svc-victim") == {}
+    assert await worker.context("svc-a") == {}
+    assert await worker.model_version() == 0
+    assert {r: refused(r) - before[r] for r in before} == {"unmatched": 1, "wrong_entity": 1}
+    await worker.service.on_outcome(outcome(d, OutcomeStatus.failed))  # the genuine one
+    assert (await worker.context("svc-a"))["fp:webhook"] == "1"
+
+
+async def test_a_shadow_worker_records_productions_outcomes() -> None:
+    shadow = Worker(shadow=True)
+    d = await spike_decision(Worker())  # production's decision, which the shadow never made
+    done = outcome(d, OutcomeStatus.succeeded)
+    await shadow.service.on_outcome(done)
+    assert await shadow.context("svc-a") == {"last_action":
+                                             f"webhook:succeeded:{done.finished_at}"}

@@ -84,6 +84,10 @@ BATCH_SIZE = _histogram("ia_batch_size", "Events per processed batch",
 FEATURE_LATE_EVENTS = _counter("ia_feature_late_events_total",
                                "Samples at or before their series' watermark, by outcome",
                                ["outcome"])
+OUTCOMES_REFUSED = _counter(
+    "ia_outcomes_refused_total",
+    "Action outcomes the worker did not record: no remembered action decision has that id "
+    "(unmatched), or it was of another entity (wrong_entity)", ["reason"])
 # The actuator (ia.core.signing): action decisions refused before anything else, by reason.
 DECISIONS_REJECTED = _counter("ia_decisions_rejected_total",
                               "Action decisions the actuator refused to execute "
@@ -133,9 +137,8 @@ RECEIVE_SKIPPED = _counter("ia_receive_skipped_samples_total",
 
 FAMILIES: dict[Role, tuple[Collector, ...]] = {
     "worker": (EVENTS_IN, EVENTS_OUT, DLQ_RECORDS, DECISIONS, GUARD_INTERVENTIONS, FEEDBACK,
-               FEEDBACK_REFUSED, RETRIES, STAGE_SECONDS, RECORD_TO_DECISION, EVENT_TIME_LAG,
-               BATCH_SIZE,
-               FEATURE_LATE_EVENTS, OFFSET_GAPS, CHECKPOINTS_REJECTED),
+               FEEDBACK_REFUSED, OUTCOMES_REFUSED, RETRIES, STAGE_SECONDS, RECORD_TO_DECISION,
+               EVENT_TIME_LAG, BATCH_SIZE, FEATURE_LATE_EVENTS, OFFSET_GAPS, CHECKPOINTS_REJECTED),
     "actuator": (EVENTS_IN, EVENTS_OUT, OUTCOMES, APPROVALS, RETRIES, OFFSET_GAPS,
                  DECISIONS_REJECTED, APPROVALS_REFUSED, APPROVAL_EVENTS_IGNORED),
     "audit": (EVENTS_IN, AUDIT_RECORDS, AUDIT_COMPLETENESS, AUDIT_DECISIONS, AUDIT_HEAD_SEQ,
