@@ -216,3 +216,19 @@ def test_worker_and_actuator_refuse_a_broken_policy_naming_file_and_line(
     assert out.stderr.strip().splitlines()[-1] == (
         f"Error: {bad}:4: rules.0.when.min_score: Input should be a valid number, "
         "unable to parse string as a number")
+
+
+def test_events_that_fired_nothing_each_say_why_without_all(tmp_path: Path) -> None:
+    def raw(entity: str, metric: str, i: int = 0) -> dict:  # telemetry, scored by the tester
+        return {"entity": entity, "metric": metric, "value": 1.0, "ts": T0 + i * 1000}
+
+    p, e = write(tmp_path, [raw("db-1", "disk"), raw("svc-e", "cpu", 1)])
+    lines = run("policy", "test", str(p), "--input", str(e)).output.splitlines()
+    assert f"{e}:1  db-1 disk=1 fired no rule; closest: rule page (metric not selected)" \
+        in lines, lines
+    assert any(line.startswith(f"{e}:2  svc-e cpu=1 fired no rule; closest: rule restart (")
+               for line in lines), lines
+    p, e = write(tmp_path, [raw(f"db-{i}", "disk", i) for i in range(8)])
+    out = run("policy", "test", str(p), "--input", str(e)).output
+    assert out.count("fired no rule; closest: rule page (metric not selected)") == 5
+    assert "(8 telemetry events fired no rule, 5 shown; --all shows each in full)" in out

@@ -237,6 +237,26 @@ def _first(exc: Exception) -> str:
     return str(exc)
 
 
+#: Telemetry events that fired nothing, shown one line each before the summary (a short
+#: input is a newcomer's question: why did this not fire?); ``--all`` shows every one.
+QUIET_SHOWN = 5
+
+
+def _quiet_lines(report: Report) -> list[str]:
+    quiet = [r for r in report.lines if r.kind == "event" and r.rule is None and not r.guards]
+    out = []
+    for r in quiet[:QUIET_SHOWN]:
+        d, near = r.decision, r.closest
+        assert d is not None
+        why = f"closest: rule {near.rule} ({near.reason})" if near else "the policy has no rules"
+        out.append(f"{report.source}:{r.line}  {d.entity} {d.metric}={d.value:g} fired no "
+                   f"rule; {why}")
+    if len(quiet) > QUIET_SHOWN:
+        out.append(f"({len(quiet)} telemetry events fired no rule, {QUIET_SHOWN} shown; "
+                   "--all shows each in full)")
+    return out
+
+
 def format_report(report: Report, show_all: bool = False) -> str:
     """The human-readable report: one block per interesting line, then a summary."""
     out = [f"policy {report.policy.source} (version {report.policy.version}); "
@@ -281,11 +301,8 @@ def format_report(report: Report, show_all: bool = False) -> str:
     def fmt(c: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
 
-    quiet = sum(1 for r in report.lines if r.kind == "event" and r.rule is None
-                and not r.guards)
-    if quiet and not show_all:
-        out.append(f"({quiet} telemetry events fired no rule; --all shows each, with the "
-                   "closest rule)")
+    if not show_all:
+        out += _quiet_lines(report)
     out.append(f"summary: {s['events']} events, {s['outcomes']} outcomes, {s['errors']} errors; "
                f"rules fired: {fmt(s['rules_fired'])}; guards intervened: "
                f"{fmt(s['guards_intervened'])}; modes: {fmt(s['modes'])}")
