@@ -27,8 +27,8 @@ a fleet-wide swing (load, a shared dependency) is not blamed on the change.
 Measured by ``tests/test_change_judge.py`` (AR(1) telemetry with autocorrelation 0.3
 and 0.8, with and without a fleet-wide swing, 240 baseline samples): false ``fail``
 rate 0.05-0.2 % at ``alpha`` 0.01 for changes that changed nothing; a 3-sd regression
-caught 99.6-100 % of the time, after a median of 5 samples (0.3) or 20 (0.8).  Not yet
-wired into the live path: nothing calls it on a deploy event today.
+caught 99.6-100 % of the time, after a median of 5 samples (0.3) or 20 (0.8).  Used
+offline by ``ia judge`` (:mod:`ia.offline.judge`); the live worker does not judge yet.
 
 >>> import random
 >>> rng = random.Random(7)
@@ -90,6 +90,10 @@ class JudgeParams:
         Fewest baseline samples to judge against.
     max_blocks
         Blocks judged before a ``pass`` for want of evidence of harm.
+    min_effect
+        Harm smaller than this (in block standard deviations) is not worth a ``fail``:
+        the test is then against "harm of at most ``min_effect``", which lowers the
+        false-fail rate below ``alpha`` on metrics that drift on their own.
     """
 
     alpha: float = 0.01
@@ -99,12 +103,15 @@ class JudgeParams:
     tolerance: float = 0.5
     min_baseline: int = 60
     max_blocks: int = 40
+    min_effect: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
             raise JudgeError(f"alpha must be in (0, 1), not {self.alpha}")
-        if self.block < 1 or self.max_blocks < 1 or self.tau <= 0 or self.tolerance <= 0:
-            raise JudgeError("block, max_blocks, tau and tolerance must be positive")
+        if self.block < 1 or self.max_blocks < 1 or self.tau <= 0 or self.tolerance <= 0 \
+                or self.min_effect < 0:
+            raise JudgeError("block, max_blocks, tau and tolerance must be positive, "
+                             "min_effect not negative")
         if self.min_baseline < 3 * self.block:
             raise JudgeError(f"min_baseline must be at least 3 blocks ({3 * self.block})")
 
@@ -189,7 +196,10 @@ class ChangeJudge:
         log_lr = p.tau ** 2 * s.total ** 2 / (2 * spread) - 0.5 * math.log(spread)
         shift_sd = s.total / n
         harmful = self._harm(shift_sd)
-        if log_lr >= self._threshold and harmful > 0:
+        # Evidence against "harm of at most min_effect": the same ratio, centred there.
+        beyond = (harmful - p.min_effect) * n
+        log_lr_beyond = p.tau ** 2 * beyond ** 2 / (2 * spread) - 0.5 * math.log(spread)
+        if log_lr_beyond >= self._threshold and beyond > 0:
             return self._verdict("fail", s, log_lr, f"the metric moved {p.direction} by "
                                  f"{abs(shift_sd):.2f} sd, more than chance allows "
                                  f"(alpha {p.alpha})")

@@ -43,8 +43,8 @@ COMMANDS: list[click.Command] = [
     stack.up, stack.down, stack.status, config.config,
     run.worker, run.actuate, run.audit_writer, run.api, run.simulate, run.demo,
     killswitch.pause, killswitch.resume, policy.policy, approvals.approvals, audit.audit,
-    replay.replay, replay.eval_group, backtest.backtest, backtest.record, shadow.shadow,
-    feedback.feedback, features.features, bench.bench, ingest.ingest, ingest.receive,
+    replay.replay, replay.eval_group, replay.judge, backtest.backtest, backtest.record,
+    shadow.shadow, feedback.feedback, features.features, bench.bench, ingest.ingest, ingest.receive,
     windows.windows,
 ]
 for command in COMMANDS:

@@ -86,3 +86,55 @@ def eval_nab(data_dir: Path | None, out_dir: Path, scorer: Path | None, path_kin
                f"score CSVs in {out_dir}")
     for profile, value in result.scores.items():
         click.echo(f"{profile}: {value:.2f}")
+
+
+@click.command()
+@click.option("--input", "input_path", required=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="Telemetry history: JSON Lines or a recording (`ia record`), in time order.")
+@click.option("--watch", multiple=True, required=True, help="A metric to judge (repeatable).")
+@click.option("--change", "changes", multiple=True, default=("deploy",), show_default=True,
+              help="Event metric that is a change (repeatable).")
+@click.option("--direction", type=click.Choice(["up", "down", "both"]), default="up",
+              show_default=True, help="Which way the watched metrics get worse.")
+@click.option("--baseline-s", type=click.FloatRange(min=1), default=2400.0, show_default=True,
+              help="Seconds of samples before a change it is judged against.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.01, show_default=True, help="Bound on a false fail's chance.")
+@click.option("--min-effect", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Harm below this many block standard deviations is no fail.")
+@click.option("--output", "output_path", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one JSON line per (change, metric) here instead of a table.")
+def judge(input_path: Path, watch: tuple[str, ...], changes: tuple[str, ...], direction: str,
+          baseline_s: float, alpha: float, min_effect: float, output_path: Path | None) -> None:
+    """Judge each change in a history: did it make a watched metric worse?
+
+    Every change event (a deploy by default) of an entity starts a sequential test of
+    each watched metric against its baseline, relative to the other entities that
+    report it (ia.decisions.change_judge): fail as soon as harm is shown, pass once it
+    is ruled out or the window ends.
+    """
+    import json
+
+    from ia.decisions.change_judge import JudgeParams
+    from ia.offline.history import from_file
+    from ia.offline.judge import JudgeSpec, judge_changes
+
+    spec = JudgeSpec(watch=watch, changes=changes, baseline_s=baseline_s,
+                     params=JudgeParams(alpha=alpha, direction=direction,  # type: ignore[arg-type]
+                                        min_effect=min_effect))
+    records = judge_changes(from_file(input_path), spec)
+    if output_path is not None:
+        written = 0
+        with output_path.open("w", encoding="utf-8") as out:
+            for record in records:
+                out.write(json.dumps(record, sort_keys=True) + "\n")
+                written += 1
+        click.echo(f"judged {written} (change, metric) pairs -> {output_path}", err=True)
+        return
+    for r in records:
+        after = f" after {r['seconds_to_verdict']:g} s" if r.get("seconds_to_verdict") else ""
+        why = f": {r['reason']}" if r.get("reason") else ""
+        click.echo(f"{r['entity']} {r['change']}@{r['change_ts']} {r['metric']}: "
+                   f"{r['outcome']}{after}{why}")
