@@ -169,7 +169,22 @@ async def test_statuses_of_the_store() -> None:
     assert [s for s, _ in await store.previous(points)] == [FIRST, NEW]
     assert [s for s, _ in await store.previous(points[1:])] == [REPLAY]
     older = otlp.convert(_request(_counter(0.5, 5)), RULES).pending[0].point
-    assert [s for s, _ in await store.previous([older])] == [STALE]
+    assert [s for s, _ in await store.previous([older])] == [FIRST]  # before every kept point
+
+
+async def test_points_read_out_of_order_still_get_their_own_delta() -> None:
+    """The Collector does not key records by series, so a series' points can arrive in
+    another order than written (two partitions): each gets the delta since the point
+    before it in time, and a redelivery answers what it answered the first time."""
+    store = MemoryCumulativeStore()
+    p1, p2, p3 = (otlp.convert(_request(_counter(float(t), 10 * t)), RULES).pending[0].point
+                  for t in (1, 2, 3))
+    got = await store.previous([p3, p1, p2])
+    assert [(s, prev.ts_ms if prev else None) for s, prev in got] == [
+        (FIRST, None), (FIRST, None), (NEW, p1.ts_ms)]
+    again = await store.previous([p3, p2, p1])
+    assert [(s, prev.ts_ms if prev else None) for s, prev in again] == [
+        (FIRST, None), (REPLAY, p1.ts_ms), (FIRST, None)]
 
 
 async def test_series_of_one_entity_are_told_apart_by_their_attributes() -> None:
@@ -266,7 +281,8 @@ async def test_labels_carry_resource_and_point_attributes_within_bounds() -> Non
 @pytest.mark.integration
 async def test_the_redis_store_answers_as_the_memory_store(aredis) -> None:
     """The Lua script and the memory store agree on every status and predecessor: new
-    points, a redelivered one, a stale one, and a history longer than it keeps."""
+    points, points out of order, a redelivered one, a stale one, and a history longer
+    than it keeps."""
     from ia.ingest.cumulative import KEEP, RedisCumulativeStore
 
     prefix = f"t{uuid.uuid4().hex[:8]}"
@@ -274,10 +290,14 @@ async def test_the_redis_store_answers_as_the_memory_store(aredis) -> None:
     memory = MemoryCumulativeStore()
     points = [otlp.convert(_request(_counter(float(i), 10 + i)), RULES).pending[0].point
               for i in range(KEEP + 3)]
-    sequence = [*points[:5], points[3], points[4], points[1], *points[5:], points[0],  # evicted
+    sequence = [*points[:5], points[3], points[4], points[1], points[7], points[6],
+                points[5], points[6], *points[8:], points[0],  # evicted
                 points[2], points[-1]]
     got = await redis_store.previous(sequence)
     want = await memory.previous(sequence)
     assert got == want
-    assert [s for s, _ in got[:8]] == [FIRST, NEW, NEW, NEW, NEW, REPLAY, REPLAY, REPLAY]
+    assert [s for s, _ in got[:12]] == [FIRST, NEW, NEW, NEW, NEW, REPLAY, REPLAY, REPLAY,
+                                        NEW, NEW, NEW, REPLAY]  # 7, 6, 5 out of order
+    assert [prev.ts_ms for _, prev in got[8:12]] == [points[4].ts_ms, points[4].ts_ms,
+                                                     points[4].ts_ms, points[4].ts_ms]
     assert [s for s, _ in got[-3:]] == [STALE, STALE, REPLAY]

@@ -242,7 +242,7 @@ async def test_ingest_layout(aredis, prefix) -> None:
         "ingest:alert:9b1c": ("string", 7 * DAY),
     })
     stored = json.loads(await aredis.get(f"{prefix}:ingest:cum:{point.series_id}"))
-    assert stored == [[T0, json.dumps([T0 - 60_000, [5.0], []])]]
+    assert stored == [[T0, json.dumps([T0 - 60_000, [5.0], []]), -1]]
 
 
 class _Recorder:

@@ -13,10 +13,15 @@ Each series keeps its last :data:`KEEP` points, newest last, in one string
 (``Keys.cumulative``), updated atomically by one Lua script per point:
 
 * a point newer than the newest is appended; the newest before it is returned;
+* an older point (the Collector's records of one series on two partitions, read in
+  another order than written) is put in its place in time and the point before it
+  there is returned, so it still gets its own delta -- unless it is older than every
+  kept point of a full history: then it is ``stale`` (out of order beyond the
+  history) and dropped;
 * a point already kept (a record delivered again after a crash before its offset
-  was committed) returns the point that preceded it then, so its delta -- and the
-  event id derived from it -- comes out the same as the first time;
-* an older point not kept is ``stale`` (out of order beyond the history) and dropped.
+  was committed) returns the point that preceded it when it was first recorded
+  (kept beside it), so its delta -- and the event id derived from it -- comes out the
+  same as the first time, whatever arrived since.
 
 A delta is reset-aware: a value below the previous one, a changed start time or
 changed histogram bounds mean the series restarted, and the delta is the new
@@ -44,19 +49,29 @@ local raw = redis.call('GET', KEYS[1])
 local h = {}
 if raw then h = cjson.decode(raw) end
 local t = tonumber(ARGV[1])
+local keep = tonumber(ARGV[4])
+local function answer(status, prev)
+  if prev then return {status, prev[2], tostring(prev[1])} end
+  return {'first'}
+end
 for i = #h, 1, -1 do
   if h[i][1] == t then
-    if i > 1 then return {'replay', h[i - 1][2], tostring(h[i - 1][1])} end
+    local before = h[i][3]
+    if before == nil then return answer('replay', h[i - 1]) end
+    for j = i - 1, 1, -1 do
+      if h[j][1] == before then return answer('replay', h[j]) end
+    end
     return {'first'}
   end
 end
-if #h > 0 and t < h[#h][1] then return {'stale'} end
-local prev = h[#h]
-table.insert(h, {t, ARGV[2]})
-while #h > tonumber(ARGV[4]) do table.remove(h, 1) end
+if #h >= keep and t < h[1][1] then return {'stale'} end
+local at = #h + 1
+while at > 1 and h[at - 1][1] > t do at = at - 1 end
+local prev = h[at - 1]
+table.insert(h, at, {t, ARGV[2], prev and prev[1] or -1})
+while #h > keep do table.remove(h, 1) end
 redis.call('SET', KEYS[1], cjson.encode(h), 'EX', ARGV[3])
-if prev then return {'new', prev[2], tostring(prev[1])} end
-return {'first'}
+return answer('new', prev)
 """
 
 
@@ -158,7 +173,9 @@ class MemoryCumulativeStore:
     """The same answers in memory (unit tests, offline conversion)."""
 
     def __init__(self) -> None:
-        self.series: dict[str, list[tuple[int, str]]] = {}
+        # Per series, oldest first: (time, entry, time of the point before it when it
+        # was recorded, or -1).
+        self.series: dict[str, list[tuple[int, str, int]]] = {}
 
     async def previous(self, points: list[CumulativePoint]) -> list[tuple[str, Previous | None]]:
         return [self._one(p) for p in points]
@@ -167,11 +184,18 @@ class MemoryCumulativeStore:
         h = self.series.setdefault(p.series_id, [])
         for i in range(len(h) - 1, -1, -1):
             if h[i][0] == p.ts_ms:
-                return (REPLAY, Previous.parse(str(h[i - 1][0]), h[i - 1][1])) if i else \
-                    (FIRST, None)
-        if h and p.ts_ms < h[-1][0]:
+                before = next((e for e in h[:i] if e[0] == h[i][2]), None)
+                return (REPLAY, _previous(before)) if before else (FIRST, None)
+        if len(h) >= KEEP and p.ts_ms < h[0][0]:
             return STALE, None
-        prev = h[-1] if h else None
-        h.append((p.ts_ms, p.entry()))
+        at = len(h)
+        while at > 0 and h[at - 1][0] > p.ts_ms:
+            at -= 1
+        prev = h[at - 1] if at else None
+        h.insert(at, (p.ts_ms, p.entry(), prev[0] if prev else -1))
         del h[:-KEEP]
-        return (NEW, Previous.parse(str(prev[0]), prev[1])) if prev else (FIRST, None)
+        return (NEW, _previous(prev)) if prev else (FIRST, None)
+
+
+def _previous(kept: tuple[int, str, int]) -> Previous:
+    return Previous.parse(str(kept[0]), kept[1])
