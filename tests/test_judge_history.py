@@ -79,3 +79,36 @@ def test_ia_judge_writes_a_verdict_per_change_and_metric(tmp_path) -> None:
     assert verdict["outcome"] == "fail" and verdict["relative_to_peers"] is True
     table = CliRunner().invoke(main, ["judge", "--input", str(path), "--watch", "error_rate"])
     assert f"{bad.service} deploy@{bad.start_ts} error_rate: fail after " in table.output
+
+
+@pytest.mark.integration
+def test_ia_judge_reads_a_topic_slice(infra, topic_prefix: str, tmp_path) -> None:
+    """The same history produced to a topic (keyed by entity, over four partitions, as
+    producers do) and judged from there: partitions merged in time order."""
+    import json
+    import subprocess
+    import sys
+
+    from confluent_kafka import Producer
+
+    from ia.core.kafka import ensure_topics
+
+    fleet = Fleet(seed=9)
+    topic = f"{topic_prefix}.telemetry"
+    ensure_topics(infra.kafka, [topic], 4)
+    p = Producer({"bootstrap.servers": infra.kafka, "acks": "all", "linger.ms": 20})
+    for i, ev in enumerate(history(fleet)):
+        p.produce(topic, key=ev.entity.encode(), value=ev.model_dump_json().encode())
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+    out = tmp_path / "verdicts.jsonl"
+    env = {"KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-m", "ia.cli", "judge", "--topic", topic, "--watch",
+                    "error_rate", "--output", str(out)], env=env, check=True,
+                   capture_output=True, text=True, timeout=300)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    [bad] = [i for i in fleet.incidents if i.type == "bad_deploy"]
+    [verdict] = [r for r in records if (r["entity"], r["change_ts"]) == (bad.service,
+                                                                         bad.start_ts)]
+    assert verdict["outcome"] == "fail", verdict

@@ -89,9 +89,10 @@ def eval_nab(data_dir: Path | None, out_dir: Path, scorer: Path | None, path_kin
 
 
 @click.command()
-@click.option("--input", "input_path", required=True,
+@click.option("--input", "input_path", default=None,
               type=click.Path(exists=True, path_type=Path),
               help="Telemetry history: JSON Lines or a recording (`ia record`), in time order.")
+@history_options
 @click.option("--watch", multiple=True, required=True, help="A metric to judge (repeatable).")
 @click.option("--change", "changes", multiple=True, default=("deploy",), show_default=True,
               help="Event metric that is a change (repeatable).")
@@ -106,25 +107,28 @@ def eval_nab(data_dir: Path | None, out_dir: Path, scorer: Path | None, path_kin
 @click.option("--output", "output_path", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Write one JSON line per (change, metric) here instead of a table.")
-def judge(input_path: Path, watch: tuple[str, ...], changes: tuple[str, ...], direction: str,
-          baseline_s: float, alpha: float, min_effect: float, output_path: Path | None) -> None:
+def judge(input_path: Path | None, watch: tuple[str, ...], changes: tuple[str, ...],
+          direction: str, baseline_s: float, alpha: float, min_effect: float,
+          output_path: Path | None, **topic_options: str | None) -> None:
     """Judge each change in a history: did it make a watched metric worse?
 
     Every change event (a deploy by default) of an entity starts a sequential test of
     each watched metric against its baseline, relative to the other entities that
     report it (ia.decisions.change_judge): fail as soon as harm is shown, pass once it
-    is ruled out or the window ends.
+    is ruled out or the window ends.  History from --input, or from --topic and its
+    range (own consumer, no commits; partitions merged in time order).
     """
     import json
 
     from ia.decisions.change_judge import JudgeParams
-    from ia.offline.history import from_file
+    from ia.offline.history import load_history
     from ia.offline.judge import JudgeSpec, judge_changes
 
     spec = JudgeSpec(watch=watch, changes=changes, baseline_s=baseline_s,
                      params=JudgeParams(alpha=alpha, direction=direction,  # type: ignore[arg-type]
                                         min_effect=min_effect))
-    records = judge_changes(from_file(input_path), spec)
+    history = load_history(common.settings(), input_path, **topic_options)
+    records = judge_changes(history, spec)
     if output_path is not None:
         written = 0
         with output_path.open("w", encoding="utf-8") as out:
