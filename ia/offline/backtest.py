@@ -145,8 +145,8 @@ class Row:
         for t in d.rule_trace:
             if not t.matched:
                 continue
-            if t.rule.startswith("guard:"):
-                guards.append(t.rule[6:])
+            if t.guard is not None:
+                guards.append(t.guard)
                 if t.guard == "freeze_window" and (name := held_by(t.reason)):
                     windows.append(name)
             elif t.rule != "shadow":

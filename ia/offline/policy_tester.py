@@ -66,16 +66,15 @@ class LineResult:
     def rule(self) -> str | None:
         if self.decision is None:
             return None
-        fired = [t.rule for t in self.decision.rule_trace
-                 if t.matched and not t.rule.startswith("guard:")]
+        fired = [t.rule for t in self.decision.rule_trace if t.matched and t.guard is None]
         return fired[-1] if fired else None
 
     @property
     def guards(self) -> list[tuple[str, str]]:
         if self.decision is None:
             return []
-        return [(t.rule[6:], t.reason) for t in self.decision.rule_trace
-                if t.matched and t.rule.startswith("guard:")]
+        return [(t.guard, t.reason) for t in self.decision.rule_trace
+                if t.matched and t.guard is not None]
 
     @property
     def closest(self) -> RuleTrace | None:
@@ -291,7 +290,7 @@ def format_report(report: Report, show_all: bool = False) -> str:
         for g, reason in r.guards:
             out.append(f"    guard:{g} intervened: {reason}")
         for t in d.rule_trace:
-            if t.rule.startswith("guard:") and not t.matched:
+            if t.guard is not None and not t.matched:
                 out.append(f"    {t.rule}: {t.reason}")
         out.append(f"    => mode {d.mode.value}" + (
             "" if d.mode in (Mode.none,) else (" (would execute)" if d.mode is Mode.auto
