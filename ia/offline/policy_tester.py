@@ -77,6 +77,11 @@ class LineResult:
                 if t.matched and t.guard is not None]
 
     @property
+    def quiet(self) -> bool:
+        """Telemetry that fired no rule and met no guard: mostly history."""
+        return self.kind == "event" and self.rule is None and not self.guards
+
+    @property
     def closest(self) -> RuleTrace | None:
         """For a line no rule fired for: the rule it got furthest through (the first of
         equals), with the condition that failed as its reason."""
@@ -242,18 +247,21 @@ QUIET_SHOWN = 5
 
 
 def _quiet_lines(report: Report) -> list[str]:
-    quiet = [r for r in report.lines if r.kind == "event" and r.rule is None and not r.guards]
+    quiet = [r for r in report.lines if r.quiet]
     out = []
     for r in quiet[:QUIET_SHOWN]:
-        d, near = r.decision, r.closest
+        d = r.decision
         assert d is not None
-        why = f"closest: rule {near.rule} ({near.reason})" if near else "the policy has no rules"
         out.append(f"{report.source}:{r.line}  {d.entity} {d.metric}={d.value:g} fired no "
-                   f"rule; {why}")
+                   f"rule; {_why_no_rule(r.closest)}")
     if len(quiet) > QUIET_SHOWN:
         out.append(f"({len(quiet)} telemetry events fired no rule, {QUIET_SHOWN} shown; "
                    "--all shows each in full)")
     return out
+
+
+def _why_no_rule(near: RuleTrace | None) -> str:
+    return f"closest: rule {near.rule} ({near.reason})" if near else "the policy has no rules"
 
 
 def format_report(report: Report, show_all: bool = False) -> str:
@@ -271,15 +279,12 @@ def format_report(report: Report, show_all: bool = False) -> str:
             continue
         d = r.decision
         assert d is not None
-        if not show_all and r.rule is None and not r.guards and r.kind == "event":
+        if not show_all and r.quiet:
             continue  # telemetry that fired nothing is mostly history; --all shows it
         out.append(f"{where}  {d.entity} {d.metric}={d.value:g} ts={d.ts}  "
                    f"score {d.anomaly_score:.3f} confidence {d.confidence:.3f}")
         if r.rule is None:
-            near = r.closest
-            out.append("    no rule fired" + (
-                f"; closest: rule {near.rule} ({near.reason})" if near else
-                " (the policy has no rules)"))
+            out.append(f"    no rule fired; {_why_no_rule(r.closest)}")
         else:
             fired = next(t for t in reversed(d.rule_trace) if t.rule == r.rule)
             act = "no action"
