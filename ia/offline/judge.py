@@ -5,8 +5,9 @@ History is read in order.  Each series keeps its samples of the last ``baseline_
 when a change arrives for an entity, each watched metric with enough of them starts a
 judgement, fed by that series' later samples until the judge answers.  The peers of a
 sample are the other entities that report the metric: the mean of their latest values
-at that moment (with fewer than ``min_peers`` of them the judgement runs on the series
-alone).  A second change to the same entity before a verdict closes the first as
+at that moment, kept in constant time per sample; baseline samples from before there
+were ``min_peers`` of them are left out, and if too few remain the judgement runs on the
+series alone.  A second change to the same entity before a verdict closes the first as
 ``superseded``; judgements still open when history ends are ``open``.
 """
 
@@ -47,21 +48,36 @@ class _Open:
     peers: bool
 
 
+class _Latest:
+    """One metric's latest value per entity, and their sum: the peers' mean of an
+    entity in constant time, however large the fleet."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.total = 0.0
+
+    def peer_mean(self, entity: str, min_peers: int) -> float | None:
+        own = self.values.get(entity)
+        n = len(self.values) - (own is not None)
+        return (self.total - (own or 0.0)) / n if n >= min_peers else None
+
+    def set(self, entity: str, value: float) -> None:
+        self.total += value - self.values.get(entity, 0.0)
+        self.values[entity] = value
+
+
 class _Fleet:
     """Each series' recent samples, and each metric's latest value per entity."""
 
     def __init__(self, spec: JudgeSpec) -> None:
         self.spec = spec
         self.recent: dict[tuple[str, str], deque[_Sample]] = {}
-        self.latest: dict[str, dict[str, float]] = {}
-
-    def peer_mean(self, entity: str, metric: str) -> float | None:
-        others = [v for e, v in self.latest.get(metric, {}).items() if e != entity]
-        return sum(others) / len(others) if len(others) >= self.spec.min_peers else None
+        self.latest: dict[str, _Latest] = {}
 
     def add(self, ev: TelemetryEvent) -> _Sample:
-        sample = _Sample(ev.ts, ev.value, self.peer_mean(ev.entity, ev.metric))
-        self.latest.setdefault(ev.metric, {})[ev.entity] = ev.value
+        latest = self.latest.setdefault(ev.metric, _Latest())
+        sample = _Sample(ev.ts, ev.value, latest.peer_mean(ev.entity, self.spec.min_peers))
+        latest.set(ev.entity, ev.value)
         window = self.recent.setdefault((ev.entity, ev.metric), deque())
         window.append(sample)
         horizon = ev.ts - self.spec.baseline_s * 1000
@@ -104,10 +120,15 @@ def _start(judge: ChangeJudge, fleet: _Fleet, open_: dict[tuple[str, str], _Open
                    "reason": f"{len(baseline)} samples in the {spec.baseline_s:g} s before the "
                              f"change (min_baseline {spec.params.min_baseline})"}
             continue
-        peers = all(s.peer is not None for s in baseline)
-        state = judge.start([s.value for s in baseline],
-                            [s.peer for s in baseline] if peers else None)  # type: ignore[misc]
-        open_[key] = _Open(change, metric, state, peers)
+        # Samples from before the peers reported are left out, if enough remain.
+        with_peers = [(s.value, s.peer) for s in baseline if s.peer is not None]
+        relative = len(with_peers) >= spec.params.min_baseline
+        if relative:
+            values, peer_means = zip(*with_peers, strict=True)
+            state = judge.start(values, peer_means)
+        else:
+            state = judge.start([s.value for s in baseline])
+        open_[key] = _Open(change, metric, state, relative)
 
 
 def _about(change: TelemetryEvent, metric: str) -> dict[str, Any]:
@@ -119,9 +140,9 @@ def _record(judging: _Open, outcome: str, verdict: Verdict | None,
             at: int | None) -> dict[str, Any]:
     out = {**_about(judging.change, judging.metric), "outcome": outcome,
            "relative_to_peers": judging.peers, "samples": judging.state.samples}
-    if verdict is not None:
-        out.update(verdict_ts=at, seconds_to_verdict=(at - judging.change.ts) / 1000
-                   if at is not None else None, shift=round(verdict.shift, 6),
+    if verdict is not None and at is not None:
+        out.update(verdict_ts=at, seconds_to_verdict=(at - judging.change.ts) / 1000,
+                   shift=round(verdict.shift, 6),
                    shift_sd=round(verdict.shift_sd, 3), evidence=round(verdict.evidence, 3),
                    reason=verdict.reason)
     return out
