@@ -4,8 +4,16 @@ where an incident of another kind began on that service while it was being judge
 
 from __future__ import annotations
 
-import pytest
+import json
+import subprocess
+import sys
 
+import pytest
+from click.testing import CliRunner
+from confluent_kafka import Producer
+
+from ia.cli import main
+from ia.core.kafka import ensure_topics
 from ia.decisions.change_judge import JudgeParams
 from ia.offline.judge import JudgeSpec, judge_changes
 from ia.schemas.models import TelemetryEvent
@@ -59,12 +67,6 @@ def test_no_baseline_and_open_judgements_are_reported() -> None:
 
 
 def test_ia_judge_writes_a_verdict_per_change_and_metric(tmp_path) -> None:
-    import json
-
-    from click.testing import CliRunner
-
-    from ia.cli import main
-
     fleet = Fleet(seed=8)
     path = tmp_path / "fleet.jsonl"
     path.write_text("".join(e.model_dump_json() + "\n" for e in history(fleet)))
@@ -85,13 +87,6 @@ def test_ia_judge_writes_a_verdict_per_change_and_metric(tmp_path) -> None:
 def test_ia_judge_reads_a_topic_slice(infra, topic_prefix: str, tmp_path) -> None:
     """The same history produced to a topic (keyed by entity, over four partitions, as
     producers do) and judged from there: partitions merged in time order."""
-    import json
-    import subprocess
-    import sys
-
-    from confluent_kafka import Producer
-
-    from ia.core.kafka import ensure_topics
 
     fleet = Fleet(seed=9)
     topic = f"{topic_prefix}.telemetry"
