@@ -15,7 +15,8 @@ Johari et al. 2017) on block means:
   likelihood ratio ``L = (1 + tau^2 V)^(-1/2) exp(tau^2 S^2 / (2 (1 + tau^2 V)))``
   over shifts drawn from ``N(0, tau^2)`` (in units of ``sd``), where ``V = n + n^2/m``
   is the variance of ``S`` when the baseline mean itself was estimated from ``m``
-  blocks.  ``fail`` when ``L >= 1/alpha`` and the shift is in the harmful direction.
+  blocks.  ``fail`` when ``L >= 1/alpha`` and the shift is in the harmful direction
+  (with ``min_effect``, the same ratio measured from a harm of ``min_effect``).
 * The same mixture gives an always-valid confidence interval for the shift; ``pass``
   as soon as its harmful end is below ``tolerance``, or when ``max_blocks`` have been
   judged without a ``fail`` (no regression shown within the window).
@@ -193,13 +194,12 @@ class ChangeJudge:
         n = s.blocks
         variance = n + n * n / s.baseline_blocks
         spread = 1 + p.tau ** 2 * variance
-        log_lr = p.tau ** 2 * s.total ** 2 / (2 * spread) - 0.5 * math.log(spread)
+        log_lr = self._log_lr(s.total, spread)
         shift_sd = s.total / n
         harmful = self._harm(shift_sd)
         # Evidence against "harm of at most min_effect": the same ratio, centred there.
         beyond = (harmful - p.min_effect) * n
-        log_lr_beyond = p.tau ** 2 * beyond ** 2 / (2 * spread) - 0.5 * math.log(spread)
-        if log_lr_beyond >= self._threshold and beyond > 0:
+        if beyond > 0 and self._log_lr(beyond, spread) >= self._threshold:
             return self._verdict("fail", s, log_lr, f"the metric moved {p.direction} by "
                                  f"{abs(shift_sd):.2f} sd, more than chance allows "
                                  f"(alpha {p.alpha})")
@@ -211,6 +211,10 @@ class ChangeJudge:
         if n >= p.max_blocks:
             return self._verdict("pass", s, log_lr, f"no harm shown in {s.samples} samples")
         return None
+
+    def _log_lr(self, total: float, spread: float) -> float:
+        """log of the mixture likelihood ratio for a sum ``total`` of z scores."""
+        return self.params.tau ** 2 * total ** 2 / (2 * spread) - 0.5 * math.log(spread)
 
     def _harm(self, shift_sd: float) -> float:
         """The shift in the harmful direction (negative: the good way)."""
