@@ -124,6 +124,13 @@ def _metric(plane, process: str, name: str) -> dict[str, float]:
             for s in fam.samples if s.name == name}
 
 
+def _rise(plane, process: str, name: str, before: dict[str, float],
+          reasons: dict[str, int]) -> dict[str, float]:
+    """How much ``name`` rose by ``reason`` since ``before`` (a :func:`_metric` reading)."""
+    now = _metric(plane, process, name)
+    return {r: now.get(r, 0) - before.get(r, 0) for r in reasons}
+
+
 def _commands_run(plane) -> int:
     ran: Path = plane["ran"]
     return len(ran.read_text().splitlines()) if ran.exists() else 0
@@ -214,8 +221,7 @@ def test_forged_feedback_changes_nothing(plane) -> None:
     want = {"unmatched": 1, "wrong_entity": 1, "unauthenticated": 2}
 
     def refused() -> dict[str, float]:
-        now = _metric(plane, "worker", "ia_feedback_refused_total")
-        return {r: now.get(r, 0) - before.get(r, 0) for r in want}
+        return _rise(plane, "worker", "ia_feedback_refused_total", before, want)
 
     wait_until(lambda: refused() == want, 30, "the forged labels refused")
     assert _counters(plane, "hp-f") == start and _counters(plane, "hp-other") == {"model": "0"}
@@ -281,8 +287,7 @@ def test_forged_approvals_take_nothing(plane) -> None:
     want = {"still_requested": 1, "unknown": 1}
 
     def ignored() -> dict[str, float]:
-        now = _metric(plane, "actuate", "ia_approval_events_ignored_total")
-        return {r: now.get(r, 0) - before.get(r, 0) for r in want}
+        return _rise(plane, "actuate", "ia_approval_events_ignored_total", before, want)
 
     wait_until(lambda: ignored() == want, 30, "the forged answers ignored")
     owner = sync_client(plane["redis"])
@@ -308,8 +313,7 @@ def test_forged_outcomes_write_no_history(plane) -> None:
     want = {"unmatched": 1, "wrong_entity": 1}
 
     def refused() -> dict[str, float]:
-        now = _metric(plane, "worker", "ia_outcomes_refused_total")
-        return {r: now.get(r, 0) - before.get(r, 0) for r in want}
+        return _rise(plane, "worker", "ia_outcomes_refused_total", before, want)
 
     wait_until(lambda: refused() == want, 30, "the forged outcomes refused")
     client = sync_client(plane["redis"], decode_responses=True)
