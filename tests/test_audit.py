@@ -365,7 +365,11 @@ def test_completeness_counts_complete_pending_and_overdue() -> None:
     c.add(_rec(15, "decision", "a", action={"type": "log"}, mode="auto"))
     c.add(_rec(16, "outcome", "a", phase="action"))
     assert c.stats(T0 + 10**9) == {"complete": 44, "pending": 0, "overdue": 0, "interrupted": 0,
-                                   "summarised": 40, "ratio": 1.0}
+                                   "undecodable": 0, "summarised": 40, "ratio": 1.0}
+    # a record nobody could decode is accounted for, against the ratio
+    c.add(_rec(17, "undecodable", ""))
+    assert c.stats(T0 + 10**9)["undecodable"] == 1
+    assert c.stats(T0 + 10**9)["ratio"] == pytest.approx(44 / 45)
 
 
 # --------------------------------------------------------------------------- writer + Redis
@@ -401,6 +405,9 @@ async def test_writer_records_once_and_survives_a_crash(aredis, tmp_path: Path) 
     # 4 actionable decisions, 1 digest of the 16 others, 1 outcome (1 undecodable skipped)
     assert [r.kind for r in recs].count("decision") == 4
     assert [r.kind for r in recs].count("observations") == 1 and w.undecodable == 1
+    [bad] = [r for r in recs if r.kind == "undecodable"]  # in the chain, with its source
+    assert bad.src == "p.outcomes/1/1" and bad.data["kind"] == "outcome" and bad.data["bytes"] == 8
+    assert w.completeness.stats(T0)["undecodable"] == 1
     digest = next(r for r in recs if r.kind == "observations").data
     assert digest["count"] == 16 and digest["offsets"] == {"p.decisions/0": [1, 19]}
     # redelivery of the same offsets records nothing
@@ -430,6 +437,7 @@ async def test_writer_records_once_and_survives_a_crash(aredis, tmp_path: Path) 
     assert verify(path, KEY, head2, head2).ok and head2.seq == head.seq + 1
     stats = w2.completeness.stats(T0)
     assert stats["complete"] == 16 + 2 and stats["pending"] == 2  # dc-0, dc-5 done
+    assert stats["undecodable"] == 1  # read back from the log after the restart
     await w2.close()
     # the log's text is plain JSON lines
     assert all(json.loads(line)["hash"] for line in path.read_text().splitlines())

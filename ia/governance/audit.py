@@ -71,7 +71,8 @@ from ia.core.settings import Settings
 from ia.governance import hashchain
 from ia.governance.hashchain import GENESIS, ChainKey, ChainKeyError, SealError, read_lines
 
-KINDS = frozenset({"decision", "observations", "approval", "outcome", "reanchor"})
+KINDS = frozenset({"decision", "observations", "approval", "outcome", "reanchor",
+                   "undecodable"})
 _MAX_PROBLEMS = 50
 
 log = logging.getLogger("ia.audit")
@@ -404,21 +405,27 @@ class Completeness:
     An action reported ``interrupted`` (its actuator died or failed after it
     may have started, so nobody knows what it did) is accounted for but not a
     complete story: it counts as ``interrupted``, not ``complete``, and
-    lowers the ratio until a human has looked::
+    lowers the ratio until a human has looked.  So does every record the audit writer
+    could not decode (an ``undecodable`` record in the log: a decision, approval or
+    outcome nobody can account for)::
 
-        ratio = complete / (complete + overdue + interrupted)
+        ratio = complete / (complete + overdue + interrupted + undecodable)
     """
 
     def __init__(self, grace_ms: int = 300_000, remember: int = 1_000_000) -> None:
         self.grace_ms = grace_ms
         self.complete = 0
         self.interrupted = 0
+        self.undecodable = 0
         self.summarised = 0
         self._open: dict[str, _Story] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
 
     def add(self, rec: Record) -> None:
+        if rec.kind == "undecodable":
+            self.undecodable += 1
+            return
         if rec.kind == "observations":
             n = int(rec.data.get("count", 0))
             self.complete += n
@@ -458,9 +465,10 @@ class Completeness:
     def stats(self, now_ms: int) -> dict[str, float]:
         overdue = sum(1 for s in self._open.values() if s.deadline < now_ms)
         pending = len(self._open) - overdue
-        denominator = self.complete + overdue + self.interrupted
+        denominator = self.complete + overdue + self.interrupted + self.undecodable
         return {"complete": self.complete, "pending": pending, "overdue": overdue,
-                "interrupted": self.interrupted, "summarised": self.summarised,
+                "interrupted": self.interrupted, "undecodable": self.undecodable,
+                "summarised": self.summarised,
                 "ratio": self.complete / denominator if denominator else 1.0}
 
     def overdue(self, now_ms: int) -> list[tuple[str, list[str]]]:

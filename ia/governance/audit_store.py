@@ -28,6 +28,7 @@ is taken again (one held by another writer stops this one).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -202,7 +203,8 @@ class AuditWriter:
         self.chain = Chain(key)
         self.offsets: dict[str, int] = {}
         self.committed: Head | None = None
-        self.written = {"decision": 0, "observations": 0, "approval": 0, "outcome": 0}
+        self.written = {"decision": 0, "observations": 0, "approval": 0, "outcome": 0,
+                        "undecodable": 0}
         self.undecodable = 0
         self._dirty = True
         self._started = False
@@ -285,6 +287,9 @@ class AuditWriter:
             except DecodeError as exc:
                 self.undecodable += 1
                 log.warning("audit: undecodable %s at %s: %s", item.kind, item.src, exc)
+                entries.append((now, "undecodable", "", item.src, {
+                    "kind": item.kind, "error": str(exc)[:500], "bytes": len(item.value),
+                    "sha256": hashlib.sha256(item.value).hexdigest()}))
                 continue
             data = model.model_dump(mode="json")
             if item.kind == "decision" and not (self.all_decisions or is_actionable(data)):
