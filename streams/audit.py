@@ -59,7 +59,8 @@ def build_audit_writer(settings: Settings, *, grace_s: float = 300.0,
     def _export() -> None:
         stats = writer.completeness.stats(now_ms())
         metrics.AUDIT_COMPLETENESS.set(stats["ratio"])
-        for state in ("complete", "pending", "overdue", "interrupted", "undecodable"):
+        for state in ("complete", "pending", "overdue", "interrupted", "undecodable",
+                      "skipped"):
             metrics.AUDIT_DECISIONS.labels(state).set(stats[state])
         metrics.AUDIT_HEAD_SEQ.set(writer.chain.head.seq)
 

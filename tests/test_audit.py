@@ -365,7 +365,7 @@ def test_completeness_counts_complete_pending_and_overdue() -> None:
     c.add(_rec(15, "decision", "a", action={"type": "log"}, mode="auto"))
     c.add(_rec(16, "outcome", "a", phase="action"))
     assert c.stats(T0 + 10**9) == {"complete": 44, "pending": 0, "overdue": 0, "interrupted": 0,
-                                   "undecodable": 0, "summarised": 40, "ratio": 1.0}
+                                   "undecodable": 0, "skipped": 0, "summarised": 40, "ratio": 1.0}
     # a record nobody could decode is accounted for, against the ratio
     c.add(_rec(17, "undecodable", ""))
     assert c.stats(T0 + 10**9)["undecodable"] == 1
@@ -438,6 +438,11 @@ async def test_writer_records_once_and_survives_a_crash(aredis, tmp_path: Path) 
     stats = w2.completeness.stats(T0)
     assert stats["complete"] == 16 + 2 and stats["pending"] == 2  # dc-0, dc-5 done
     assert stats["undecodable"] == 1  # read back from the log after the restart
+    # offsets 3..5 never delivered: the chain says so, and they count against the ratio
+    gap = await w2.write([SourceRecord("outcome", "p.outcomes", 1, 6, encode(_outcome(6)))])
+    assert [r.kind for r in gap] == ["skipped", "outcome"]
+    assert (gap[0].data["first"], gap[0].data["last"], gap[0].data["offsets"]) == (3, 5, 3)
+    assert w2.completeness.stats(T0)["skipped"] == 3
     await w2.close()
     # the log's text is plain JSON lines
     assert all(json.loads(line)["hash"] for line in path.read_text().splitlines())

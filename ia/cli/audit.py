@@ -92,7 +92,8 @@ def audit_verify(log_file: Path | None, no_head: bool, legacy: bool, as_json: bo
             click.echo(f"  note: {note}")
         click.echo(f"completeness {stats['ratio']:.2%}: {stats['complete']} complete, "
                    f"{stats['pending']} pending, {stats['overdue']} overdue, "
-                   f"{stats['interrupted']} interrupted, {stats['undecodable']} undecodable")
+                   f"{stats['interrupted']} interrupted, {stats['undecodable']} undecodable, "
+                   f"{stats['skipped']} skipped offsets")
     else:
         click.echo(f"FAILED: {path}", err=True)
         for p in result.problems:

@@ -72,7 +72,7 @@ from ia.governance import hashchain
 from ia.governance.hashchain import GENESIS, ChainKey, ChainKeyError, SealError, read_lines
 
 KINDS = frozenset({"decision", "observations", "approval", "outcome", "reanchor",
-                   "undecodable"})
+                   "undecodable", "skipped"})
 _MAX_PROBLEMS = 50
 
 log = logging.getLogger("ia.audit")
@@ -407,9 +407,10 @@ class Completeness:
     complete story: it counts as ``interrupted``, not ``complete``, and
     lowers the ratio until a human has looked.  So does every record the audit writer
     could not decode (an ``undecodable`` record in the log: a decision, approval or
-    outcome nobody can account for)::
+    outcome nobody can account for), and every offset its consumer went on past without
+    reading (a ``skipped`` record names the range)::
 
-        ratio = complete / (complete + overdue + interrupted + undecodable)
+        ratio = complete / (complete + overdue + interrupted + undecodable + skipped)
     """
 
     def __init__(self, grace_ms: int = 300_000, remember: int = 1_000_000) -> None:
@@ -417,6 +418,7 @@ class Completeness:
         self.complete = 0
         self.interrupted = 0
         self.undecodable = 0
+        self.skipped = 0
         self.summarised = 0
         self._open: dict[str, _Story] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
@@ -425,6 +427,9 @@ class Completeness:
     def add(self, rec: Record) -> None:
         if rec.kind == "undecodable":
             self.undecodable += 1
+            return
+        if rec.kind == "skipped":
+            self.skipped += int(rec.data.get("offsets", 0))
             return
         if rec.kind == "observations":
             n = int(rec.data.get("count", 0))
@@ -465,9 +470,11 @@ class Completeness:
     def stats(self, now_ms: int) -> dict[str, float]:
         overdue = sum(1 for s in self._open.values() if s.deadline < now_ms)
         pending = len(self._open) - overdue
-        denominator = self.complete + overdue + self.interrupted + self.undecodable
+        unaccounted = self.interrupted + self.undecodable + self.skipped
+        denominator = self.complete + overdue + unaccounted
         return {"complete": self.complete, "pending": pending, "overdue": overdue,
                 "interrupted": self.interrupted, "undecodable": self.undecodable,
+                "skipped": self.skipped,
                 "summarised": self.summarised,
                 "ratio": self.complete / denominator if denominator else 1.0}
 

@@ -204,7 +204,7 @@ class AuditWriter:
         self.offsets: dict[str, int] = {}
         self.committed: Head | None = None
         self.written = {"decision": 0, "observations": 0, "approval": 0, "outcome": 0,
-                        "undecodable": 0}
+                        "undecodable": 0, "skipped": 0}
         self.undecodable = 0
         self._dirty = True
         self._started = False
@@ -279,8 +279,17 @@ class AuditWriter:
         offsets: dict[str, int] = {}
         for item in items:
             key = f"{item.topic}/{item.partition}"
-            if item.offset <= self.offsets.get(key, -1) or item.offset <= offsets.get(key, -1):
+            last = offsets.get(key, self.offsets.get(key))
+            if last is not None and item.offset <= last:
                 continue  # already recorded (redelivery after a crash)
+            if last is not None and item.offset > last + 1:
+                # The consumer went on past offsets it never delivered (a gap it gave up
+                # on): whatever they held is unaccounted for, and the chain says so.
+                log.error("audit: offsets %d..%d of %s were never read", last + 1,
+                          item.offset - 1, key)
+                entries.append((now, "skipped", "", "", {
+                    "topic": item.topic, "partition": item.partition, "first": last + 1,
+                    "last": item.offset - 1, "offsets": item.offset - last - 1}))
             offsets[key] = item.offset
             try:
                 model = decode(item.value, MODELS[item.kind], self.fmt)
